@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make run` (dashboard on the demo workspace) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.runtime-installed
+TESTDEPS := $(VENV)/.test-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PORT ?= 8501
+
+.PHONY: run demo test chromium lint format bench clean-demo
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(RUNTIME): requirements.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(TESTDEPS): requirements-test.txt $(RUNTIME)
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+demo: $(RUNTIME)
+	$(PY) -m core demo --if-missing
+
+run: demo
+	@echo "Dashboard: http://localhost:$(PORT)"
+	$(PY) -m streamlit run app/main.py --server.port $(PORT)
+
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version
+
+test: $(TESTDEPS) chromium
+	$(PY) -m pytest
+
+lint: $(TESTDEPS)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(TESTDEPS)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: $(RUNTIME)
+	$(PY) -m bench.diagnosis
+
+clean-demo:
+	rm -rf var

@@ -1,0 +1,1 @@
+"""Streamlit entry (app/main.py) and the shared UI: sign-in, cached resources, widgets."""

@@ -1,0 +1,80 @@
+"""Shared UI pieces: the heatmap viewer and filterable, downloadable tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image as PILImage
+
+from core.data.io import read_image
+from core.data.preprocess import display_image
+from core.heatmaps import overlay
+from core.heatmaps.render import to_uint8
+from core.settings import workspace_dir
+
+__all__ = ["filterable_table", "heatmap_viewer"]
+
+_VIEW_SIDE = 900
+
+
+def _fit(array: np.ndarray) -> np.ndarray:
+    """Downscale a picture for the browser (the stored files keep full resolution)."""
+    image = PILImage.fromarray(array)
+    image.thumbnail((_VIEW_SIDE, _VIEW_SIDE), PILImage.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def heatmap_viewer(view: dict, key: str) -> None:
+    """Original and heatmap overlay side by side with an opacity slider, for a stored prediction."""
+    root = workspace_dir()
+    image = read_image(root / view["image_path"], view["name"])
+    shown = display_image(image, view["modality"])
+    verdict = "positive" if view["decision"] else "negative"
+    st.markdown(
+        f"**{view['name']}** · {view['task']} model `{view['model']}` · probability **{view['probability']:.3f}** "
+        f"· threshold {view['threshold']:.3f} · **{verdict}**"
+    )
+    if not view.get("heatmap_path"):
+        st.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
+        return
+    heatmap = np.load(root / view["heatmap_path"])
+    alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key=f"{key}_opacity")
+    left, right = st.columns(2)
+    left.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
+    right.image(
+        _fit(overlay(shown, heatmap, alpha)),
+        caption=f"{view['heatmap_method']} heatmap (red = strongest evidence for the positive class)",
+        width="stretch",
+    )
+
+
+def filterable_table(frame: pd.DataFrame, key: str, file_name: str) -> None:
+    """A table with a free-text filter, per-column choice filters for small categorical columns, and CSV export."""
+    if frame.empty:
+        st.info("Nothing here yet.")
+        return
+    filtered = frame
+    text = st.text_input("Filter rows containing", key=f"{key}_text", placeholder="any text, e.g. a patient code")
+    if text:
+        haystack = filtered.astype(str).apply(lambda col: col.str.contains(text, case=False, regex=False))
+        filtered = filtered[haystack.any(axis=1)]
+    categorical = [
+        c for c in frame.columns if frame[c].dtype == object and 1 < frame[c].nunique(dropna=True) <= 12
+    ]
+    if categorical:
+        columns = st.columns(min(4, len(categorical)))
+        for i, column in enumerate(categorical[:4]):
+            options = sorted(str(v) for v in frame[column].dropna().unique())
+            chosen = columns[i].multiselect(column, options, key=f"{key}_{column}")
+            if chosen:
+                filtered = filtered[filtered[column].astype(str).isin(chosen)]
+    st.caption(f"{len(filtered)} of {len(frame)} rows")
+    st.dataframe(filtered, hide_index=True)
+    st.download_button(
+        "Download CSV",
+        filtered.to_csv(index=False).encode(),
+        file_name=file_name,
+        mime="text/csv",
+        key=f"{key}_download",
+    )

@@ -1,0 +1,1 @@
+"""Image I/O, modality preprocessing, datasets, manifests, patient-level splits and synthetic cohorts."""

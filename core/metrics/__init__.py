@@ -1,0 +1,1 @@
+"""Classification metrics (segmentation and localization metrics follow in later issues)."""

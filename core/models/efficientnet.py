@@ -1,0 +1,60 @@
+"""EfficientNet-B0/-B2 (Tan & Le 2019, via timm) with the FL-CNN head (Shen et al. 2021, "Model development").
+
+The FL-CNN replaces the ImageNet classifier by one fully connected neuron (binary task), initialised
+Xavier-normal, with dropout 0.5 before it, and fine-tunes all layers. No weights are downloaded: ``pretrained``
+means a local timm/ImageNet checkpoint file given by the user; its first convolution is adapted to the number of
+input channels by timm (summed over RGB for single-channel fluorescence).
+"""
+
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+from core.models.registry import register_model
+
+__all__ = ["efficientnet_b0", "efficientnet_b2", "flcnn_head"]
+
+
+def flcnn_head(model: nn.Module) -> nn.Module:
+    """Re-initialise the classifier Xavier-normal with zero bias, as the FL-CNN paper does."""
+    classifier = model.get_classifier()
+    nn.init.xavier_normal_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    return model
+
+
+def _build(
+    variant: str, in_chans: int, num_classes: int, pretrained_file: str | None, drop_rate: float = 0.5
+) -> nn.Module:
+    overlay = {"file": pretrained_file} if pretrained_file else None
+    model = timm.create_model(
+        variant,
+        pretrained=bool(pretrained_file),
+        pretrained_cfg_overlay=overlay,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        drop_rate=drop_rate,
+    )
+    return flcnn_head(model)
+
+
+def _last_stage(model: nn.Module) -> nn.Module:
+    # conv_head -> bn2 (BatchNormAct2d, SiLU included): the output of the last convolutional stage.
+    return model.bn2
+
+
+@register_model("efficientnet_b0", target_layer=_last_stage)
+def efficientnet_b0(
+    in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
+) -> nn.Module:
+    """EfficientNet-B0 with the FL-CNN head (5.3 M parameters, 0.39 GFLOPs at 224 px)."""
+    return _build("efficientnet_b0", in_chans, num_classes, pretrained_file, drop_rate)
+
+
+@register_model("efficientnet_b2", target_layer=_last_stage)
+def efficientnet_b2(
+    in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
+) -> nn.Module:
+    """EfficientNet-B2 with the FL-CNN head (the RCM paper's patch classifier backbone)."""
+    return _build("efficientnet_b2", in_chans, num_classes, pretrained_file, drop_rate)

@@ -1,0 +1,1 @@
+"""Statistics: operating-threshold policies (bootstrap, permutation, DeLong and MRMC follow in later issues)."""

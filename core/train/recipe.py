@@ -1,0 +1,269 @@
+"""The FL-CNN training recipe (Shen et al. 2021, "Problem formulation" and "Model development").
+
+- Loss: class-weighted binary cross-entropy, eq. (1), with ``alpha_P = (|P|+|N|)/(2|P|)`` and
+  ``alpha_N = (|P|+|N|)/(2|N|)`` (eq. 2) counted on the training set. The paper sums over images; we average over
+  the batch (same minimiser, learning rate independent of batch size).
+- Optimiser: Adam, learning rate 1e-3, weight decay 1e-4; all layers fine-tuned.
+- Schedule: linear warm-up, then cosine annealing, updated every iteration; no early stopping (the last epoch's
+  weights are kept, as in the paper).
+- Afterwards the operating threshold is chosen on the validation split by a policy (default ``sens90``).
+On a GPU: mixed precision (bfloat16 autocast) and channels_last; on the CPU: float32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.data.preprocess import channels_for, train_augment
+from core.metrics.classification import auc, binary_metrics
+from core.models import create_model
+from core.stats.thresholds import choose_threshold
+
+__all__ = [
+    "DECISIONS",
+    "TASKS",
+    "Progress",
+    "TrainConfig",
+    "TrainResult",
+    "class_weights",
+    "cosine_with_warmup",
+    "fit",
+    "pick_device",
+    "predict_logits",
+    "task_label",
+    "weighted_bce",
+]
+
+# task -> (what the positive class is, which specimens it is trained on)
+TASKS: dict[str, tuple[str, str]] = {
+    "tumor": ("tumor (vs non-tumor)", "all specimens with a known tumor label"),
+    "grade": ("GBM (vs DLGG)", "tumor specimens with a known grade"),
+    "ki67": ("Ki-67 >= 10 % (vs < 10 %)", "tumor specimens with a known Ki-67 level"),
+}
+
+# task -> (negative decision, positive decision), the words shown to clinicians
+DECISIONS: dict[str, tuple[str, str]] = {
+    "tumor": ("non-tumor", "tumor"),
+    "grade": ("DLGG", "GBM"),
+    "ki67": ("Ki-67 < 10 %", "Ki-67 >= 10 %"),
+}
+
+
+def task_label(task: str, labels: Mapping[str, Any]) -> int | None:
+    """The 0/1 target of one specimen for ``task``, or None when the specimen is not in that task's cohort."""
+
+    def known(value: Any) -> bool:
+        return value is not None and not (isinstance(value, float) and math.isnan(value)) and value != ""
+
+    tumor = labels.get("tumor")
+    if task == "tumor":
+        return int(bool(tumor)) if known(tumor) else None
+    if not known(tumor) or not bool(tumor):
+        return None  # the cascade: grade and Ki-67 models only see tumor specimens
+    if task == "grade":
+        grade = labels.get("grade")
+        return {"GBM": 1, "DLGG": 0}.get(grade) if known(grade) else None
+    if task == "ki67":
+        ki67 = labels.get("ki67")
+        return {">=10": 1, "<10": 0}.get(ki67) if known(ki67) else None
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+@dataclass
+class TrainConfig:
+    architecture: str = "efficientnet_b0"
+    task: str = "tumor"
+    modality: str = "FL"
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    threshold_policy: str = "sens90"
+    seed: int = 0
+    device: str = "auto"
+    pretrained_file: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Progress:
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    val_auc: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    config: TrainConfig
+    threshold: float
+    threshold_policy: str
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    val_probabilities: np.ndarray
+    device: str
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when there is one (or when asked), else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def class_weights(labels: torch.Tensor) -> tuple[float, float]:
+    """(alpha_P, alpha_N) of eq. (2); a class absent from training is an error, not a division by zero."""
+    positives = int((labels == 1).sum())
+    negatives = int((labels == 0).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError(f"training needs both classes; got {positives} positive and {negatives} negative images")
+    total = positives + negatives
+    return total / (2 * positives), total / (2 * negatives)
+
+
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, alpha_p: float, alpha_n: float) -> torch.Tensor:
+    """Eq. (1) on logits (numerically stable), averaged over the batch."""
+    weights = torch.where(targets > 0.5, alpha_p, alpha_n).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), weight=weights)
+
+
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from ~0 to the base rate, then cosine annealing to 0, stepped every iteration."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Logits of an eval-mode model for prepared images, batched, on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device)
+        if device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out.append(model(batch).float().cpu())
+        else:
+            out.append(model(batch).cpu())
+    return torch.cat(out)[:, 0].numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def fit(
+    config: TrainConfig,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    progress: Callable[[Progress], None] | None = None,
+) -> TrainResult:
+    """Train one binary model by the FL-CNN recipe on prepared ``(N, C, S, S)`` images and 0/1 labels.
+
+    Returns the trained model (eval mode, CPU), its validation metrics, and the operating threshold chosen on the
+    validation split by ``config.threshold_policy``.
+    """
+    if config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}; expected one of {', '.join(TASKS)}")
+    expected = channels_for(config.modality)
+    if train_images.ndim != 4 or train_images.shape[1] != expected:
+        raise ValueError(f"{config.modality} images must be (N, {expected}, S, S); got {tuple(train_images.shape)}")
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    alpha_p, alpha_n = class_weights(train_labels)
+    model = create_model(
+        config.architecture, in_chans=expected, pretrained_file=config.pretrained_file, **config.model_kwargs
+    ).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    scheduler = cosine_with_warmup(optimizer, total, max(1, round(config.warmup_epochs * steps_per_epoch)))
+    augment = train_augment(config.modality, config.image_size)
+    generator = torch.Generator().manual_seed(config.seed)
+    labels = train_labels.float()
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_images), generator=generator)
+        losses = []
+        for start in range(0, len(order), config.batch_size):
+            index = order[start : start + config.batch_size]
+            if len(index) < 2:
+                continue  # batch norm cannot train on a single image
+            batch = augment(train_images[index], generator).to(device)
+            target = labels[index].to(device)
+            if device.type == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(batch)[:, 0].float()
+            else:
+                logits = model(batch)[:, 0]
+            loss = weighted_bce(logits, target, alpha_p, alpha_n)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            if progress:
+                progress(Progress(epoch, config.epochs, step, total, losses[-1], None, time.perf_counter() - started))
+        val_probs = 1.0 / (1.0 + np.exp(-predict_logits(model, val_images)))
+        val_auc = auc(val_labels.numpy(), val_probs)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "val_auc": val_auc})
+        if progress:
+            progress(
+                Progress(epoch, config.epochs, step, total, history[-1]["loss"], val_auc, time.perf_counter() - started)
+            )
+    truth = val_labels.numpy().astype(int)
+    threshold = choose_threshold(truth, val_probs, config.threshold_policy)
+    metrics = {
+        "val_auc": auc(truth, val_probs),
+        "val_n": len(truth),
+        "val_positives": int(truth.sum()),
+        "train_n": len(train_labels),
+        "train_positives": int(train_labels.sum()),
+        "alpha_p": alpha_p,
+        "alpha_n": alpha_n,
+        "train_seconds": time.perf_counter() - started,
+        **{f"val_{k}": v for k, v in binary_metrics(truth, val_probs, threshold.value).items()},
+    }
+    return TrainResult(
+        model=model.cpu().eval(),
+        config=config,
+        threshold=threshold.value,
+        threshold_policy=threshold.policy,
+        metrics=metrics,
+        history=history,
+        val_probabilities=val_probs,
+        device=device.type,
+    )

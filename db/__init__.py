@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models, engine/session handling and repository functions. Never imports core.models."""

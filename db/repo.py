@@ -1,0 +1,512 @@
+"""Repository functions: the only place that knows the schema's queries.
+
+Every function takes the session first and never commits; the caller's ``session_scope`` does, so a batch either
+lands whole or not at all. Functions return plain values or small dataclasses, never ORM objects that outlive the
+session, so pages can keep results in ``st.session_state``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, aliased
+
+from db.models import (
+    MODALITIES,
+    ROLES,
+    SPLITS,
+    Label,
+    ModelRecord,
+    Patient,
+    Prediction,
+    Specimen,
+    SpecimenImage,
+    Upload,
+    User,
+)
+
+__all__ = [
+    "TABLES",
+    "ModelInfo",
+    "UserInfo",
+    "add_prediction",
+    "add_specimen",
+    "add_specimen_image",
+    "add_upload",
+    "authenticate",
+    "create_user",
+    "find_model",
+    "get_user",
+    "list_models",
+    "list_users",
+    "model_for",
+    "prediction_view",
+    "recent_predictions",
+    "register_model",
+    "specimen_images",
+    "table",
+]
+
+_hasher = PasswordHasher()
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    id: int
+    username: str
+    display_name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: int
+    name: str
+    architecture: str
+    task: str
+    modality: str
+    image_size: int
+    checkpoint_path: str
+    checkpoint_sha256: str
+    threshold: float
+    threshold_policy: str
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: ModelRecord) -> ModelInfo:
+        return cls(
+            id=row.id,
+            name=row.name,
+            architecture=row.architecture,
+            task=row.task,
+            modality=row.modality,
+            image_size=row.image_size,
+            checkpoint_path=row.checkpoint_path,
+            checkpoint_sha256=row.checkpoint_sha256,
+            threshold=row.threshold,
+            threshold_policy=row.threshold_policy,
+            metrics=dict(row.metrics or {}),
+            config=dict(row.config or {}),
+        )
+
+
+def create_user(session: Session, username: str, password: str, role: str, display_name: str = "") -> UserInfo:
+    """Add an account; the password is stored only as an Argon2id hash."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    if not username or not password:
+        raise ValueError("username and password must not be empty")
+    user = User(
+        username=username, display_name=display_name or username, role=role, password_hash=_hasher.hash(password)
+    )
+    session.add(user)
+    session.flush()
+    return UserInfo(user.id, user.username, user.display_name, user.role)
+
+
+def authenticate(session: Session, username: str, password: str) -> UserInfo | None:
+    """The active user with these credentials, or None. Takes the same time for unknown names (a dummy verify)."""
+    user = session.scalar(select(User).where(User.username == username, User.active.is_(True)))
+    stored = user.password_hash if user else _DUMMY_HASH
+    try:
+        _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    if user is None:
+        return None
+    if _hasher.check_needs_rehash(user.password_hash):
+        user.password_hash = _hasher.hash(password)
+    return UserInfo(user.id, user.username, user.display_name, user.role)
+
+
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+def list_users(session: Session) -> list[UserInfo]:
+    """All accounts, by username."""
+    users = session.scalars(select(User).order_by(User.username))
+    return [UserInfo(u.id, u.username, u.display_name, u.role) for u in users]
+
+
+def add_specimen(
+    session: Session,
+    patient_code: str,
+    specimen_code: str,
+    *,
+    split: str | None = None,
+    tumor: bool | None = None,
+    grade: str | None = None,
+    ki67: str | None = None,
+) -> int:
+    """Get or create the patient and the specimen (with its label row); returns the specimen id.
+
+    Re-importing the same specimen updates its split and label instead of duplicating it.
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    patient = session.scalar(select(Patient).where(Patient.code == patient_code))
+    if patient is None:
+        patient = Patient(code=patient_code)
+        session.add(patient)
+        session.flush()
+    specimen = session.scalar(select(Specimen).where(Specimen.code == specimen_code))
+    if specimen is None:
+        specimen = Specimen(code=specimen_code, patient_id=patient.id, split=split)
+        session.add(specimen)
+        session.flush()
+    elif specimen.patient_id != patient.id:
+        raise ValueError(f"specimen {specimen_code} already belongs to another patient")
+    else:
+        specimen.split = split
+    label = session.scalar(select(Label).where(Label.specimen_id == specimen.id))
+    if label is None:
+        session.add(Label(specimen_id=specimen.id, tumor=tumor, grade=grade, ki67=ki67))
+    else:
+        label.tumor, label.grade, label.ki67 = tumor, grade, ki67
+    return specimen.id
+
+
+def add_specimen_image(
+    session: Session,
+    specimen_id: int,
+    modality: str,
+    path: str,
+    sha256: str,
+    height: int,
+    width: int,
+    mask_path: str | None = None,
+) -> int:
+    """Attach (or replace) the specimen's image in one modality; returns the image id."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
+    image = session.scalar(
+        select(SpecimenImage).where(SpecimenImage.specimen_id == specimen_id, SpecimenImage.modality == modality)
+    )
+    if image is None:
+        image = SpecimenImage(specimen_id=specimen_id, modality=modality)
+        session.add(image)
+    image.path, image.sha256, image.height, image.width, image.mask_path = path, sha256, height, width, mask_path
+    session.flush()
+    return image.id
+
+
+def specimen_images(session: Session, modality: str, splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
+    """Images of one modality with their specimen, patient, split and labels (one row per image)."""
+    stmt = (
+        select(
+            SpecimenImage.id.label("image_id"),
+            Specimen.code.label("specimen"),
+            Patient.code.label("patient"),
+            Specimen.split,
+            SpecimenImage.path,
+            Label.tumor,
+            Label.grade,
+            Label.ki67,
+        )
+        .join(Specimen, SpecimenImage.specimen_id == Specimen.id)
+        .join(Patient, Specimen.patient_id == Patient.id)
+        .outerjoin(Label, Label.specimen_id == Specimen.id)
+        .where(SpecimenImage.modality == modality, Specimen.split.in_(splits))
+        .order_by(Specimen.code)
+    )
+    return pd.DataFrame(session.execute(stmt).mappings().all())
+
+
+def register_model(
+    session: Session,
+    *,
+    name: str,
+    architecture: str,
+    task: str,
+    modality: str,
+    image_size: int,
+    checkpoint_path: str,
+    checkpoint_sha256: str,
+    threshold: float,
+    threshold_policy: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+) -> ModelInfo:
+    """Register a trained checkpoint under a unique name."""
+    if session.scalar(select(ModelRecord.id).where(ModelRecord.name == name)) is not None:
+        raise ValueError(f"a model named {name!r} is already registered; choose another --name")
+    row = ModelRecord(
+        name=name,
+        architecture=architecture,
+        task=task,
+        modality=modality,
+        image_size=image_size,
+        checkpoint_path=checkpoint_path,
+        checkpoint_sha256=checkpoint_sha256,
+        threshold=float(threshold),
+        threshold_policy=threshold_policy,
+        metrics=metrics,
+        config=config,
+    )
+    session.add(row)
+    session.flush()
+    return ModelInfo.of(row)
+
+
+def list_models(session: Session, task: str | None = None, modality: str | None = None) -> list[ModelInfo]:
+    """Registered models, newest first, optionally filtered."""
+    stmt = select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id.desc())
+    if task:
+        stmt = stmt.where(ModelRecord.task == task)
+    if modality:
+        stmt = stmt.where(ModelRecord.modality == modality)
+    return [ModelInfo.of(row) for row in session.scalars(stmt)]
+
+
+def find_model(session: Session, name_or_id: str | int) -> ModelInfo | None:
+    """A model by its name or numeric id."""
+    row = session.scalar(select(ModelRecord).where(ModelRecord.name == str(name_or_id)))
+    if row is None and str(name_or_id).isdigit():
+        row = session.get(ModelRecord, int(name_or_id))
+    return ModelInfo.of(row) if row else None
+
+
+def model_for(session: Session, task: str, modality: str) -> ModelInfo | None:
+    """The default model for a task and modality: the newest registered one."""
+    models = list_models(session, task=task, modality=modality)
+    return models[0] if models else None
+
+
+def add_upload(
+    session: Session,
+    *,
+    user_id: int | None,
+    original_name: str,
+    modality: str,
+    path: str,
+    sha256: str,
+    height: int,
+    width: int,
+) -> int:
+    """Record an upload (who, when, original name, stored path, sha256); returns its id."""
+    row = Upload(
+        user_id=user_id,
+        original_name=original_name[:255],
+        modality=modality,
+        path=path,
+        sha256=sha256,
+        height=height,
+        width=width,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def add_prediction(
+    session: Session,
+    *,
+    model_id: int,
+    probability: float,
+    threshold: float,
+    upload_id: int | None = None,
+    image_id: int | None = None,
+    heatmap_method: str | None = None,
+    heatmap_path: str | None = None,
+    device: str | None = None,
+    seconds: float | None = None,
+) -> int:
+    """Record a model output on exactly one upload or specimen image; returns its id."""
+    if (upload_id is None) == (image_id is None):
+        raise ValueError("a prediction belongs to exactly one upload or specimen image")
+    row = Prediction(
+        model_id=model_id,
+        upload_id=upload_id,
+        image_id=image_id,
+        probability=float(probability),
+        threshold=float(threshold),
+        decision=bool(probability >= threshold),
+        heatmap_method=heatmap_method,
+        heatmap_path=heatmap_path,
+        device=device,
+        seconds=seconds,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def prediction_view(session: Session, prediction_id: int) -> dict[str, Any] | None:
+    """Everything needed to show one stored prediction again: image, heatmap, model, decision, who and when."""
+    prediction = session.get(Prediction, prediction_id)
+    if prediction is None:
+        return None
+    model = prediction.model
+    if prediction.upload is not None:
+        name, path, user_id = prediction.upload.original_name, prediction.upload.path, prediction.upload.user_id
+    else:
+        image = prediction.image
+        name, path, user_id = f"{image.specimen.code} ({image.modality})", image.path, None
+    return {
+        "id": prediction.id,
+        "name": name,
+        "image_path": path,
+        "user_id": user_id,
+        "modality": model.modality,
+        "model": model.name,
+        "model_id": model.id,
+        "task": model.task,
+        "probability": prediction.probability,
+        "threshold": prediction.threshold,
+        "decision": prediction.decision,
+        "heatmap_method": prediction.heatmap_method,
+        "heatmap_path": prediction.heatmap_path,
+        "device": prediction.device,
+        "seconds": prediction.seconds,
+        "created_at": prediction.created_at,
+    }
+
+
+def recent_predictions(session: Session, user_id: int | None = None, limit: int = 50) -> pd.DataFrame:
+    """The newest predictions on uploads, optionally only one user's."""
+    stmt = (
+        select(
+            Prediction.id,
+            Prediction.created_at,
+            Upload.original_name.label("image"),
+            ModelRecord.name.label("model"),
+            Prediction.probability,
+            Prediction.decision,
+        )
+        .join(Upload, Prediction.upload_id == Upload.id)
+        .join(ModelRecord, Prediction.model_id == ModelRecord.id)
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        .limit(limit)
+    )
+    if user_id is not None:
+        stmt = stmt.where(Upload.user_id == user_id)
+    return pd.DataFrame(session.execute(stmt).mappings().all())
+
+
+def get_user(session: Session, user_id: int) -> UserInfo | None:
+    """The active account with this id, read fresh from the database (roles are never taken from the client)."""
+    user = session.get(User, user_id)
+    if user is None or not user.active:
+        return None
+    return UserInfo(user.id, user.username, user.display_name, user.role)
+
+
+def _patients(session: Session) -> pd.DataFrame:
+    n_specimens = func.count(Specimen.id)
+    stmt = (
+        select(Patient.id, Patient.code.label("patient"), n_specimens.label("specimens"), Patient.created_at)
+        .outerjoin(Specimen, Specimen.patient_id == Patient.id)
+        .group_by(Patient.id)
+        .order_by(Patient.code)
+    )
+    return pd.DataFrame(session.execute(stmt).mappings().all())
+
+
+def _specimens(session: Session) -> pd.DataFrame:
+    fl, wl = aliased(SpecimenImage), aliased(SpecimenImage)
+    stmt = (
+        select(
+            Specimen.id,
+            Specimen.code.label("specimen"),
+            Patient.code.label("patient"),
+            Specimen.split,
+            Label.tumor,
+            Label.grade,
+            Label.ki67,
+            fl.sha256.label("fl_sha256"),
+            wl.sha256.label("wl_sha256"),
+        )
+        .join(Patient, Specimen.patient_id == Patient.id)
+        .outerjoin(Label, Label.specimen_id == Specimen.id)
+        .outerjoin(fl, (fl.specimen_id == Specimen.id) & (fl.modality == "FL"))
+        .outerjoin(wl, (wl.specimen_id == Specimen.id) & (wl.modality == "WL"))
+        .order_by(Specimen.code)
+    )
+    return pd.DataFrame(session.execute(stmt).mappings().all())
+
+
+def _models(session: Session) -> pd.DataFrame:
+    rows = []
+    for m in list_models(session):
+        rows.append(
+            {
+                "id": m.id,
+                "name": m.name,
+                "task": m.task,
+                "modality": m.modality,
+                "architecture": m.architecture,
+                "image_size": m.image_size,
+                "threshold": m.threshold,
+                "policy": m.threshold_policy,
+                "val_auc": m.metrics.get("val_auc"),
+                "test_auc": m.metrics.get("test_auc"),
+                "checkpoint_sha256": m.checkpoint_sha256,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _uploads(session: Session) -> pd.DataFrame:
+    stmt = (
+        select(
+            Upload.id,
+            Upload.created_at,
+            User.username.label("user"),
+            Upload.original_name,
+            Upload.modality,
+            Upload.width,
+            Upload.height,
+            Upload.sha256,
+        )
+        .outerjoin(User, Upload.user_id == User.id)
+        .order_by(Upload.created_at.desc(), Upload.id.desc())
+    )
+    return pd.DataFrame(session.execute(stmt).mappings().all())
+
+
+def _predictions(session: Session) -> pd.DataFrame:
+    stmt = (
+        select(
+            Prediction.id,
+            Prediction.created_at,
+            ModelRecord.name.label("model"),
+            ModelRecord.task,
+            func.coalesce(Upload.original_name, Specimen.code).label("image"),
+            Upload.id.label("upload_id"),
+            Specimen.code.label("specimen"),
+            Prediction.probability,
+            Prediction.threshold,
+            Prediction.decision,
+            Prediction.heatmap_method,
+            Prediction.device,
+            Prediction.seconds,
+        )
+        .join(ModelRecord, Prediction.model_id == ModelRecord.id)
+        .outerjoin(Upload, Prediction.upload_id == Upload.id)
+        .outerjoin(SpecimenImage, Prediction.image_id == SpecimenImage.id)
+        .outerjoin(Specimen, SpecimenImage.specimen_id == Specimen.id)
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+    )
+    return pd.DataFrame(session.execute(stmt).mappings().all())
+
+
+TABLES = {
+    "patients": _patients,
+    "specimens": _specimens,
+    "models": _models,
+    "uploads": _uploads,
+    "predictions": _predictions,
+}
+
+
+def table(session: Session, name: str) -> pd.DataFrame:
+    """One of the browsable tables (``TABLES``) as a DataFrame."""
+    if name not in TABLES:
+        raise KeyError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}")
+    return TABLES[name](session)

@@ -1,0 +1,125 @@
+"""Diagnose: upload specimen images, get probability, decision and heatmap; reopen earlier results."""
+
+from dataclasses import asdict
+
+import pandas as pd
+import streamlit as st
+
+from app.auth import require_role
+from app.resources import predictor_for
+from app.widgets import heatmap_viewer
+from core.heatmaps import list_methods
+from core.train import DECISIONS
+from db import repo
+from db.session import session_scope
+from services.diagnose import diagnose_files
+
+user = require_role("pi", "clinician")
+st.title("Diagnose")
+
+with session_scope() as session:
+    models = repo.list_models(session)
+if not models:
+    st.warning(
+        "No model is registered yet. Build the demo workspace with `make run`, or train one with "
+        "`python -m core train`, then reload this page."
+    )
+    st.stop()
+
+modalities = sorted({m.modality for m in models}, key=["FL", "WL", "CLE", "RCM"].index)
+left, middle, right = st.columns([1, 3, 1])
+modality = left.radio("Image type", modalities, horizontal=True, key="diagnose_modality")
+candidates = {m.id: m for m in models if m.modality == modality}
+default = next((i for i, m in enumerate(candidates.values()) if m.task == "tumor"), 0)
+model_id = middle.selectbox(
+    "Model",
+    list(candidates),
+    index=default,
+    format_func=lambda i: f"{candidates[i].name} · {candidates[i].task} · threshold {candidates[i].threshold:.3f} "
+    f"({candidates[i].threshold_policy})",
+    key="diagnose_model",
+)
+model = candidates[model_id]
+method = right.selectbox("Heatmap", list(list_methods()), key="diagnose_method")
+
+with st.form("diagnose_form", clear_on_submit=True):
+    files = st.file_uploader(
+        f"{modality} specimen images: PNG, JPEG, TIFF (8/16-bit, float) or NumPy .npy; several at once",
+        type=["png", "jpg", "jpeg", "tif", "tiff", "npy"],
+        accept_multiple_files=True,
+        key="diagnose_files",
+    )
+    submitted = st.form_submit_button("Diagnose", type="primary")
+
+if submitted:
+    if not files:
+        st.warning("Choose one or more image files first.")
+    else:
+        bar = st.progress(0.0, text=f"Diagnosing {len(files)} image(s)…")
+        outcomes = diagnose_files(
+            predictor_for(model),
+            model,
+            [(f.name, f.getvalue()) for f in files],
+            user_id=user.id,
+            heatmap=method,
+            progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} image(s) done"),
+        )
+        bar.empty()
+        st.session_state["diagnose_last"] = [asdict(o) for o in outcomes]
+        st.session_state["diagnose_last_task"] = model.task
+
+results = st.session_state.get("diagnose_last", [])
+if results:
+    negative, positive = DECISIONS[st.session_state.get("diagnose_last_task", "tumor")]
+    for outcome in results:
+        if outcome["error"]:
+            st.error(f"**{outcome['name']}** was not diagnosed: {outcome['error']}")
+    done = [o for o in results if not o["error"]]
+    if done:
+        st.subheader(f"Results ({len(done)} image(s))")
+        table = pd.DataFrame(
+            {
+                "image": [o["name"] for o in done],
+                "probability": [o["probability"] for o in done],
+                "decision": [positive if o["decision"] else negative for o in done],
+                "threshold": [o["threshold"] for o in done],
+                "ms": [1000 * o["seconds"] for o in done],
+                "prediction id": [o["prediction_id"] for o in done],
+            }
+        )
+        st.dataframe(
+            table,
+            hide_index=True,
+            column_config={
+                "probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0, format="%.3f"),
+                "ms": st.column_config.NumberColumn("time (ms)", format="%.0f"),
+            },
+        )
+        chosen = st.selectbox(
+            "Show heatmap of",
+            [o["prediction_id"] for o in done],
+            format_func=lambda pid: next(o["name"] for o in done if o["prediction_id"] == pid),
+            key="diagnose_show",
+        )
+        with session_scope() as session:
+            view = repo.prediction_view(session, chosen)
+        if view:
+            heatmap_viewer(view, key="diagnose_view")
+
+with st.expander("Your earlier diagnoses", expanded=not results):
+    with session_scope() as session:
+        history = repo.recent_predictions(session, user_id=user.id)
+    if history.empty:
+        st.caption("None yet.")
+    else:
+        st.dataframe(history, hide_index=True)
+        earlier = st.selectbox(
+            "Open",
+            history["id"].tolist(),
+            format_func=lambda pid: f"#{pid} · {history.loc[history['id'] == pid, 'image'].iloc[0]}",
+            key="diagnose_history_pick",
+        )
+        with session_scope() as session:
+            view = repo.prediction_view(session, int(earlier))
+        if view and view["user_id"] == user.id:
+            heatmap_viewer(view, key="diagnose_history_view")

@@ -1,0 +1,20 @@
+"""Home: what this dashboard does for the signed-in role."""
+
+import streamlit as st
+
+from app.auth import require_role
+
+user = require_role("pi", "clinician", "reader")
+st.title("Intraoperative imaging AI")
+st.write(f"Signed in as **{user.display_name}** ({user.role}).")
+if user.role in ("pi", "clinician"):
+    st.markdown(
+        "- **Diagnose**: upload fluorescence (FL) or white-light (WL) specimen images and get the model's tumor "
+        "probability, its decision at the registered operating threshold, and a Grad-CAM heatmap of where the "
+        "evidence is. Every upload and result is kept and can be opened again."
+    )
+if user.role == "pi":
+    st.markdown("- **Data**: browse patients, specimens, labels, models and predictions; filter and download CSV.")
+if user.role == "reader":
+    st.info("No reader study is assigned to you yet. Your study coordinator will invite you when one opens.")
+st.caption("Research software. Not a medical device: decisions stay with the surgical team and pathology.")

@@ -1,0 +1,281 @@
+"""The command line: ``python -m core <command>``.
+
+Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``heatmaps``, ``users``. Errors a user can fix
+are printed as one ``error: ...`` line with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from core.data.io import ImageError, read_image
+from core.heatmaps import list_methods
+from core.models import list_models as list_architectures
+from core.predict import Predictor, write_heatmap_files
+from core.settings import workspace_dir
+from core.stats.thresholds import POLICIES
+from core.train import DECISIONS, TASKS, Progress, TrainConfig
+from db import repo
+from db.models import MODALITIES, ROLES
+from db.session import init_db, session_scope
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as ``error: ...``, exit status 2."""
+
+
+def _progress_printer(every: int = 10) -> Callable[[Progress], None]:
+    def report(p: Progress) -> None:
+        if p.val_auc is not None:
+            print(f"  epoch {p.epoch}/{p.epochs}: loss {p.loss:.4f}, val AUC {p.val_auc:.3f} ({p.seconds:.0f} s)")
+        elif p.step % every == 0:
+            print(f"  step {p.step}/{p.steps}: loss {p.loss:.4f}", end="\r", flush=True)
+
+    return report
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import DEMO_USERS, DemoConfig, build_demo, demo_ready, workspace_has_data
+
+    if args.if_missing and (demo_ready() or workspace_has_data()):
+        print(f"workspace {workspace_dir()} is ready")
+    else:
+        build_demo(DemoConfig(patients=args.patients, epochs=args.epochs, image_size=args.image_size, seed=args.seed))
+    if demo_ready():
+        print("demo sign-in (username / password):")
+        for username, password, role, _ in DEMO_USERS:
+            print(f"  {role:<10} {username} / {password}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from services.importer import import_manifest
+
+    manifest = Path(args.manifest) if args.manifest else Path(args.folder) / "manifest.csv"
+    if not manifest.is_file():
+        raise UsageError(f"{manifest} not found; give the manifest with --manifest")
+    report = import_manifest(manifest, fractions=tuple(args.split), seed=args.seed)
+    print(f"imported {report.specimens} specimens, {report.images} images into {workspace_dir()}")
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if report.errors else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from services.training import train_and_register
+
+    config = TrainConfig(
+        architecture=args.architecture,
+        task=args.task,
+        modality=args.modality,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threshold_policy=args.policy,
+        seed=args.seed,
+        device=args.device,
+        pretrained_file=args.pretrained_file,
+    )
+    train_and_register(config, name=args.name, progress=_progress_printer())
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    init_db()
+    with session_scope() as session:
+        models = repo.list_models(session, task=args.task, modality=args.modality)
+    rows = [
+        {
+            "id": m.id,
+            "name": m.name,
+            "task": m.task,
+            "modality": m.modality,
+            "architecture": m.architecture,
+            "image_size": m.image_size,
+            "threshold": m.threshold,
+            "threshold_policy": m.threshold_policy,
+            "val_auc": m.metrics.get("val_auc"),
+            "test_auc": m.metrics.get("test_auc"),
+            "checkpoint_sha256": m.checkpoint_sha256,
+        }
+        for m in models
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no models registered; train one with `python -m core train` or build the demo")
+    else:
+        for r in rows:
+            auc = f"{r['test_auc']:.3f}" if r["test_auc"] is not None else "-"
+            print(f"{r['id']:>4}  {r['name']:<40} {r['task']:<6} {r['modality']:<3} thr {r['threshold']:.3f}  AUC {auc}")
+    return 0
+
+
+def _choose_model(name_or_id: str | None, task: str) -> repo.ModelInfo:
+    init_db()
+    with session_scope() as session:
+        if name_or_id:
+            model = repo.find_model(session, name_or_id)
+            if model is None:
+                raise UsageError(f"no registered model {name_or_id!r}; see `python -m core models`")
+            return model
+        models = repo.list_models(session, task=task)
+    if not models:
+        raise UsageError(f"no model registered for task {task!r}; train one or build the demo")
+    if len(models) > 1:
+        names = ", ".join(m.name for m in models)
+        raise UsageError(f"{len(models)} models are registered for task {task!r} ({names}); choose one with --model")
+    return models[0]
+
+
+def _unique_stems(files: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for file in files:
+        stem = Path(file).stem or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    model = _choose_model(args.model, args.task)
+    method = None if args.heatmap == "none" else args.heatmap
+    predictor = Predictor.from_checkpoint(
+        workspace_dir() / model.checkpoint_path, model.threshold, sha256=model.checkpoint_sha256, device=args.device
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    refused = 0
+    for file, stem in zip(args.files, _unique_stems(args.files), strict=True):
+        try:
+            image = read_image(file, file)
+            (result,) = predictor.diagnose([image], heatmap=method)
+            if isinstance(result, ImageError):
+                raise result
+        except ImageError as error:
+            print(f"error: {file}: {error.reason}", file=sys.stderr)
+            refused += 1
+            continue
+        record = {
+            "file": file,
+            "model": model.name,
+            "model_id": model.id,
+            "task": model.task,
+            "modality": model.modality,
+            "probability": result.probability,
+            "threshold": result.threshold,
+            "threshold_policy": model.threshold_policy,
+            "decision": result.decision,
+            "label": DECISIONS[model.task][int(result.decision)],
+            "device": result.device,
+            "seconds": result.seconds,
+            "heatmap": None,
+        }
+        if result.heatmap is not None:
+            paths = write_heatmap_files(image, model.modality, result.heatmap, out, stem)
+            record["heatmap"] = {"method": method, **paths}
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+        print(f"{file}: p={result.probability:.3f} (threshold {result.threshold:.3f}) -> {record['label']}")
+    return 2 if refused else 0
+
+
+def _cmd_heatmaps(_args: argparse.Namespace) -> int:
+    for name, summary in list_methods().items():
+        print(f"{name:<16} {summary}")
+    return 0
+
+
+def _cmd_users(args: argparse.Namespace) -> int:
+    init_db()
+    with session_scope() as session:
+        if args.action == "add":
+            if not args.username or not args.password:
+                raise UsageError("users add needs --username and --password")
+            try:
+                user = repo.create_user(session, args.username, args.password, args.role, args.display_name or "")
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+            print(f"added {user.role} {user.username} (id {user.id})")
+        else:
+            for row in repo.list_users(session):
+                print(f"{row.id:>4}  {row.username:<20} {row.role:<10} {row.display_name}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build the demo workspace (synthetic cohort, FL-CNN and WL-CNN, users)")
+    demo.add_argument("--if-missing", action="store_true", help="do nothing when a workspace already exists")
+    demo.add_argument("--patients", type=int, default=16)
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_cmd_demo)
+
+    imp = sub.add_parser("import", help="import a folder of images with a CSV manifest")
+    imp.add_argument("folder", help="folder holding the images (and manifest.csv unless --manifest is given)")
+    imp.add_argument("--manifest", help="CSV: patient_id, specimen_id, modality, path, tumor, grade, ki67, split")
+    imp.add_argument("--split", type=float, nargs=3, default=(0.6, 0.15, 0.25), metavar=("TRAIN", "VAL", "TEST"))
+    imp.add_argument("--seed", type=int, default=0)
+    imp.set_defaults(run=_cmd_import)
+
+    train = sub.add_parser("train", help="train and register a model by the FL-CNN recipe")
+    train.add_argument("--task", choices=sorted(TASKS), default="tumor")
+    train.add_argument("--modality", choices=MODALITIES, default="FL")
+    train.add_argument("--architecture", choices=list_architectures(), default="efficientnet_b0")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--image-size", type=int, default=224)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--policy", choices=[p for p in POLICIES if p != "fixed"], default="sens90")
+    train.add_argument("--name", help="registry name (default: modality-task-architecture-timestamp)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--pretrained-file", help="a local ImageNet checkpoint to start from (nothing is downloaded)")
+    train.set_defaults(run=_cmd_train)
+
+    models = sub.add_parser("models", help="list the registered models")
+    models.add_argument("--task", choices=sorted(TASKS))
+    models.add_argument("--modality", choices=MODALITIES)
+    models.add_argument("--json", action="store_true", help="a JSON list of objects")
+    models.set_defaults(run=_cmd_models)
+
+    predict = sub.add_parser("predict", help="diagnose image files; write JSON, heatmap .npy and PNGs per file")
+    predict.add_argument("files", nargs="+", metavar="FILE")
+    predict.add_argument("--model", help="registered name or id (may be omitted when one model fits --task)")
+    predict.add_argument("--task", choices=sorted(TASKS), default="tumor")
+    predict.add_argument("--heatmap", default="gradcam", choices=[*list_methods(), "none"])
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(run=_cmd_predict)
+
+    heatmaps = sub.add_parser("heatmaps", help="list the registered heatmap methods")
+    heatmaps.set_defaults(run=_cmd_heatmaps)
+
+    users = sub.add_parser("users", help="list or add accounts")
+    users.add_argument("action", choices=["list", "add"])
+    users.add_argument("--username")
+    users.add_argument("--password")
+    users.add_argument("--role", choices=ROLES, default="reader")
+    users.add_argument("--display-name")
+    users.set_defaults(run=_cmd_users)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

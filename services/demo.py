@@ -1,0 +1,102 @@
+"""The demo workspace: a synthetic cohort, a patient-level split, the FL-CNN and WL-CNN, and one user per role.
+
+Built once (a marker file records completion); ``make run`` calls it with ``if_missing`` so later starts are quick.
+The demo accounts and passwords are printed because they are demo data, not secrets.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from core.data.synth import CohortConfig, write_cohort
+from core.settings import workspace_dir
+from core.train import TrainConfig
+from db import repo
+from db.session import init_db, session_scope
+from services.importer import import_manifest
+from services.training import train_and_register
+
+__all__ = ["DEMO_USERS", "DemoConfig", "build_demo", "demo_ready", "workspace_has_data"]
+
+DEMO_USERS = (
+    ("pi", "demo-pi", "pi", "Principal investigator (demo)"),
+    ("clinician", "demo-clinician", "clinician", "Surgeon (demo)"),
+    ("reader", "demo-reader", "reader", "Neurosurgeon reader (demo)"),
+)
+_MARKER = ".demo-complete"
+_BUILDING = ".demo-building"
+_DEMO_CONTENT = ("cohort", "images", "masks", "models", "heatmaps", "study.db", "study.db-wal", "study.db-shm")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    patients: int = 16
+    epochs: int = 12
+    image_size: int = 128
+    seed: int = 0
+    architecture: str = "efficientnet_b0"
+
+
+def demo_ready() -> bool:
+    """Whether a complete demo workspace exists."""
+    return (workspace_dir() / _MARKER).exists()
+
+
+def workspace_has_data() -> bool:
+    """Whether the workspace holds a database that is not an unfinished demo build."""
+    root = workspace_dir()
+    return (root / "study.db").exists() and not (root / _BUILDING).exists()
+
+
+def build_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> None:
+    """Generate, import, train and register; then create the demo accounts.
+
+    An interrupted demo build is cleaned up and started again; a workspace with other data is never touched.
+    """
+    root = workspace_dir()
+    if workspace_has_data() and not demo_ready():
+        raise RuntimeError(
+            f"{root} already holds a study database that is not a demo; set IOAI_WORKSPACE to an empty folder"
+        )
+    if demo_ready():
+        log(f"the demo workspace in {root} is already complete")
+        return
+    started = time.perf_counter()
+    (root / _BUILDING).touch()
+    for name in _DEMO_CONTENT:
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    cohort = root / "cohort"
+    log(f"generating a synthetic cohort of {config.patients} patients in {cohort}")
+    manifest = write_cohort(CohortConfig(n_patients=config.patients, seed=config.seed), cohort)
+    log("importing it (patient-level split 60/15/25)")
+    report = import_manifest(manifest, seed=config.seed)
+    for error in report.errors:
+        log(f"  skipped {error}")
+    log(f"imported {report.specimens} specimens, {report.images} images")
+    for modality in ("FL", "WL"):
+        train_and_register(
+            TrainConfig(
+                architecture=config.architecture,
+                task="tumor",
+                modality=modality,
+                image_size=config.image_size,
+                epochs=config.epochs,
+                seed=config.seed,
+            ),
+            name=f"{modality}-CNN-tumor",
+            log=log,
+        )
+    init_db()
+    with session_scope() as session:
+        for username, password, role, display in DEMO_USERS:
+            repo.create_user(session, username, password, role, display)
+    (root / _MARKER).write_text(f"built in {time.perf_counter() - started:.0f} s\n")
+    (root / _BUILDING).unlink()
+    log(f"demo workspace ready in {time.perf_counter() - started:.0f} s")

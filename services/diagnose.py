@@ -1,0 +1,131 @@
+"""On-demand diagnosis of uploaded files: validate, store, predict, keep the heatmap, record everything.
+
+Each file is its own unit of work: a refused file stores nothing and does not stop the others; an accepted file's
+image, upload row, heatmap and prediction row land together.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.data.io import Image, ImageError, read_image
+from core.data.store import store_image, write_atomic
+from core.predict import Diagnosis, Predictor
+from core.settings import workspace_dir
+from db import repo
+from db.repo import ModelInfo
+from db.session import session_scope
+
+__all__ = ["Outcome", "diagnose_files", "heatmap_path", "load_predictor"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one uploaded file; ``error`` is set when it was refused."""
+
+    name: str
+    error: str | None = None
+    upload_id: int | None = None
+    prediction_id: int | None = None
+    probability: float | None = None
+    threshold: float | None = None
+    decision: bool | None = None
+    heatmap: str | None = None  # workspace-relative .npy path
+    image: str | None = None  # workspace-relative stored image path
+    device: str | None = None
+    seconds: float | None = None
+
+
+def load_predictor(model: ModelInfo, device: str = "auto") -> Predictor:
+    """Load a registered model's checkpoint, checking its sha256."""
+    return Predictor.from_checkpoint(
+        workspace_dir() / model.checkpoint_path, model.threshold, sha256=model.checkpoint_sha256, device=device
+    )
+
+
+def heatmap_path(image_sha256: str, model: ModelInfo, method: str) -> str:
+    """Where a model's map of an image is kept (workspace-relative); same image, model and method -> same file."""
+    return f"heatmaps/{image_sha256[:2]}/{image_sha256}-{model.checkpoint_sha256[:16]}-{method}.npy"
+
+
+def diagnose_files(
+    predictor: Predictor,
+    model: ModelInfo,
+    files: Sequence[tuple[str, bytes | str | Path]],
+    *,
+    user_id: int | None,
+    heatmap: str | None = "gradcam",
+    database: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Outcome]:
+    """Diagnose ``(original name, bytes or path)`` pairs in order; one Outcome per file, refused ones included."""
+    if predictor.modality != model.modality:
+        raise ValueError(f"predictor modality {predictor.modality} does not match model {model.name}")
+    outcomes: list[Outcome] = []
+    for done, (name, source) in enumerate(files, start=1):
+        try:
+            image = read_image(source, name)
+            (result,) = predictor.diagnose([image], heatmap=heatmap)
+            if isinstance(result, ImageError):
+                raise result
+            outcomes.append(_record(image, result, model, user_id, database))
+        except ImageError as error:
+            outcomes.append(Outcome(name=name, error=error.reason))
+        if progress:
+            progress(done, len(files))
+    return outcomes
+
+
+def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | None, database: str | None) -> Outcome:
+    root = workspace_dir()
+    stored = store_image(image, root)
+    map_path = None
+    if result.heatmap is not None and result.method:
+        map_path = heatmap_path(stored.sha256, model, result.method)
+        buffer = _npy_bytes(result.heatmap)
+        write_atomic(root / map_path, buffer)
+    with session_scope(database) as session:
+        upload_id = repo.add_upload(
+            session,
+            user_id=user_id,
+            original_name=image.name,
+            modality=model.modality,
+            path=stored.path,
+            sha256=stored.sha256,
+            height=stored.height,
+            width=stored.width,
+        )
+        prediction_id = repo.add_prediction(
+            session,
+            model_id=model.id,
+            upload_id=upload_id,
+            probability=result.probability,
+            threshold=result.threshold,
+            heatmap_method=result.method,
+            heatmap_path=map_path,
+            device=result.device,
+            seconds=result.seconds,
+        )
+    return Outcome(
+        name=image.name,
+        upload_id=upload_id,
+        prediction_id=prediction_id,
+        probability=result.probability,
+        threshold=result.threshold,
+        decision=result.decision,
+        heatmap=map_path,
+        image=stored.path,
+        device=result.device,
+        seconds=result.seconds,
+    )
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.float32))
+    return buffer.getvalue()

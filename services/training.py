@@ -1,0 +1,125 @@
+"""Train a model on the workspace's specimens by task and modality, evaluate it, and register it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.data.io import read_image
+from core.data.preprocess import prepare
+from core.metrics.classification import auc, binary_metrics
+from core.models import save_checkpoint
+from core.settings import workspace_dir
+from core.train import Progress, TrainConfig, fit, predict_logits, task_label
+from db import repo
+from db.repo import ModelInfo
+from db.session import init_db, session_scope
+
+__all__ = ["default_name", "load_split", "train_and_register"]
+
+
+def default_name(config: TrainConfig) -> str:
+    """A readable unique name, e.g. ``FL-tumor-efficientnet_b0-20261121-153000``."""
+    return f"{config.modality}-{config.task}-{config.architecture}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def load_split(
+    frame: pd.DataFrame, task: str, modality: str, image_size: int, progress: Callable[[int, int], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepared images and 0/1 targets of the rows that belong to ``task``'s cohort."""
+    root = workspace_dir()
+    targets = [task_label(task, row) for row in frame.to_dict("records")]
+    keep = [i for i, t in enumerate(targets) if t is not None]
+    images = []
+    for done, i in enumerate(keep, start=1):
+        path = root / frame.iloc[i]["path"]
+        images.append(prepare(read_image(path, Path(path).name), modality, image_size))
+        if progress:
+            progress(done, len(keep))
+    if not images:
+        raise ValueError(f"no {modality} specimens with a known {task} label in this split")
+    return torch.stack(images), torch.tensor([targets[i] for i in keep], dtype=torch.float32)
+
+
+def train_and_register(
+    config: TrainConfig,
+    *,
+    name: str | None = None,
+    database: str | None = None,
+    log: Callable[[str], None] = print,
+    progress: Callable[[Progress], None] | None = None,
+) -> ModelInfo:
+    """Train by the FL-CNN recipe on the train split, pick the threshold on val, score test, save and register."""
+    name = name or default_name(config)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
+        raise ValueError(f"model name {name!r} may only contain letters, digits, '.', '_' and '-'")
+    init_db(database)
+    with session_scope(database) as session:
+        frame = repo.specimen_images(session, config.modality)
+        if repo.find_model(session, name) is not None:
+            raise ValueError(f"a model named {name!r} is already registered; choose another --name")
+    if frame.empty:
+        raise ValueError(f"the workspace has no {config.modality} images; run `python -m core import` first")
+    splits = {}
+    for split in ("train", "val", "test"):
+        part = frame[frame["split"] == split]
+        if part.empty and split != "test":
+            raise ValueError(f"no {config.modality} specimens in the {split} split")
+        if not part.empty:
+            log(f"loading {split}: {len(part)} {config.modality} images at {config.image_size} px")
+            splits[split] = load_split(part, config.task, config.modality, config.image_size)
+    log(f"training {config.architecture} for {config.task} on {len(splits['train'][1])} images")
+    result = fit(config, *splits["train"], *splits["val"], progress=progress)
+    metrics = dict(result.metrics)
+    if "test" in splits:
+        test_images, test_labels = splits["test"]
+        probs = 1.0 / (1.0 + np.exp(-predict_logits(result.model, test_images)))
+        truth = test_labels.numpy().astype(int)
+        metrics.update({"test_auc": auc(truth, probs), "test_n": len(truth), "test_positives": int(truth.sum())})
+        metrics.update({f"test_{k}": v for k, v in binary_metrics(truth, probs, result.threshold).items()})
+    metrics["history"] = result.history
+    checkpoint_config = {
+        **config.to_dict(),
+        "in_chans": int(splits["train"][0].shape[1]),
+        "name": name,
+        "trained_on": result.device,
+    }
+    checkpoint = save_checkpoint(result.model, checkpoint_config, workspace_dir() / "models" / name)
+    with session_scope(database) as session:
+        info = repo.register_model(
+            session,
+            name=name,
+            architecture=config.architecture,
+            task=config.task,
+            modality=config.modality,
+            image_size=config.image_size,
+            checkpoint_path=checkpoint.path.relative_to(workspace_dir()).as_posix(),
+            checkpoint_sha256=checkpoint.sha256,
+            threshold=result.threshold,
+            threshold_policy=result.threshold_policy,
+            metrics=_finite(metrics),
+            config=checkpoint_config,
+        )
+    log(
+        f"registered {name}: val AUC {metrics['val_auc']:.3f}"
+        + (f", test AUC {metrics['test_auc']:.3f}" if "test_auc" in metrics else "")
+        + f", threshold {result.threshold:.3f} ({result.threshold_policy})"
+    )
+    return info
+
+
+def _finite(value: object) -> object:
+    """JSON-safe copy: NaN/inf become None (PostgreSQL's JSON rejects NaN)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

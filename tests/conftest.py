@@ -1,0 +1,66 @@
+"""Shared fixtures: an isolated workspace with a tiny imported cohort and a tiny registered model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh empty workspace folder with its own SQLite database."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
+    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A workspace with a 4-patient synthetic cohort imported and a tiny FL model and WL model registered.
+
+    Session-scoped (training takes a few seconds); tests must not modify it. Environment is restored after.
+    """
+    from core.data.synth import CohortConfig, write_cohort
+    from core.train import TrainConfig
+    from services.importer import import_manifest
+    from services.training import train_and_register
+
+    root = tmp_path_factory.mktemp("trained_ws")
+    saved = {k: os.environ.get(k) for k in ("IOAI_WORKSPACE", "IOAI_DATABASE_URL")}
+    os.environ["IOAI_WORKSPACE"] = str(root)
+    os.environ["IOAI_DATABASE_URL"] = f"sqlite:///{root / 'study.db'}"
+    try:
+        manifest = write_cohort(
+            CohortConfig(n_patients=4, specimens_per_patient=(10, 14), height=64, width=80, seed=1), root / "cohort"
+        )
+        report = import_manifest(manifest, fractions=(0.5, 0.25, 0.25), seed=0)
+        assert not report.errors
+        for modality in ("FL", "WL"):
+            train_and_register(
+                TrainConfig(architecture="tiny_cnn", modality=modality, image_size=32, epochs=2, batch_size=8),
+                name=f"tiny-{modality}",
+                log=lambda _msg: None,
+            )
+        yield root
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def use_trained(trained_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the settings at the shared trained workspace for one test."""
+    monkeypatch.setenv("IOAI_WORKSPACE", str(trained_workspace))
+    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{trained_workspace / 'study.db'}")
+    return trained_workspace

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from core.models import create_model, get_spec, list_models, load_checkpoint, save_checkpoint, sha256_file
+
+
+def test_registry_lists_the_architectures_and_refuses_unknown_names():
+    assert {"efficientnet_b0", "efficientnet_b2", "tiny_cnn"} <= set(list_models())
+    with pytest.raises(KeyError, match="registered: "):
+        create_model("resnet9000", in_chans=1)
+
+
+def test_flcnn_head_is_one_logit_with_dropout_half_and_xavier_init():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b0", in_chans=1)
+    classifier = model.get_classifier()
+    assert classifier.out_features == 1
+    assert model.drop_rate == 0.5
+    assert torch.count_nonzero(classifier.bias) == 0
+    fan_in, fan_out = classifier.in_features, classifier.out_features
+    expected_std = (2.0 / (fan_in + fan_out)) ** 0.5  # Xavier normal
+    assert classifier.weight.std().item() == pytest.approx(expected_std, rel=0.2)
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 1)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "tiny_cnn"])
+def test_target_layer_is_a_spatial_feature_map(name):
+    model = create_model(name, in_chans=3).eval()
+    seen = {}
+
+    def keep(_module, _inputs, output):
+        seen["shape"] = output.shape
+
+    handle = get_spec(name).target_layer(model).register_forward_hook(keep)
+    model(torch.randn(1, 3, 64, 64))
+    handle.remove()
+    assert len(seen["shape"]) == 4 and seen["shape"][-1] >= 2
+
+
+def test_checkpoint_round_trip_and_sha256(tmp_path):
+    model = create_model("tiny_cnn", in_chans=1).eval()
+    checkpoint = save_checkpoint(model, {"architecture": "tiny_cnn", "in_chans": 1, "modality": "FL"}, tmp_path / "m")
+    assert checkpoint.sha256 == sha256_file(checkpoint.path)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["modality"] == "FL"
+    loaded, config = load_checkpoint(tmp_path / "m", expected_sha256=checkpoint.sha256)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(loaded(x), model(x))
+    assert config["architecture"] == "tiny_cnn"
+    assert not list((tmp_path / "m").glob("*.tmp"))
+
+
+def test_changed_checkpoint_is_refused(tmp_path):
+    model = create_model("tiny_cnn", in_chans=1)
+    checkpoint = save_checkpoint(model, {"architecture": "tiny_cnn", "in_chans": 1}, tmp_path)
+    with pytest.raises(ValueError, match="sha256"):
+        load_checkpoint(checkpoint.path, expected_sha256="0" * 64)
