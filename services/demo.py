@@ -34,6 +34,9 @@ _DEMO_CONTENT = ("cohort", "images", "masks", "models", "heatmaps", "study.db", 
 @dataclass(frozen=True)
 class DemoConfig:
     patients: int = 16
+    specimens_per_patient: tuple[int, int] = (50, 100)
+    height: int = 256
+    width: int = 320
     epochs: int = 12
     image_size: int = 128
     seed: int = 0
@@ -74,7 +77,16 @@ def build_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = p
             target.unlink()
     cohort = root / "cohort"
     log(f"generating a synthetic cohort of {config.patients} patients in {cohort}")
-    manifest = write_cohort(CohortConfig(n_patients=config.patients, seed=config.seed), cohort)
+    manifest = write_cohort(
+        CohortConfig(
+            n_patients=config.patients,
+            specimens_per_patient=config.specimens_per_patient,
+            height=config.height,
+            width=config.width,
+            seed=config.seed,
+        ),
+        cohort,
+    )
     log("importing it (patient-level split 60/15/25)")
     report = import_manifest(manifest, seed=config.seed)
     for error in report.errors:

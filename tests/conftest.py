@@ -26,7 +26,8 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A workspace with a 4-patient synthetic cohort imported and a tiny FL model and WL model registered.
 
-    Session-scoped (training takes a few seconds); tests must not modify it. Environment is restored after.
+    Session-scoped (training takes a few seconds); tests may add uploads and predictions, never change the
+    cohort or the models. Environment is restored after.
     """
     from core.data.synth import CohortConfig, write_cohort
     from core.train import TrainConfig

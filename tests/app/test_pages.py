@@ -1,0 +1,114 @@
+"""Page tests with Streamlit's AppTest: sign-in, role-based navigation and refusals, Diagnose and Data."""
+
+import os
+from pathlib import Path
+
+import pytest
+import skimage.data
+from streamlit.testing.v1 import AppTest
+
+from db import repo
+from db.session import init_db, session_scope
+from services.diagnose import diagnose_files, load_predictor
+
+ROOT = Path(__file__).resolve().parents[2]
+MAIN = str(ROOT / "app" / "main.py")
+
+
+def _users():
+    init_db()
+    ids = {}
+    with session_scope() as s:
+        for name, role in (("pat", "pi"), ("cleo", "clinician"), ("rita", "reader")):
+            existing = [u for u in repo.list_users(s) if u.username == name]
+            ids[role] = existing[0].id if existing else repo.create_user(s, name, f"{name}-pw", role).id
+    return ids
+
+
+def _app(user_id=None):
+    at = AppTest.from_file(MAIN, default_timeout=60)
+    if user_id is not None:
+        at.session_state["auth_user_id"] = user_id
+    return at.run()
+
+
+def test_sign_in_with_wrong_then_right_password(workspace):
+    _users()
+    at = _app()
+    assert not at.exception
+    at.text_input(key="signin_username").input("cleo")
+    at.text_input(key="signin_password").input("nope")
+    at.button[0].click().run()
+    assert any("wrong password" in e.value for e in at.error)
+    at.text_input(key="signin_username").input("cleo")
+    at.text_input(key="signin_password").input("cleo-pw")
+    at.button[0].click().run()
+    assert not at.exception
+    assert at.session_state["auth_user_id"] > 0
+    assert any("Signed in as" in m.value for m in at.markdown)
+
+
+@pytest.mark.parametrize(("role", "page"), [("clinician", "data.py"), ("reader", "diagnose.py"), ("reader", "data.py")])
+def test_pages_refuse_roles_that_may_not_use_them(workspace, role, page):
+    """Run the page script itself, as a typed URL would: the page's own check refuses, whatever the navigation."""
+    ids = _users()
+    at = AppTest.from_file(str(ROOT / "pages" / page), default_timeout=60)
+    at.session_state["auth_user_id"] = ids[role]
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [f"This page is not available to the {role} role."]
+    assert not at.title and not at.dataframe
+
+
+def test_navigation_offers_each_role_only_its_pages(workspace):
+    ids = _users()
+    at = _app(ids["clinician"])
+    with pytest.raises(ValueError):
+        at.switch_page("../pages/data.py").run()  # not a registered page for this role
+    at = _app(ids["pi"])
+    at.switch_page("../pages/data.py").run()
+    assert not at.exception and at.title[0].value == "Data"
+
+
+def test_signed_out_pages_ask_to_sign_in(workspace):
+    _users()
+    at = AppTest.from_file(str(ROOT / "pages" / "diagnose.py"), default_timeout=60).run()
+    assert [e.value for e in at.error] == ["Please sign in first."]
+
+
+def test_forged_or_stale_session_state_is_signed_out(workspace):
+    _users()
+    at = _app(user_id=99999)
+    assert not at.exception
+    assert at.text_input(key="signin_username") is not None
+    assert "auth_user_id" not in at.session_state
+
+
+def test_diagnose_page_shows_models_and_reopens_earlier_results(use_trained):
+    ids = _users()
+    with session_scope() as s:
+        model = repo.find_model(s, "tiny-WL")
+    retina = os.path.join(skimage.data.data_dir, "retina.jpg")
+    (outcome,) = diagnose_files(load_predictor(model), model, [("retina.jpg", retina)], user_id=ids["clinician"])
+    at = _app(ids["clinician"])
+    at.switch_page("../pages/diagnose.py").run()
+    assert not at.exception
+    assert at.title[0].value == "Diagnose"
+    assert at.radio(key="diagnose_modality").options == ["FL", "WL"]
+    at.radio(key="diagnose_modality").set_value("WL").run()
+    assert "tiny-WL" in at.selectbox(key="diagnose_model").format_func(at.selectbox(key="diagnose_model").value)
+    assert f"#{outcome.prediction_id} · retina.jpg" in at.selectbox(key="diagnose_history_pick").options
+    assert any("retina.jpg" in m.value for m in at.markdown)
+    assert at.slider(key="diagnose_history_view_opacity").value == pytest.approx(0.45)
+
+
+def test_data_page_lists_tables_and_filters(use_trained):
+    ids = _users()
+    at = _app(ids["pi"])
+    at.switch_page("../pages/data.py").run()
+    assert not at.exception
+    assert [t.label for t in at.tabs] == ["Patients", "Specimens", "Models", "Uploads", "Predictions"]
+    total = at.caption[1].value
+    at.text_input(key="data_specimens_text").input("P001").run()
+    assert not at.exception
+    assert at.caption[1].value != total

@@ -1,0 +1,82 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from core.train import TrainConfig, class_weights, fit, task_label
+from core.train.recipe import cosine_with_warmup, weighted_bce
+
+
+def test_class_weights_follow_eq_2():
+    labels = torch.tensor([1, 1, 1, 0.0])
+    alpha_p, alpha_n = class_weights(labels)
+    assert alpha_p == pytest.approx(4 / 6) and alpha_n == pytest.approx(4 / 2)
+    with pytest.raises(ValueError, match="both classes"):
+        class_weights(torch.ones(5))
+
+
+def test_weighted_bce_matches_eq_1_averaged():
+    logits, targets = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    p = torch.sigmoid(logits)
+    by_hand = -(0.7 * torch.log(p[0]) + 1.3 * torch.log(1 - p[1]) + 1.3 * torch.log(1 - p[2])) / 3
+    assert weighted_bce(logits, targets, 0.7, 1.3).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_schedule_warms_up_linearly_then_anneals_to_zero():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = cosine_with_warmup(optimizer, total_steps=20, warmup_steps=4)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:], strict=False))
+    assert rates[-1] < 0.05
+
+
+@pytest.mark.parametrize(
+    ("task", "labels", "expected"),
+    [
+        ("tumor", {"tumor": True}, 1),
+        ("tumor", {"tumor": None}, None),
+        ("grade", {"tumor": True, "grade": "GBM"}, 1),
+        ("grade", {"tumor": True, "grade": "DLGG"}, 0),
+        ("grade", {"tumor": False, "grade": None}, None),
+        ("ki67", {"tumor": True, "ki67": ">=10"}, 1),
+        ("ki67", {"tumor": True, "ki67": float("nan")}, None),
+    ],
+)
+def test_task_labels_follow_the_cascade(task, labels, expected):
+    assert task_label(task, labels) == expected
+
+
+def test_fit_learns_an_easy_problem_and_picks_a_sens90_threshold():
+    generator = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = (torch.arange(n) % 2).float()
+        x = torch.randn(n, 1, 32, 32, generator=generator) * 0.3
+        x[y == 1, :, 8:24, 8:24] += 1.5  # positives carry a bright square
+        return x, y
+
+    train_x, train_y = make(64)
+    val_x, val_y = make(32)
+    config = TrainConfig(architecture="tiny_cnn", image_size=32, epochs=6, batch_size=16, lr=3e-3, seed=0)
+    seen = []
+    result = fit(config, train_x, train_y, val_x, val_y, progress=seen.append)
+    assert result.metrics["val_auc"] > 0.9
+    assert result.metrics["val_sensitivity"] >= 0.9
+    assert result.threshold_policy == "sens90" and 0.0 <= result.threshold <= 1.0
+    assert [p.epoch for p in seen if p.val_auc is not None] == list(range(1, 7))
+    assert not result.model.training and next(result.model.parameters()).device.type == "cpu"
+    assert math.isclose(result.metrics["alpha_p"], 1.0) and len(result.history) == 6
+    assert np.all((result.val_probabilities >= 0) & (result.val_probabilities <= 1))
+
+
+def test_fit_refuses_wrong_channel_count():
+    config = TrainConfig(architecture="tiny_cnn", modality="WL", image_size=32, epochs=1)
+    x, y = torch.zeros(4, 1, 32, 32), torch.tensor([0, 1, 0, 1.0])
+    with pytest.raises(ValueError, match="WL images must be"):
+        fit(config, x, y, x, y)

@@ -1,0 +1,121 @@
+"""Import, train-and-register, diagnose and the CLI, end to end on a tiny cohort and tiny models."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import skimage.data
+import tifffile
+from PIL import Image as PILImage
+
+from db import repo
+from db.session import session_scope
+from services.cli import main
+from services.diagnose import diagnose_files, load_predictor
+from services.importer import import_manifest
+
+RETINA = os.path.join(skimage.data.data_dir, "retina.jpg")
+
+
+def test_import_stores_images_by_content_and_splits_by_patient(use_trained):
+    with session_scope() as s:
+        specimens = repo.table(s, "specimens")
+        images = repo.specimen_images(s, "FL")
+    assert specimens["split"].notna().all()
+    assert specimens.groupby("patient")["split"].nunique().max() == 1  # never one patient in two splits
+    assert set(specimens["split"]) == {"train", "val", "test"}
+    merged = images.merge(specimens, on="specimen")
+    assert len(merged) == len(specimens)
+    for path, sha in zip(merged["path"], merged["fl_sha256"], strict=True):
+        assert path == f"images/{sha[:2]}/{sha}.png" and (use_trained / path).is_file()
+
+
+def test_import_reports_bad_rows_and_keeps_the_good_ones(workspace, tmp_path):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    PILImage.fromarray(np.full((40, 40), 300, np.uint16)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    (folder / "manifest.csv").write_text(
+        "patient_id,specimen_id,modality,path,tumor,grade,ki67,split\n"
+        "P1,S1,FL,good.png,1,GBM,>=10,train\n"
+        "P1,S2,FL,broken.png,0,,,train\n"
+        "P1,S3,XR,good.png,0,,,train\n"
+        "P2,S4,FL,good.png,maybe,,,\n"
+    )
+    report = import_manifest(folder / "manifest.csv")
+    assert report.images == 1 and report.specimens == 1
+    joined = "\n".join(report.errors)
+    assert "line 3" in joined and "broken.png" in joined
+    assert "line 4" in joined and "modality" in joined
+    assert "line 5" in joined and "tumor" in joined
+    with session_scope() as s:
+        assert repo.table(s, "specimens")["specimen"].tolist() == ["S1"]
+
+
+def test_models_are_registered_with_threshold_and_metrics(use_trained, capsys):
+    assert main(["models", "--json"]) == 0
+    models = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert {"tiny-FL", "tiny-WL"} <= set(models)
+    fl = models["tiny-FL"]
+    assert fl["task"] == "tumor" and fl["modality"] == "FL" and 0 <= fl["threshold"] <= 1
+    assert {"id", "name", "task", "modality", "threshold"} <= set(fl)
+    with session_scope() as s:
+        info = repo.find_model(s, "tiny-FL")
+    assert info.threshold_policy == "sens90" and info.metrics["val_n"] > 0 and "test_auc" in info.metrics
+    assert (use_trained / info.checkpoint_path).is_file()
+
+
+def test_diagnose_files_stores_good_files_and_refuses_bad_ones(use_trained):
+    with session_scope() as s:
+        model = repo.find_model(s, "tiny-WL")
+        before = len(repo.table(s, "uploads"))
+    predictor = load_predictor(model)
+    files = [("retina.jpg", RETINA), ("empty.png", b""), ("notes.png", b"just text, not an image")]
+    outcomes = diagnose_files(predictor, model, files, user_id=None)
+    good, empty, text = outcomes
+    assert good.error is None and 0 <= good.probability <= 1 and good.decision == (good.probability >= good.threshold)
+    heatmap = np.load(use_trained / good.heatmap)
+    assert heatmap.shape == PILImage.open(RETINA).size[::-1] and heatmap.dtype == np.float32
+    assert "empty" in empty.error and text.error
+    with session_scope() as s:
+        uploads = repo.table(s, "uploads")
+        assert len(uploads) == before + 1 and uploads.iloc[0]["original_name"] == "retina.jpg"
+        assert repo.prediction_view(s, good.prediction_id)["heatmap_path"] == good.heatmap
+
+
+def test_cli_predict_writes_outputs_and_exit_2_on_refusals(use_trained, tmp_path, capsys):
+    fl = tmp_path / "spec.tif"
+    tifffile.imwrite(fl, (np.random.default_rng(0).random((48, 64)) * 4000).astype(np.uint16))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", "tiny-FL", "--out", str(out), str(fl), RETINA, str(bad)])
+    captured = capsys.readouterr()
+    assert code == 2
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and any("retina.jpg" in e and "colour" in e for e in errors)
+    record = json.loads((out / "spec.json").read_text())
+    assert record["model"] == "tiny-FL" and record["task"] == "tumor" and record["heatmap"]["method"] == "gradcam"
+    assert {"file", "probability", "threshold", "decision"} <= set(record)
+    heatmap = np.load(record["heatmap"]["npy"])
+    assert heatmap.shape == (48, 64) and heatmap.dtype == np.float32 and 0 <= heatmap.min() <= heatmap.max() <= 1
+    assert PILImage.open(record["heatmap"]["overlay"]).size == (64, 48)
+    assert not (out / "retina.json").exists() and not (out / "bad.json").exists()
+
+
+def test_cli_predict_needs_a_model_choice_when_ambiguous(use_trained, tmp_path, capsys):
+    assert main(["predict", "--out", str(tmp_path), RETINA]) == 2
+    assert "choose one with --model" in capsys.readouterr().err
+    assert main(["predict", "--model", "nope", "--out", str(tmp_path), RETINA]) == 2
+
+
+@pytest.mark.parametrize("argv", [["import", "/nonexistent"], ["models", "--task", "tumor"]])
+def test_cli_usage_errors_are_one_line(workspace, argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if argv[0] == "import":
+        assert code == 2 and captured.err.startswith("error: ")
+    else:
+        assert code == 0 and "no models registered" in captured.out
