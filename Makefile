@@ -8,7 +8,7 @@ TESTDEPS := $(VENV)/.test-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 8501
 
-.PHONY: run demo test chromium lint format bench clean-demo
+.PHONY: run demo test system-deps lint format bench clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,13 @@ run: demo
 	@echo "Dashboard: http://localhost:$(PORT)"
 	$(PY) -m streamlit run app/main.py --server.port $(PORT)
 
-chromium:
-	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+# Debian packages the tests drive: Chromium for browser tests, a PostgreSQL server for the database tests.
+system-deps:
+	@if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium postgresql >/dev/null; fi
 	@chromium --version
 
-test: $(TESTDEPS) chromium
+test: $(TESTDEPS) system-deps
 	$(PY) -m pytest
 
 lint: $(TESTDEPS)

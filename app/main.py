@@ -18,10 +18,10 @@ from app.auth import current_user, sign_in_page, sign_out  # noqa: E402
 
 st.set_page_config(page_title="Intraoperative imaging AI", page_icon=":material/biotech:", layout="wide")
 
-_PAGES = {
-    "home": st.Page("../pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
-    "diagnose": st.Page("../pages/diagnose.py", title="Diagnose", icon=":material/neurology:", url_path="diagnose"),
-    "data": st.Page("../pages/data.py", title="Data", icon=":material/table:", url_path="data"),
+_PAGES = {  # name -> (script, title, icon)
+    "home": ("../pages/home.py", "Home", ":material/home:"),
+    "diagnose": ("../pages/diagnose.py", "Diagnose", ":material/neurology:"),
+    "data": ("../pages/data.py", "Data", ":material/table:"),
 }
 _ROLE_PAGES = {
     "clinician": ["home", "diagnose"],
@@ -29,14 +29,24 @@ _ROLE_PAGES = {
     "reader": ["home"],
 }
 
+
+def _page(name: str, default: bool = False) -> st.Page:
+    script, title, icon = _PAGES[name]
+    return st.Page(script, title=title, icon=icon, url_path=name, default=default)
+
+
 user = current_user()
 if user is None:
-    navigation = st.navigation([st.Page(sign_in_page, title="Sign in", icon=":material/login:")])
+    # Every page is routable while signed out, so a reload or a bookmarked link shows the sign-in form (and, after
+    # signing in, the page asked for) instead of "page not found"; no page script runs before sign-in.
+    pages = [st.Page(sign_in_page, title="Sign in", icon=":material/login:", default=True)]
+    st.navigation(pages + [_page(name) for name in _PAGES], position="hidden")
+    sign_in_page()
 else:
     with st.sidebar:
         st.markdown(f"**{user.display_name}**  \n{user.role} · `{user.username}`")
         if st.button("Sign out", key="main_sign_out"):
             sign_out()
             st.rerun()
-    navigation = st.navigation([_PAGES[name] for name in _ROLE_PAGES[user.role]])
-navigation.run()
+    allowed = _ROLE_PAGES[user.role]
+    st.navigation([_page(name, default=name == "home") for name in allowed]).run()

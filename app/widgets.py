@@ -9,9 +9,10 @@ from PIL import Image as PILImage
 
 from core.data.io import read_image
 from core.data.preprocess import display_image
-from core.heatmaps import overlay
+from core.heatmaps import method_title, overlay
 from core.heatmaps.render import to_uint8
 from core.settings import workspace_dir
+from core.train import DECISIONS
 
 __all__ = ["filterable_table", "heatmap_viewer"]
 
@@ -30,10 +31,10 @@ def heatmap_viewer(view: dict, key: str) -> None:
     root = workspace_dir()
     image = read_image(root / view["image_path"], view["name"])
     shown = display_image(image, view["modality"])
-    verdict = "positive" if view["decision"] else "negative"
+    verdict = DECISIONS[view["task"]][int(view["decision"])]
     st.markdown(
-        f"**{view['name']}** · {view['task']} model `{view['model']}` · probability **{view['probability']:.3f}** "
-        f"· threshold {view['threshold']:.3f} · **{verdict}**"
+        f"**{view['name']}** · model `{view['model']}` · probability **{view['probability']:.3f}** "
+        f"(threshold {view['threshold']:.3f}) · **{verdict}**"
     )
     if not view.get("heatmap_path"):
         st.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
@@ -44,7 +45,8 @@ def heatmap_viewer(view: dict, key: str) -> None:
     left.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
     right.image(
         _fit(overlay(shown, heatmap, alpha)),
-        caption=f"{view['heatmap_method']} heatmap (red = strongest evidence for the positive class)",
+        caption=f"{method_title(view['heatmap_method'])}: warm colours = strongest evidence for "
+        f"{DECISIONS[view['task']][1]}",
         width="stretch",
     )
 
@@ -59,9 +61,7 @@ def filterable_table(frame: pd.DataFrame, key: str, file_name: str) -> None:
     if text:
         haystack = filtered.astype(str).apply(lambda col: col.str.contains(text, case=False, regex=False))
         filtered = filtered[haystack.any(axis=1)]
-    categorical = [
-        c for c in frame.columns if frame[c].dtype == object and 1 < frame[c].nunique(dropna=True) <= 12
-    ]
+    categorical = [c for c in frame.columns if frame[c].dtype == object and 1 < frame[c].nunique(dropna=True) <= 12]
     if categorical:
         columns = st.columns(min(4, len(categorical)))
         for i, column in enumerate(categorical[:4]):

@@ -8,7 +8,8 @@ import streamlit as st
 from app.auth import require_role
 from app.resources import predictor_for
 from app.widgets import heatmap_viewer
-from core.heatmaps import list_methods
+from core.heatmaps import list_methods, method_title
+from core.stats.thresholds import POLICY_TEXT
 from core.train import DECISIONS
 from db import repo
 from db.session import session_scope
@@ -35,12 +36,14 @@ model_id = middle.selectbox(
     "Model",
     list(candidates),
     index=default,
-    format_func=lambda i: f"{candidates[i].name} · {candidates[i].task} · threshold {candidates[i].threshold:.3f} "
-    f"({candidates[i].threshold_policy})",
+    format_func=lambda i: f"{candidates[i].name} · {candidates[i].task} · threshold {candidates[i].threshold:.3f}",
     key="diagnose_model",
 )
 model = candidates[model_id]
-method = right.selectbox("Heatmap", list(list_methods()), key="diagnose_method")
+method = right.selectbox("Heatmap", list(list_methods()), format_func=method_title, key="diagnose_method")
+st.caption(
+    f"Decision threshold {model.threshold:.3f}: {POLICY_TEXT.get(model.threshold_policy, model.threshold_policy)}."
+)
 
 with st.form("diagnose_form", clear_on_submit=True):
     files = st.file_uploader(
@@ -76,22 +79,22 @@ if results:
             st.error(f"**{outcome['name']}** was not diagnosed: {outcome['error']}")
     done = [o for o in results if not o["error"]]
     if done:
-        st.subheader(f"Results ({len(done)} image(s))")
+        st.subheader("Result" if len(done) == 1 else f"Results for {len(done)} images")
         table = pd.DataFrame(
             {
                 "image": [o["name"] for o in done],
                 "probability": [o["probability"] for o in done],
                 "decision": [positive if o["decision"] else negative for o in done],
-                "threshold": [o["threshold"] for o in done],
                 "ms": [1000 * o["seconds"] for o in done],
-                "prediction id": [o["prediction_id"] for o in done],
             }
         )
         st.dataframe(
             table,
             hide_index=True,
             column_config={
-                "probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0, format="%.3f"),
+                "probability": st.column_config.ProgressColumn(
+                    "probability", min_value=0.0, max_value=1.0, format="%.3f"
+                ),
                 "ms": st.column_config.NumberColumn("time (ms)", format="%.0f"),
             },
         )

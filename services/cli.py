@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.data.io import ImageError, read_image
@@ -18,7 +18,7 @@ from core.models import list_models as list_architectures
 from core.predict import Predictor, write_heatmap_files
 from core.settings import workspace_dir
 from core.stats.thresholds import POLICIES
-from core.train import DECISIONS, TASKS, Progress, TrainConfig
+from core.train import DECISIONS, TASKS, TrainConfig
 from db import repo
 from db.models import MODALITIES, ROLES
 from db.session import init_db, session_scope
@@ -28,16 +28,6 @@ __all__ = ["main"]
 
 class UsageError(Exception):
     """A problem the user can fix; printed as ``error: ...``, exit status 2."""
-
-
-def _progress_printer(every: int = 10) -> Callable[[Progress], None]:
-    def report(p: Progress) -> None:
-        if p.val_auc is not None:
-            print(f"  epoch {p.epoch}/{p.epochs}: loss {p.loss:.4f}, val AUC {p.val_auc:.3f} ({p.seconds:.0f} s)")
-        elif p.step % every == 0:
-            print(f"  step {p.step}/{p.steps}: loss {p.loss:.4f}", end="\r", flush=True)
-
-    return report
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -68,7 +58,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from services.training import train_and_register
+    from services.training import print_progress, train_and_register
 
     config = TrainConfig(
         architecture=args.architecture,
@@ -83,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         pretrained_file=args.pretrained_file,
     )
-    train_and_register(config, name=args.name, progress=_progress_printer())
+    train_and_register(config, name=args.name, progress=print_progress)
     return 0
 
 
@@ -114,7 +104,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             auc = f"{r['test_auc']:.3f}" if r["test_auc"] is not None else "-"
-            print(f"{r['id']:>4}  {r['name']:<40} {r['task']:<6} {r['modality']:<3} thr {r['threshold']:.3f}  AUC {auc}")
+            line = f"{r['id']:>4}  {r['name']:<40} {r['task']:<6} {r['modality']:<3}"
+            print(f"{line} threshold {r['threshold']:.3f}  test AUC {auc}")
     return 0
 
 

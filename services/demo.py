@@ -17,7 +17,7 @@ from core.train import TrainConfig
 from db import repo
 from db.session import init_db, session_scope
 from services.importer import import_manifest
-from services.training import train_and_register
+from services.training import print_progress, train_and_register
 
 __all__ = ["DEMO_USERS", "DemoConfig", "build_demo", "demo_ready", "workspace_has_data"]
 
@@ -104,6 +104,7 @@ def build_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = p
             ),
             name=f"{modality}-CNN-tumor",
             log=log,
+            progress=print_progress if log is print else None,
         )
     init_db()
     with session_scope() as session:

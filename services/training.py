@@ -21,12 +21,21 @@ from db import repo
 from db.repo import ModelInfo
 from db.session import init_db, session_scope
 
-__all__ = ["default_name", "load_split", "train_and_register"]
+__all__ = ["default_name", "load_split", "print_progress", "train_and_register"]
 
 
 def default_name(config: TrainConfig) -> str:
     """A readable unique name, e.g. ``FL-tumor-efficientnet_b0-20261121-153000``."""
     return f"{config.modality}-{config.task}-{config.architecture}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def print_progress(p: Progress) -> None:
+    """Console progress: one line per epoch, a live step counter in between."""
+    if p.val_auc is not None:
+        auc_text = f"val AUC {p.val_auc:.3f}"
+        print(f"  epoch {p.epoch}/{p.epochs}: loss {p.loss:.4f}, {auc_text} ({p.seconds:.0f} s)", flush=True)
+    elif p.step % 5 == 0:
+        print(f"  step {p.step}/{p.steps}: loss {p.loss:.4f}", end="\r", flush=True)
 
 
 def load_split(

@@ -23,11 +23,21 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server for this test session (see tests/postgres.py)."""
+    from tests.postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A workspace with a 4-patient synthetic cohort imported and a tiny FL model and WL model registered.
 
     Session-scoped (training takes a few seconds); tests may add uploads and predictions, never change the
-    cohort or the models. Environment is restored after.
+    cohort or the models. The environment points at it only while it is built; tests select it with
+    ``use_trained``.
     """
     from core.data.synth import CohortConfig, write_cohort
     from core.train import TrainConfig
@@ -50,13 +60,13 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
                 name=f"tiny-{modality}",
                 log=lambda _msg: None,
             )
-        yield root
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    yield root
 
 
 @pytest.fixture

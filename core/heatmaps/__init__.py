@@ -5,7 +5,7 @@ released on exit, leaving no state on the model. Called on a batch ``(B, C, H, W
 """
 
 from core.heatmaps import gradcam  # noqa: F401  (registers the method)
-from core.heatmaps.base import HeatmapResult, get_method, list_methods, register_method
+from core.heatmaps.base import HeatmapResult, get_method, list_methods, method_title, register_method
 from core.heatmaps.render import colorize, overlay
 
-__all__ = ["HeatmapResult", "colorize", "get_method", "list_methods", "overlay", "register_method"]
+__all__ = ["HeatmapResult", "colorize", "get_method", "list_methods", "method_title", "overlay", "register_method"]

@@ -20,6 +20,7 @@ __all__ = [
     "as_numpy",
     "get_method",
     "list_methods",
+    "method_title",
     "minmax",
     "register_method",
     "target_scores",
@@ -37,14 +38,14 @@ class HeatmapResult:
 _METHODS: dict[str, type] = {}
 
 
-def register_method(name: str) -> Callable[[type], type]:
-    """Register a heatmap method class under its CLI name."""
+def register_method(name: str, title: str) -> Callable[[type], type]:
+    """Register a heatmap method class under its CLI name, with the title people see (e.g. ``Grad-CAM``)."""
 
     def decorator(cls: type) -> type:
         if name in _METHODS:
             raise ValueError(f"heatmap method {name!r} is registered twice")
         _METHODS[name] = cls
-        cls.name = name
+        cls.name, cls.title = name, title
         return cls
 
     return decorator
@@ -61,6 +62,11 @@ def get_method(name: str) -> type:
 def list_methods() -> dict[str, str]:
     """Registered method names with the first line of their docstring."""
     return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(_METHODS.items())}
+
+
+def method_title(name: str) -> str:
+    """The display title of a registered method."""
+    return get_method(name).title
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from core.heatmaps.base import HeatmapResult, as_numpy, minmax, register_method,
 __all__ = ["GradCAM"]
 
 
-@register_method("gradcam")
+@register_method("gradcam", title="Grad-CAM")
 class GradCAM:
     """Grad-CAM on one layer (Selvaraju et al. 2017)."""
 

@@ -14,9 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_curve
 
-__all__ = ["POLICIES", "Threshold", "choose_threshold"]
+__all__ = ["POLICIES", "POLICY_TEXT", "Threshold", "choose_threshold"]
 
 POLICIES = ("sens90", "closest", "youden", "fixed")
+POLICY_TEXT = {
+    "sens90": "highest threshold with validation sensitivity >= 0.90",
+    "closest": "ROC point closest to perfect on validation",
+    "youden": "maximal Youden index on validation",
+    "fixed": "fixed by the investigator",
+}
 
 
 @dataclass(frozen=True)

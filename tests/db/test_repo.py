@@ -3,18 +3,25 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from db import repo
-from db.models import Prediction
+from db.models import Base, Prediction
 from db.session import get_engine, init_db, session_scope
 
 
-@pytest.fixture
-def db_url(workspace):
-    url = f"sqlite:///{workspace / 'study.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, workspace):
+    """Every repository test runs on the embedded SQLite file and on a real PostgreSQL server, same code."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{workspace / 'study.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        Base.metadata.drop_all(get_engine(url))  # a clean schema per test
     init_db(url)
     return url
 
 
-def test_sqlite_runs_with_wal_foreign_keys_and_busy_timeout(db_url):
+def test_sqlite_runs_with_wal_foreign_keys_and_busy_timeout(workspace):
+    db_url = f"sqlite:///{workspace / 'study.db'}"
+    init_db(db_url)
     with get_engine(db_url).connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
@@ -85,7 +92,14 @@ def test_models_uploads_and_predictions(db_url):
         with pytest.raises(ValueError, match="already registered"):
             _model(s)
         upload = repo.add_upload(
-            s, user_id=user.id, original_name="a.png", modality="FL", path="images/a", sha256="d" * 64, height=5, width=6
+            s,
+            user_id=user.id,
+            original_name="a.png",
+            modality="FL",
+            path="images/a",
+            sha256="d" * 64,
+            height=5,
+            width=6,
         )
         pid = repo.add_prediction(s, model_id=model.id, upload_id=upload, probability=0.5, threshold=0.4)
         with pytest.raises(ValueError, match="exactly one"):
