@@ -95,6 +95,22 @@ class ModelInfo:
             config=dict(row.config or {}),
         )
 
+    def summary(self) -> dict[str, Any]:
+        """One flat row for tables and ``models --json``."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "task": self.task,
+            "modality": self.modality,
+            "architecture": self.architecture,
+            "image_size": self.image_size,
+            "threshold": self.threshold,
+            "threshold_policy": self.threshold_policy,
+            "val_auc": self.metrics.get("val_auc"),
+            "test_auc": self.metrics.get("test_auc"),
+            "checkpoint_sha256": self.checkpoint_sha256,
+        }
+
 
 def create_user(session: Session, username: str, password: str, role: str, display_name: str = "") -> UserInfo:
     """Add an account; the password is stored only as an Argon2id hash."""
@@ -432,24 +448,7 @@ def _specimens(session: Session) -> pd.DataFrame:
 
 
 def _models(session: Session) -> pd.DataFrame:
-    rows = []
-    for m in list_models(session):
-        rows.append(
-            {
-                "id": m.id,
-                "name": m.name,
-                "task": m.task,
-                "modality": m.modality,
-                "architecture": m.architecture,
-                "image_size": m.image_size,
-                "threshold": m.threshold,
-                "policy": m.threshold_policy,
-                "val_auc": m.metrics.get("val_auc"),
-                "test_auc": m.metrics.get("test_auc"),
-                "checkpoint_sha256": m.checkpoint_sha256,
-            }
-        )
-    return pd.DataFrame(rows)
+    return pd.DataFrame([m.summary() for m in list_models(session)])
 
 
 def _uploads(session: Session) -> pd.DataFrame:

@@ -81,22 +81,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     init_db()
     with session_scope() as session:
         models = repo.list_models(session, task=args.task, modality=args.modality)
-    rows = [
-        {
-            "id": m.id,
-            "name": m.name,
-            "task": m.task,
-            "modality": m.modality,
-            "architecture": m.architecture,
-            "image_size": m.image_size,
-            "threshold": m.threshold,
-            "threshold_policy": m.threshold_policy,
-            "val_auc": m.metrics.get("val_auc"),
-            "test_auc": m.metrics.get("test_auc"),
-            "checkpoint_sha256": m.checkpoint_sha256,
-        }
-        for m in models
-    ]
+    rows = [m.summary() for m in models]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:

@@ -377,10 +377,10 @@ def _white_light(
     grain, vessel_width, spot_level = 0.03, 0.04, rng.uniform(2.0, 2.8)
     dusky = np.array([0.68, 0.50, 0.56], np.float32)
     if soft is not None:
-        tissue += (dusky - tissue) * (rng.uniform(0.15, 0.6) * soft[..., None])
-        grain += 0.025 * rng.random()
-        vessel_width += 0.02 * rng.random()
-        spot_level -= 0.22 + (0.25 if grade == "GBM" else 0.0)
+        tissue += (dusky - tissue) * (rng.uniform(0.25, 0.7) * soft[..., None])
+        grain += 0.03 * rng.random()
+        vessel_width += 0.03 * rng.random()
+        spot_level -= 0.3 + (0.25 if grade == "GBM" else 0.0)
     elif rng.random() < _DUSKY_NORMAL:
         _, bruise = _region(rng, geo, rng.uniform(0.2, 0.8))
         tissue += (dusky - tissue) * (rng.uniform(0.1, 0.5) * bruise[..., None])
