@@ -10,8 +10,9 @@ What it models, following the paper's "Study design", "Surgical protocol" and "D
 * A specimen is a resected piece of tissue, an irregular blob on a drape, 5-40 % of the frame.
 * FL (uint16, an InGaAs NIR-II frame): an ambient-light offset over the whole frame plus ICG fluorescence of the
   tissue. Tumor tissue fluoresces more strongly and more patchily than normal tissue, but only *relatively*: patient
-  ICG uptake and specimen distance scale the signal, ambient light lifts the whole frame, and random white noise
-  pixels sit on top, exactly the confounders the paper's preprocessing had to fight.
+  ICG uptake and specimen distance scale the signal, ambient light lifts the whole frame, the exposure is shortened
+  for bright specimens, and random white noise pixels sit on top: the confounders the paper's preprocessing
+  (autocontrast, denoising, brightness/contrast augmentation) had to fight.
 * Realistic confusion: some non-tumor specimens fluoresce (reactive tissue, ICG leakage; the neurosurgeons reading
   FL had specificity 0.61) and some tumors take up little ICG.
 * WL (RGB uint8): the same specimen photographed on a green drape or gauze; tumor is only weakly greyer and more
@@ -74,10 +75,19 @@ class CohortConfig:
     * ``lesion_size``: mean fraction of a tumor specimen covered by tumor tissue (the mask). Smaller lesions dilute the
       tumor signal and make the task harder; near 1.0 whole specimens are tumor.
 
-    Measured with the defaults (seed 0, 16 patients, 1 184 specimens at 128 x 160, simple statistics, no CNN):
-    tumor vs non-tumor AUC of the best single FL statistic (background-normalised 90th percentile of tissue) 0.84,
-    logistic regression on five FL statistics 0.90 (5-fold CV), best single WL statistic (tissue hue) 0.72; grade
-    (GBM vs DLGG, among tumors) best FL statistic (tissue heterogeneity) 0.80; Ki-67 best FL statistic 0.60.
+    Cohort label rates vary by a few points between seeds because labels cluster by patient (over seeds 0-29: tumor
+    0.70 +- 0.01, GBM 0.12 +- 0.02, Ki-67 >= 10 % 0.42 +- 0.03).
+
+    Measured with the defaults (seed 0: 1249 specimens at 256 x 320; AUCs over all specimens, no patient split):
+
+    * tumor vs non-tumor, simple statistics: background-subtracted 90th percentile of FL in the tissue 0.87, FL
+      heterogeneity (p90 - p10) / (p50 - background) 0.92, logistic regression on five FL statistics 0.92 (5-fold
+      CV), WL tissue hue (B - G) / R 0.75;
+    * GBM vs DLGG among tumors: FL heterogeneity 0.82; Ki-67 >= 10 % vs < 10 %: FL 90th percentile 0.61;
+    * a small CNN (four conv blocks, 64 x 80 input, 20 epochs from scratch, five held-out patients) reached test
+      AUC 0.92 / 0.94 on FL and 0.91 / 0.91 on WL for seeds 0 / 1 (run-to-run spread about +-0.02): informative,
+      short of perfect, FL ahead of WL but by less than in the paper (0.945 vs 0.873). ICG-negative tumors and
+      tumor-like normals cap FL near 0.95.
     """
 
     n_patients: int = 16
@@ -93,6 +103,7 @@ class CohortConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Reject configurations that cannot make a cohort, before any image is drawn."""
         lo, hi = self.specimens_per_patient
         if self.n_patients < 1 or not 1 <= lo <= hi:
             raise ValueError("need at least one patient and 1 <= specimens_per_patient[0] <= [1]")
@@ -377,7 +388,7 @@ def _white_light(
     grain, vessel_width, spot_level = 0.03, 0.04, rng.uniform(2.0, 2.8)
     dusky = np.array([0.68, 0.50, 0.56], np.float32)
     if soft is not None:
-        tissue += (dusky - tissue) * (rng.uniform(0.25, 0.7) * soft[..., None])
+        tissue += (dusky - tissue) * (rng.uniform(0.2, 0.65) * soft[..., None])
         grain += 0.03 * rng.random()
         vessel_width += 0.03 * rng.random()
         spot_level -= 0.3 + (0.25 if grade == "GBM" else 0.0)

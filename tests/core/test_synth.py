@@ -7,6 +7,7 @@ perfectly, the way the paper's FL-CNN (AUC 0.945, grade 0.81, Ki-67 0.625) did.
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_same_seed_gives_identical_cohort(small: list[Specimen]) -> None:
 
 
 def test_different_seed_gives_different_cohort(small: list[Specimen]) -> None:
-    other = list(iter_specimens(CohortConfig(**{**SMALL.__dict__, "seed": 8})))
+    other = list(iter_specimens(replace(SMALL, seed=8)))
     assert not np.array_equal(small[0].fl, other[0].fl)
     assert [(s.specimen_id, s.tumor) for s in small] != [(s.specimen_id, s.tumor) for s in other]
 
@@ -139,6 +140,15 @@ def test_make_specimen_is_deterministic_and_checks_labels() -> None:
     assert (a.patient_id, a.specimen_id, a.grade, a.ki67) == ("P005", "P005-S002", "GBM", ">=10")
     with pytest.raises(ValueError):
         make_specimen(np.random.default_rng(3), False, "GBM", None, config)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"specimens_per_patient": (5, 4)}, {"n_patients": 0}, {"height": 8}, {"tumor_rate": 1.5}, {"noise": -1.0}],
+)
+def test_config_rejects_impossible_values(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        CohortConfig(**bad)
 
 
 def test_write_cohort_writes_pngs_and_manifest(tmp_path: Path) -> None:
