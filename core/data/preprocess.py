@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from core.data.io import Image, ImageError
 
@@ -56,6 +55,28 @@ _INTENSITY_STD = 0.25
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _GREY_WEIGHTS = (0.2989, 0.587, 0.114)
+# compare-exchange pairs whose result leaves the median of nine values in position 4
+_MEDIAN9_NETWORK = (
+    (1, 2),
+    (4, 5),
+    (7, 8),
+    (0, 1),
+    (3, 4),
+    (6, 7),
+    (1, 2),
+    (4, 5),
+    (7, 8),
+    (0, 3),
+    (5, 8),
+    (4, 7),
+    (3, 6),
+    (1, 4),
+    (2, 5),
+    (4, 7),
+    (4, 2),
+    (6, 4),
+    (4, 2),
+)
 
 
 def _modality(modality: str) -> str:
@@ -132,10 +153,18 @@ def denoise(x: np.ndarray) -> np.ndarray:
     never survives a 3x3 median, while edges between specimen and background are kept (a mean or Gaussian filter
     would smear the outlier instead). The cost, some texture at the one-pixel scale, is lost anyway when the image is
     resized to the network input. Borders are mirrored so the edge of the image is not darkened.
+
+    Computed exactly, as ``scipy.ndimage.median_filter(size=3, mode="reflect")`` would, but by the 19
+    compare-exchange sorting network for nine values (Paeth, Graphics Gems 1990) on shifted views: about ten times
+    faster, which matters because the filter is most of an FL diagnosis's preprocessing time.
     """
     values = np.asarray(x)
-    size = (3, 3) + (1,) * (values.ndim - 2)
-    return ndimage.median_filter(values, size=size, mode="reflect")
+    height, width = values.shape[:2]
+    padded = np.pad(values, [(1, 1), (1, 1)] + [(0, 0)] * (values.ndim - 2), mode="symmetric")
+    v = [padded[i : i + height, j : j + width] for i in range(3) for j in range(3)]
+    for i, j in _MEDIAN9_NETWORK:
+        v[i], v[j] = np.minimum(v[i], v[j]), np.maximum(v[i], v[j])
+    return np.ascontiguousarray(v[4])
 
 
 def square_box(height: int, width: int) -> tuple[int, int, int]:

@@ -71,3 +71,21 @@ def test_colorize_and_overlay():
     assert np.array_equal(blended, picture)
     with pytest.raises(ValueError):
         overlay(np.zeros((4, 4)), ramp)
+
+
+def test_graph_only_from_the_target_layer_gives_the_full_graph_maps_and_restores_grad_mode():
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", in_chans=1).eval()
+    layer = get_spec("tiny_cnn").target_layer(model)
+    x = torch.randn(3, 1, 48, 48)
+    kept = {}
+    handle = layer.register_forward_hook(lambda _m, _i, out: kept.__setitem__("a", out))
+    logits = model(x)
+    (gradient,) = torch.autograd.grad(logits[:, 0].sum(), kept["a"])
+    handle.remove()
+    reference = torch.relu((gradient.mean((2, 3), keepdim=True) * kept["a"]).sum(1)).detach().numpy()
+    with torch.no_grad(), get_method("gradcam")(model, layer) as cam:
+        result = cam(x)
+        assert not torch.is_grad_enabled()
+    np.testing.assert_allclose(result.raw, reference, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.logits[:, 0], logits[:, 0].detach().numpy(), rtol=1e-6)

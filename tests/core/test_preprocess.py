@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from core.data.io import Image, ImageError, read_image
 from core.data.preprocess import (
@@ -102,6 +103,19 @@ def test_denoise_removes_isolated_pixels_and_keeps_edges() -> None:
     np.testing.assert_array_equal(denoise(noisy), step)
     colour = np.repeat(noisy[..., None], 3, axis=2)
     np.testing.assert_array_equal(denoise(colour), np.repeat(step[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((37, 50), np.float32), ((16, 17), np.uint16), ((21, 30, 3), np.uint8), ((5, 9), np.float64)]
+)
+def test_denoise_equals_scipys_median_filter_exactly(shape: tuple[int, ...], dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    values = (rng.random(shape) * 1000).astype(dtype)
+    size = (3, 3) + (1,) * (len(shape) - 2)
+    expected = ndimage.median_filter(values, size=size, mode="reflect")
+    result = denoise(values)
+    assert result.dtype == values.dtype
+    np.testing.assert_array_equal(result, expected)
 
 
 # --- padding geometry -----------------------------------------------------------------------------------------------

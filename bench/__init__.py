@@ -1,0 +1,1 @@
+"""Benchmarks: figures to read side by side, never pass/fail timing asserts (see bench/README.md)."""
