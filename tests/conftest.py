@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+@contextmanager
+def pointing_at(root: Path) -> Iterator[None]:
+    """Point the settings (workspace and database URL) at ``root`` inside the block, and restore them after."""
+    saved = {k: os.environ.get(k) for k in ("IOAI_WORKSPACE", "IOAI_DATABASE_URL")}
+    os.environ["IOAI_WORKSPACE"] = str(root)
+    os.environ["IOAI_DATABASE_URL"] = f"sqlite:///{root / 'study.db'}"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture
@@ -45,10 +62,7 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     from services.training import train_and_register
 
     root = tmp_path_factory.mktemp("trained_ws")
-    saved = {k: os.environ.get(k) for k in ("IOAI_WORKSPACE", "IOAI_DATABASE_URL")}
-    os.environ["IOAI_WORKSPACE"] = str(root)
-    os.environ["IOAI_DATABASE_URL"] = f"sqlite:///{root / 'study.db'}"
-    try:
+    with pointing_at(root):
         manifest = write_cohort(
             CohortConfig(n_patients=4, specimens_per_patient=(10, 14), height=64, width=80, seed=1), root / "cohort"
         )
@@ -60,12 +74,6 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
                 name=f"tiny-{modality}",
                 log=lambda _msg: None,
             )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     yield root
 
 

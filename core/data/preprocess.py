@@ -424,13 +424,15 @@ def _fl_unit(array: np.ndarray) -> np.ndarray:
     return denoise(autocontrast(scaled))
 
 
+def _by_dtype_range(array: np.ndarray) -> np.ndarray:
+    """Integer pixels divided by their dtype's full range (uint8 /255, uint16 /65535); floats as they are."""
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(array.dtype, 1.0)
+    return array.astype(np.float32) / np.float32(scale)
+
+
 def _linear_unit(array: np.ndarray) -> np.ndarray:
     """CLE/RCM grey levels to [0, 1] by the dtype range; floats outside [0, 1] are min-max stretched."""
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.uint16:
-        return array.astype(np.float32) / 65535.0
-    values = array.astype(np.float32)
+    values = _by_dtype_range(array)
     if values.size and (values.min() < 0.0 or values.max() > 1.0):
         return autocontrast(values, cutoff=0.0)
     return values
@@ -438,11 +440,7 @@ def _linear_unit(array: np.ndarray) -> np.ndarray:
 
 def _rgb_unit(array: np.ndarray, name: str) -> np.ndarray:
     """An RGB photo to [0, 1] by its dtype range."""
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.uint16:
-        return array.astype(np.float32) / 65535.0
-    values = array.astype(np.float32)
+    values = _by_dtype_range(array)
     if values.size and (values.min() < 0.0 or values.max() > 1.0):
         raise ImageError(name, "float colour values must lie in 0..1; save the photo as an 8-bit PNG or JPEG")
     return values

@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from db import repo
+from db.session import init_db, session_scope
+from tests.conftest import pointing_at
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -70,23 +74,11 @@ def _healthy(url: str) -> bool:
 def _create_pi(workspace: Path) -> None:
     """Add the PI account to the workspace database, with the env pointing there only while doing so."""
     url = f"sqlite:///{workspace / 'study.db'}"
-    saved = {k: os.environ.get(k) for k in ("IOAI_WORKSPACE", "IOAI_DATABASE_URL")}
-    os.environ["IOAI_WORKSPACE"] = str(workspace)
-    os.environ["IOAI_DATABASE_URL"] = url
-    try:
-        from db import repo
-        from db.session import init_db, session_scope
-
+    with pointing_at(workspace):
         init_db(url)
         with session_scope(url) as session:
             if not any(u.username == PI_USERNAME for u in repo.list_users(session)):
                 repo.create_user(session, PI_USERNAME, PI_PASSWORD, "pi", display_name="E2E Investigator")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
