@@ -104,6 +104,10 @@ def test_diagnose_page_shows_models_and_reopens_earlier_results(use_trained):
 
 def test_data_page_lists_tables_and_filters(use_trained):
     ids = _users()
+    with session_scope() as s:
+        model = repo.find_model(s, "tiny-WL")
+    retina = os.path.join(skimage.data.data_dir, "retina.jpg")
+    (outcome,) = diagnose_files(load_predictor(model), model, [("retina.jpg", retina)], user_id=ids["clinician"])
     at = _app(ids["pi"])
     at.switch_page("../pages/data.py").run()
     assert not at.exception
@@ -112,3 +116,8 @@ def test_data_page_lists_tables_and_filters(use_trained):
     at.text_input(key="data_specimens_text").input("P001").run()
     assert not at.exception
     assert at.caption[1].value != total
+    # the PI reopens a clinician's prediction, heatmap included
+    at.selectbox(key="data_open_prediction").set_value(outcome.prediction_id).run()
+    assert not at.exception
+    assert any("retina.jpg" in m.value and "tiny-WL" in m.value for m in at.markdown)
+    assert at.slider(key="data_view_opacity").value == pytest.approx(0.45)
