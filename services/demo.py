@@ -37,6 +37,7 @@ class DemoConfig:
     specimens_per_patient: tuple[int, int] = (50, 100)
     height: int = 256
     width: int = 320
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # 3 of 16 patients for validation, where thresholds are chosen
     epochs: int = 12
     image_size: int = 128
     seed: int = 0
@@ -87,8 +88,8 @@ def build_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = p
         ),
         cohort,
     )
-    log("importing it (patient-level split 60/15/25)")
-    report = import_manifest(manifest, seed=config.seed)
+    log("importing it (patient-level split {:.0%}/{:.0%}/{:.0%})".format(*config.split))
+    report = import_manifest(manifest, fractions=config.split, seed=config.seed)
     for error in report.errors:
         log(f"  skipped {error}")
     log(f"imported {report.specimens} specimens, {report.images} images")
