@@ -25,17 +25,18 @@ def _sign_in(page: Page, username: str, password: str) -> None:
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
 
 
-def _grid_rows(dataframe: Locator) -> list[dict[str, str]]:
-    """The rows an ``st.dataframe`` shows, as header -> text.
+def _grid_rows(dataframe: Locator, count: int) -> list[dict[str, str]]:
+    """The ``count`` rows an ``st.dataframe`` shows, as header -> text.
 
     The grid paints on a canvas; once it has keyboard focus it adds an accessible table of the visible rows inside
-    the canvas (as a screen reader would read it), which this reads.
+    the canvas (as a screen reader would read it), which this reads. That table follows a rerun (a new filter) with
+    a lag, so this waits until it holds the expected number of rows.
     """
     expect(dataframe).to_be_visible()
     canvas = dataframe.get_by_test_id("data-grid-canvas")
     canvas.focus()
     table = canvas.locator("table[role=grid]")
-    expect(table.locator("tbody tr").first).to_be_attached()
+    expect(table.locator("tbody tr")).to_have_count(count)
     return table.evaluate(
         """table => {
             const headers = [...table.querySelectorAll("thead th")].map(th => th.textContent.trim());
@@ -104,7 +105,7 @@ def test_pi_diagnoses_uploads_and_finds_them_in_the_data_page(
     expect(error).to_be_visible(timeout=MODEL_TIMEOUT_MS)
     expect(error).to_have_text(re.compile(r"^broken\.png was not diagnosed: \w"))
     expect(page.get_by_role("heading", name="Result", exact=True)).to_be_visible()
-    results = _grid_rows(page.get_by_test_id("stDataFrame").filter(visible=True).first)
+    results = _grid_rows(page.get_by_test_id("stDataFrame").filter(visible=True).first, count=1)
     assert [row["image"] for row in results] == ["retina.jpg"], results
     assert results[0]["decision"] in ("tumor", "non-tumor"), results
     assert 0.0 <= float(results[0]["probability"]) <= 1.0, results
@@ -129,7 +130,7 @@ def test_pi_diagnoses_uploads_and_finds_them_in_the_data_page(
     # Only the good file was kept: this PI's one upload is retina.jpg (other tests may add their own uploads).
     uploads = _filtered_tab(page, "Uploads", streamlit_server.username)
     expect(uploads.get_by_text(re.compile(r"^1 of \d+ rows$"))).to_be_visible()
-    kept = _grid_rows(uploads.get_by_test_id("stDataFrame"))
+    kept = _grid_rows(uploads.get_by_test_id("stDataFrame"), count=1)
     assert [(row["user"], row["original_name"]) for row in kept] == [(streamlit_server.username, "retina.jpg")], kept
     predictions = _filtered_tab(page, "Predictions", "retina.jpg")
     with page.expect_download() as download_info:
