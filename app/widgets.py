@@ -13,8 +13,10 @@ from core.heatmaps import method_title, overlay
 from core.heatmaps.render import to_uint8
 from core.settings import workspace_dir
 from core.train import DECISIONS
+from db import repo
+from db.session import session_scope
 
-__all__ = ["filterable_table", "heatmap_viewer"]
+__all__ = ["filterable_table", "heatmap_viewer", "open_prediction"]
 
 _VIEW_SIDE = 900
 
@@ -78,3 +80,16 @@ def filterable_table(frame: pd.DataFrame, key: str, file_name: str) -> None:
         mime="text/csv",
         key=f"{key}_download",
     )
+
+
+def open_prediction(frame: pd.DataFrame, label: str, key: str, user_id: int | None = None) -> None:
+    """Pick one of ``frame``'s predictions (columns ``id``, ``image``) and show it in the heatmap viewer.
+
+    With ``user_id``, only predictions on that user's own uploads open.
+    """
+    names = dict(zip(frame["id"], frame["image"], strict=True))
+    chosen = st.selectbox(label, list(names), format_func=lambda pid: f"#{pid} · {names[pid]}", key=f"{key}_pick")
+    with session_scope() as session:
+        view = repo.prediction_view(session, int(chosen))
+    if view and (user_id is None or view["user_id"] == user_id):
+        heatmap_viewer(view, key=f"{key}_view")

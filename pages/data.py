@@ -3,7 +3,7 @@
 import streamlit as st
 
 from app.auth import require_role
-from app.widgets import filterable_table, heatmap_viewer
+from app.widgets import filterable_table, open_prediction
 from db import repo
 from db.session import session_scope
 
@@ -16,16 +16,6 @@ for tab, (name, frame) in zip(tabs, frames.items(), strict=True):
     with tab:
         filterable_table(frame, key=f"data_{name}", file_name=f"{name}.csv")
 
-predictions = frames["predictions"]
-if not predictions.empty:
+if not frames["predictions"].empty:
     st.subheader("Open a prediction")
-    chosen = st.selectbox(
-        "Prediction",
-        predictions["id"].tolist(),
-        format_func=lambda pid: f"#{pid} · {predictions.loc[predictions['id'] == pid, 'image'].iloc[0]}",
-        key="data_open_prediction",
-    )
-    with session_scope() as session:
-        view = repo.prediction_view(session, int(chosen))
-    if view:
-        heatmap_viewer(view, key="data_view")
+    open_prediction(frames["predictions"], "Prediction", key="data_open")

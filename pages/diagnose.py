@@ -7,7 +7,7 @@ import streamlit as st
 
 from app.auth import require_role
 from app.resources import predictor_for
-from app.widgets import heatmap_viewer
+from app.widgets import heatmap_viewer, open_prediction
 from core.heatmaps import list_methods, method_title
 from core.stats.thresholds import POLICY_TEXT
 from core.train import DECISIONS
@@ -116,13 +116,4 @@ with st.expander("Your earlier diagnoses", expanded=not results):
         st.caption("None yet.")
     else:
         st.dataframe(history, hide_index=True)
-        earlier = st.selectbox(
-            "Open",
-            history["id"].tolist(),
-            format_func=lambda pid: f"#{pid} · {history.loc[history['id'] == pid, 'image'].iloc[0]}",
-            key="diagnose_history_pick",
-        )
-        with session_scope() as session:
-            view = repo.prediction_view(session, int(earlier))
-        if view and view["user_id"] == user.id:
-            heatmap_viewer(view, key="diagnose_history_view")
+        open_prediction(history, "Open", key="diagnose_history", user_id=user.id)

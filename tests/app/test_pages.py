@@ -84,12 +84,19 @@ def test_forged_or_stale_session_state_is_signed_out(workspace):
     assert "auth_user_id" not in at.session_state
 
 
-def test_diagnose_page_shows_models_and_reopens_earlier_results(use_trained):
+@pytest.fixture
+def clinician_diagnosis(use_trained):
+    """The demo users, and a clinician's stored WL diagnosis of scikit-image's retina photo."""
     ids = _users()
     with session_scope() as s:
         model = repo.find_model(s, "tiny-WL")
     retina = os.path.join(skimage.data.data_dir, "retina.jpg")
     (outcome,) = diagnose_files(load_predictor(model), model, [("retina.jpg", retina)], user_id=ids["clinician"])
+    return ids, outcome
+
+
+def test_diagnose_page_shows_models_and_reopens_earlier_results(clinician_diagnosis):
+    ids, outcome = clinician_diagnosis
     at = _app(ids["clinician"])
     at.switch_page("../pages/diagnose.py").run()
     assert not at.exception
@@ -102,12 +109,8 @@ def test_diagnose_page_shows_models_and_reopens_earlier_results(use_trained):
     assert at.slider(key="diagnose_history_view_opacity").value == pytest.approx(0.45)
 
 
-def test_data_page_lists_tables_and_filters(use_trained):
-    ids = _users()
-    with session_scope() as s:
-        model = repo.find_model(s, "tiny-WL")
-    retina = os.path.join(skimage.data.data_dir, "retina.jpg")
-    (outcome,) = diagnose_files(load_predictor(model), model, [("retina.jpg", retina)], user_id=ids["clinician"])
+def test_data_page_lists_tables_and_filters(clinician_diagnosis):
+    ids, outcome = clinician_diagnosis
     at = _app(ids["pi"])
     at.switch_page("../pages/data.py").run()
     assert not at.exception
@@ -117,7 +120,7 @@ def test_data_page_lists_tables_and_filters(use_trained):
     assert not at.exception
     assert at.caption[1].value != total
     # the PI reopens a clinician's prediction, heatmap included
-    at.selectbox(key="data_open_prediction").set_value(outcome.prediction_id).run()
+    at.selectbox(key="data_open_pick").set_value(outcome.prediction_id).run()
     assert not at.exception
     assert any("retina.jpg" in m.value and "tiny-WL" in m.value for m in at.markdown)
-    assert at.slider(key="data_view_opacity").value == pytest.approx(0.45)
+    assert at.slider(key="data_open_view_opacity").value == pytest.approx(0.45)
