@@ -28,11 +28,17 @@ def _fit(array: np.ndarray) -> np.ndarray:
     return np.asarray(image)
 
 
+@st.cache_data(max_entries=32, show_spinner=False)
+def _displayed(path: str, modality: str) -> np.ndarray:
+    """The stored image as a person sees it. Stored images are content-addressed and never change, so moving the
+    opacity slider does not read and preprocess the file again."""
+    return display_image(read_image(path), modality)
+
+
 def heatmap_viewer(view: dict, key: str) -> None:
     """Original and heatmap overlay side by side with an opacity slider, for a stored prediction."""
     root = workspace_dir()
-    image = read_image(root / view["image_path"], view["name"])
-    shown = display_image(image, view["modality"])
+    shown = _displayed(str(root / view["image_path"]), view["modality"])
     verdict = DECISIONS[view["task"]][int(view["decision"])]
     st.markdown(
         f"**{view['name']}** · model `{view['model']}` · probability **{view['probability']:.3f}** "

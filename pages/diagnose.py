@@ -7,7 +7,8 @@ import streamlit as st
 
 from app.auth import require_role
 from app.resources import predictor_for
-from app.widgets import heatmap_viewer, open_prediction
+from app.widgets import open_prediction
+from core.data.preprocess import MODALITIES
 from core.heatmaps import list_methods, method_title
 from core.stats.thresholds import POLICY_TEXT
 from core.train import DECISIONS
@@ -27,7 +28,7 @@ if not models:
     )
     st.stop()
 
-modalities = sorted({m.modality for m in models}, key=["FL", "WL", "CLE", "RCM"].index)
+modalities = sorted({m.modality for m in models}, key=MODALITIES.index)
 left, middle, right = st.columns([1, 3, 1])
 modality = left.radio("Image type", modalities, horizontal=True, key="diagnose_modality")
 candidates = {m.id: m for m in models if m.modality == modality}
@@ -98,16 +99,8 @@ if results:
                 "ms": st.column_config.NumberColumn("time (ms)", format="%.0f"),
             },
         )
-        chosen = st.selectbox(
-            "Show heatmap of",
-            [o["prediction_id"] for o in done],
-            format_func=lambda pid: next(o["name"] for o in done if o["prediction_id"] == pid),
-            key="diagnose_show",
-        )
-        with session_scope() as session:
-            view = repo.prediction_view(session, chosen)
-        if view:
-            heatmap_viewer(view, key="diagnose_view")
+        shown = pd.DataFrame({"id": [o["prediction_id"] for o in done], "image": [o["name"] for o in done]})
+        open_prediction(shown, "Show heatmap of", key="diagnose_show", user_id=user.id)
 
 with st.expander("Your earlier diagnoses", expanded=not results):
     with session_scope() as session:

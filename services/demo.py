@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from core.data.synth import CohortConfig, write_cohort
 from core.settings import workspace_dir
-from core.train import TrainConfig
+from core.train import Progress, TrainConfig
 from db import repo
 from db.session import init_db, session_scope
 from services.importer import import_manifest
@@ -55,7 +55,11 @@ def workspace_has_data() -> bool:
     return (root / "study.db").exists() and not (root / _BUILDING).exists()
 
 
-def build_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> None:
+def build_demo(
+    config: DemoConfig = DemoConfig(),
+    log: Callable[[str], None] = print,
+    progress: Callable[[Progress], None] | None = print_progress,
+) -> None:
     """Generate, import, train and register; then create the demo accounts.
 
     An interrupted demo build is cleaned up and started again; a workspace with other data is never touched.
@@ -105,7 +109,7 @@ def build_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = p
             ),
             name=f"{modality}-CNN-tumor",
             log=log,
-            progress=print_progress if log is print else None,
+            progress=progress,
         )
     init_db()
     with session_scope() as session:
