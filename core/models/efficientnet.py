@@ -44,7 +44,13 @@ def _last_stage(model: nn.Module) -> nn.Module:
     return model.bn2
 
 
-@register_model("efficientnet_b0", target_layer=_last_stage)
+def _two_scales(model: nn.Module) -> list[nn.Module]:
+    # The last stride-16 stage (blocks[4], 14 x 14 at 224 px) and the last stage (stride 32): the two
+    # resolutions CELNet fuses (CAM2 and CAM3).
+    return [model.blocks[4], model.bn2]
+
+
+@register_model("efficientnet_b0", target_layer=_last_stage, cam_layers=_two_scales)
 def efficientnet_b0(
     in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
 ) -> nn.Module:
@@ -52,7 +58,7 @@ def efficientnet_b0(
     return _build("efficientnet_b0", in_chans, num_classes, pretrained_file, drop_rate)
 
 
-@register_model("efficientnet_b2", target_layer=_last_stage)
+@register_model("efficientnet_b2", target_layer=_last_stage, cam_layers=_two_scales)
 def efficientnet_b2(
     in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
 ) -> nn.Module:

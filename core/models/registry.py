@@ -20,21 +20,35 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     target_layer: Callable[[nn.Module], nn.Module]
     description: str
+    cam_layers: Callable[[nn.Module], list[nn.Module]] | None = None
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        """The layers heatmap methods use, shallow to deep; the last is the target layer. Multi-layer methods
+        (``gradcam-multi``, ``celm``) fuse all of them, single-layer methods use the last."""
+        if self.cam_layers is None:
+            return [self.target_layer(model)]
+        return list(self.cam_layers(model))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(
-    name: str, *, target_layer: Callable[[nn.Module], nn.Module]
+    name: str,
+    *,
+    target_layer: Callable[[nn.Module], nn.Module],
+    cam_layers: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register ``builder(in_chans, num_classes, pretrained_file, **kwargs) -> nn.Module`` under ``name``."""
+    """Register ``builder(in_chans, num_classes, pretrained_file, **kwargs) -> nn.Module`` under ``name``.
+
+    ``target_layer`` picks the layer single-layer heatmaps use; ``cam_layers`` (optional) the layers, shallow to
+    deep and ending with the target layer, that multi-layer heatmaps fuse."""
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is registered twice")
         doc = (builder.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = ModelSpec(name, builder, target_layer, doc[0] if doc else "")
+        _REGISTRY[name] = ModelSpec(name, builder, target_layer, doc[0] if doc else "", cam_layers)
         return builder
 
     return decorator

@@ -33,11 +33,20 @@ class TinyCNN(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature maps (timm's name), the layer class activation maps are taken from."""
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.drop(torch.flatten(self.pool(features), 1)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.drop(torch.flatten(self.pool(self.features(x)), 1)))
+        return self.forward_head(self.forward_features(x))
 
 
-@register_model("tiny_cnn", target_layer=lambda model: model.features[-1])
+@register_model(
+    "tiny_cnn", target_layer=lambda model: model.features[-1], cam_layers=lambda model: list(model.features[1:])
+)
 def tiny_cnn(in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, width: int = 16) -> nn.Module:
     """Tiny three-block CNN for tests (about 25 k parameters)."""
     model = flcnn_head(TinyCNN(in_chans, num_classes, width))
