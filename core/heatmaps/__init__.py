@@ -1,11 +1,34 @@
 """Class activation heatmaps: a registry of methods (``@register_method``), one small file per method.
 
-Every method is a context manager built from ``(model, target_layer)``: hooks are attached on entry and always
-released on exit, leaving no state on the model. Called on a batch ``(B, C, H, W)`` it returns one map per image.
+Every method is an ``Explainer``, a context manager built from ``(model, layers)``: hooks are attached on entry and
+always released on exit, leaving no state on the model. Called on a batch ``(B, C, H, W)`` with one target per
+image it returns one map per image (``HeatmapResult``). Registered: ``cam``, ``gradcam``, ``gradcam-multi``,
+``guided-backprop``, ``guided-gradcam``, ``scorecam``, ``celm``; weakly supervised models add their own maps with
+``register_model_map``. Whole mosaics are stitched from windows by :mod:`core.heatmaps.mosaic`.
 """
 
-from core.heatmaps import gradcam  # noqa: F401  (registers the method)
-from core.heatmaps.base import HeatmapResult, get_method, list_methods, method_title, register_method
+from core.heatmaps import cam, celm, gradcam, guided, scorecam  # noqa: F401  (registers the methods)
+from core.heatmaps.base import (
+    Explainer,
+    HeatmapResult,
+    get_method,
+    list_methods,
+    method_title,
+    register_method,
+    register_model_map,
+)
+from core.heatmaps.guided import five_views
 from core.heatmaps.render import colorize, overlay
 
-__all__ = ["HeatmapResult", "colorize", "get_method", "list_methods", "method_title", "overlay", "register_method"]
+__all__ = [
+    "Explainer",
+    "HeatmapResult",
+    "colorize",
+    "five_views",
+    "get_method",
+    "list_methods",
+    "method_title",
+    "overlay",
+    "register_method",
+    "register_model_map",
+]
