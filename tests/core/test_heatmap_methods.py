@@ -249,8 +249,6 @@ def test_scorecam_batching_and_constant_channels_give_the_same_map(trained, batc
 def test_scorecam_reports_progress(trained, batch):
     x, _ = batch
     seen: list[tuple[int, int]] = []
-    with get_method("scorecam")(trained, trained.features[-1], batch_size=20, progress=lambda d, t: seen.append((d, t))):
-        pass
     with get_method("scorecam")(
         trained, trained.features[-1], batch_size=20, progress=lambda d, t: seen.append((d, t))
     ) as explainer:
