@@ -9,12 +9,13 @@ from PIL import Image as PILImage
 
 from core.data.io import read_image
 from core.data.preprocess import display_image
-from core.heatmaps import method_title, overlay
+from core.heatmaps import five_views, method_title, overlay
 from core.heatmaps.render import to_uint8
 from core.settings import workspace_dir
 from core.train import DECISIONS
 from db import repo
 from db.session import session_scope
+from services.diagnose import extras_path
 
 __all__ = ["filterable_table", "heatmap_viewer", "open_prediction"]
 
@@ -57,6 +58,17 @@ def heatmap_viewer(view: dict, key: str) -> None:
         f"{DECISIONS[view['task']][1]}",
         width="stretch",
     )
+    if view.get("device"):
+        st.caption(f"Computed on {view['device'].upper()} in {1000 * (view.get('seconds') or 0):.0f} ms.")
+    extras_file = root / extras_path(view["heatmap_path"])
+    if extras_file.is_file():
+        with np.load(extras_file) as stored:
+            extras = {k: stored[k].astype(np.float32) for k in stored.files}
+        pictures = five_views(shown, extras["gradcam"], extras["guided"]) if "guided" in extras else {}
+        if pictures:
+            st.markdown("**The five Grad-CAM views** (as in the FL-CNN paper, fig. 3)")
+            for column, (title, picture) in zip(st.columns(len(pictures)), pictures.items(), strict=True):
+                column.image(_fit(picture), caption=title, width="stretch")
 
 
 def filterable_table(frame: pd.DataFrame, key: str, file_name: str) -> None:

@@ -9,7 +9,7 @@ from app.auth import require_role
 from app.resources import predictor_for
 from app.widgets import open_prediction
 from core.data.preprocess import MODALITIES
-from core.heatmaps import list_methods, method_title
+from core.heatmaps import method_title
 from core.stats.thresholds import POLICY_TEXT
 from core.train import DECISIONS
 from db import repo
@@ -41,7 +41,16 @@ model_id = middle.selectbox(
     key="diagnose_model",
 )
 model = candidates[model_id]
-method = right.selectbox("Heatmap", list(list_methods()), format_func=method_title, key="diagnose_method")
+predictor = predictor_for(model)
+methods = list(predictor.methods)
+method = right.selectbox(
+    "Heatmap",
+    methods,
+    index=methods.index("gradcam") if "gradcam" in methods else 0,
+    format_func=method_title,
+    key="diagnose_method",
+    help="\n".join(f"- {summary}" for summary in predictor.methods.values()),
+)
 st.caption(
     f"Decision threshold {model.threshold:.3f}: {POLICY_TEXT.get(model.threshold_policy, model.threshold_policy)}."
 )
@@ -59,18 +68,26 @@ if submitted:
     if not files:
         st.warning("Choose one or more image files first.")
     else:
-        bar = st.progress(0.0, text=f"Diagnosing {len(files)} image(s)…")
+        bar = st.progress(0.0, text=f"Diagnosing {len(files)} image(s) on {predictor.device_name}…")
+        options = {}
+        if method == "scorecam":  # one forward pass per channel: seconds to minutes per image on a CPU
+            inner = st.progress(0.0, text="Score-CAM masked passes")
+            options["progress"] = lambda done, total: inner.progress(done / total, text=f"Score-CAM: {done}/{total}")
         outcomes = diagnose_files(
-            predictor_for(model),
+            predictor,
             model,
             [(f.name, f.getvalue()) for f in files],
             user_id=user.id,
             heatmap=method,
             progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} image(s) done"),
+            options=options,
         )
         bar.empty()
+        if method == "scorecam":
+            inner.empty()
         st.session_state["diagnose_last"] = [asdict(o) for o in outcomes]
         st.session_state["diagnose_last_task"] = model.task
+        st.session_state["diagnose_last_device"] = predictor.device_name
 
 results = st.session_state.get("diagnose_last", [])
 if results:
@@ -98,6 +115,10 @@ if results:
                 ),
                 "ms": st.column_config.NumberColumn("time (ms)", format="%.0f"),
             },
+        )
+        st.caption(
+            f"Computed on {st.session_state.get('diagnose_last_device', 'CPU')}; time is diagnosis plus heatmap "
+            "per image."
         )
         shown = pd.DataFrame({"id": [o["prediction_id"] for o in done], "image": [o["name"] for o in done]})
         open_prediction(shown, "Show heatmap of", key="diagnose_show", user_id=user.id)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.data.io import ImageError, read_image
-from core.heatmaps import list_methods
+from core.heatmaps import list_methods, method_title
 from core.models import list_models as list_architectures
 from core.predict import Predictor, write_heatmap_files
 from core.settings import workspace_dir
@@ -127,6 +127,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(
         workspace_dir() / model.checkpoint_path, model.threshold, sha256=model.checkpoint_sha256, device=args.device
     )
+    if method is not None and method not in predictor.methods:
+        raise UsageError(
+            f"heatmap {method!r} does not apply to model {model.name}; use one of: {', '.join(predictor.methods)}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     refused = 0
@@ -156,7 +160,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "heatmap": None,
         }
         if result.heatmap is not None:
-            paths = write_heatmap_files(image, model.modality, result.heatmap, out, stem)
+            paths = write_heatmap_files(image, model.modality, result.heatmap, out, stem, extras=result.extras)
             record["heatmap"] = {"method": method, **paths}
         (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
         print(f"{file}: p={result.probability:.3f} (threshold {result.threshold:.3f}) -> {record['label']}")
@@ -165,7 +169,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_heatmaps(_args: argparse.Namespace) -> int:
     for name, summary in list_methods().items():
-        print(f"{name:<16} {summary}")
+        print(f"{name:<16} {method_title(name):<24} {summary}")
+    print("use one with `python -m core predict --heatmap NAME`; whole mosaics: `python -m core mosaic`")
     return 0
 
 
@@ -230,7 +235,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", metavar="FILE")
     predict.add_argument("--model", help="registered name or id (may be omitted when one model fits --task)")
     predict.add_argument("--task", choices=sorted(TASKS), default="tumor")
-    predict.add_argument("--heatmap", default="gradcam", choices=[*list_methods(), "none"])
+    predict.add_argument(
+        "--heatmap",
+        default="gradcam",
+        choices=[*list_methods(), "none"],
+        help="heatmap method (see `python -m core heatmaps`); guided-gradcam also writes the five FL-CNN views",
+    )
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--device", default="auto")
     predict.set_defaults(run=_cmd_predict)

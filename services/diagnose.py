@@ -21,7 +21,7 @@ from db import repo
 from db.repo import ModelInfo
 from db.session import session_scope
 
-__all__ = ["Outcome", "diagnose_files", "heatmap_path", "load_predictor"]
+__all__ = ["Outcome", "diagnose_files", "extras_path", "heatmap_path", "load_predictor"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ def heatmap_path(image_sha256: str, model: ModelInfo, method: str) -> str:
     return f"heatmaps/{image_sha256[:2]}/{image_sha256}-{model.checkpoint_sha256[:16]}-{method}.npy"
 
 
+def extras_path(map_path: str) -> str:
+    """Where a heatmap's per-pixel extras (Guided Grad-CAM's gradients for the five views) are kept."""
+    return map_path.removesuffix(".npy") + ".extras.npz"
+
+
 def diagnose_files(
     predictor: Predictor,
     model: ModelInfo,
@@ -62,15 +67,18 @@ def diagnose_files(
     heatmap: str | None = "gradcam",
     database: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    options: dict | None = None,
 ) -> list[Outcome]:
-    """Diagnose ``(original name, bytes or path)`` pairs in order; one Outcome per file, refused ones included."""
+    """Diagnose ``(original name, bytes or path)`` pairs in order; one Outcome per file, refused ones included.
+
+    ``options`` go to the heatmap method (e.g. Score-CAM's own ``progress`` callback)."""
     if predictor.modality != model.modality:
         raise ValueError(f"predictor modality {predictor.modality} does not match model {model.name}")
     outcomes: list[Outcome] = []
     for done, (name, source) in enumerate(files, start=1):
         try:
             image = read_image(source, name)
-            (result,) = predictor.diagnose([image], heatmap=heatmap)
+            (result,) = predictor.diagnose([image], heatmap=heatmap, options=options)
             if isinstance(result, ImageError):
                 raise result
             outcomes.append(_record(image, result, model, user_id, database))
@@ -87,8 +95,11 @@ def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | No
     map_path = None
     if result.heatmap is not None and result.method:
         map_path = heatmap_path(stored.sha256, model, result.method)
-        buffer = _npy_bytes(result.heatmap)
-        write_atomic(root / map_path, buffer)
+        write_atomic(root / map_path, _npy_bytes(result.heatmap))
+        if result.extras:
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **{k: v.astype(np.float16) for k, v in result.extras.items()})
+            write_atomic(root / extras_path(map_path), buffer.getvalue())
     with session_scope(database) as session:
         upload_id = repo.add_upload(
             session,

@@ -124,3 +124,20 @@ def test_data_page_lists_tables_and_filters(clinician_diagnosis):
     assert not at.exception
     assert any("retina.jpg" in m.value and "tiny-WL" in m.value for m in at.markdown)
     assert at.slider(key="data_open_view_opacity").value == pytest.approx(0.45)
+
+
+def test_a_guided_gradcam_diagnosis_reopens_with_its_five_views(use_trained):
+    ids = _users()
+    with session_scope() as s:
+        model = repo.find_model(s, "tiny-WL")
+    retina = os.path.join(skimage.data.data_dir, "retina.jpg")
+    (outcome,) = diagnose_files(
+        load_predictor(model), model, [("retina.jpg", retina)], user_id=ids["clinician"], heatmap="guided-gradcam"
+    )
+    at = _app(ids["clinician"])
+    at.switch_page("../pages/diagnose.py").run()
+    at.selectbox(key="diagnose_history_pick").set_value(outcome.prediction_id).run()
+    assert not at.exception
+    assert any("five Grad-CAM views" in m.value for m in at.markdown)
+    assert any("Computed on CPU" in c.value for c in at.caption)
+    assert "Score-CAM" in at.selectbox(key="diagnose_method").options

@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from db import repo
 from db.session import session_scope
 from services.cli import main
-from services.diagnose import diagnose_files, load_predictor
+from services.diagnose import diagnose_files, extras_path, load_predictor
 from services.importer import import_manifest
 
 RETINA = os.path.join(skimage.data.data_dir, "retina.jpg")
@@ -119,3 +119,36 @@ def test_cli_usage_errors_are_one_line(workspace, argv, capsys):
         assert code == 2 and captured.err.startswith("error: ")
     else:
         assert code == 0 and "no models registered" in captured.out
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam-multi", "guided-backprop", "scorecam", "celm"])
+def test_cli_predict_with_any_heatmap_method(use_trained, tmp_path, method):
+    out = tmp_path / "out"
+    assert main(["predict", "--model", "tiny-WL", "--heatmap", method, "--out", str(out), RETINA]) == 0
+    record = json.loads((out / "retina.json").read_text())
+    assert record["heatmap"]["method"] == method
+    heatmap = np.load(record["heatmap"]["npy"])
+    assert heatmap.shape == PILImage.open(RETINA).size[::-1] and 0 <= heatmap.min() < heatmap.max() <= 1
+
+
+def test_guided_gradcam_gives_the_five_views_in_the_cli_and_the_store(use_trained, tmp_path):
+    out = tmp_path / "out"
+    assert main(["predict", "--model", "tiny-WL", "--heatmap", "guided-gradcam", "--out", str(out), RETINA]) == 0
+    record = json.loads((out / "retina.json").read_text())
+    views = {k for k in record["heatmap"] if k not in ("method", "npy", "png", "overlay")}
+    assert views == {"colored_gcam", "gcam_saliency", "saliency_x_image", "gcam_heatmap", "heatmap_x_image"}
+    size = PILImage.open(RETINA).size
+    assert all(PILImage.open(record["heatmap"][v]).size == size for v in views)
+    with session_scope() as s:
+        model = repo.find_model(s, "tiny-WL")
+    (outcome,) = diagnose_files(
+        load_predictor(model), model, [("retina.jpg", RETINA)], user_id=None, heatmap="guided-gradcam"
+    )
+    with np.load(use_trained / extras_path(outcome.heatmap)) as extras:
+        assert extras["guided"].shape == (3, size[1], size[0]) and extras["gradcam"].shape == (size[1], size[0])
+
+
+def test_heatmaps_command_lists_every_method(capsys):
+    assert main(["heatmaps"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line and not line.startswith("use")}
+    assert {"cam", "gradcam", "gradcam-multi", "guided-backprop", "guided-gradcam", "scorecam", "celm"} <= listed
