@@ -12,16 +12,16 @@ import pandas as pd
 import torch
 
 from core.data.io import read_image
-from core.data.preprocess import prepare
+from core.data.preprocess import channels_for, prepare
 from core.metrics.classification import auc, binary_metrics
 from core.models import save_checkpoint
 from core.settings import workspace_dir
-from core.train import Progress, TrainConfig, fit, predict_logits, task_label
+from core.train import Progress, TrainConfig, TrainResult, fit, predict_logits, task_label
 from db import repo
 from db.repo import ModelInfo
 from db.session import init_db, session_scope
 
-__all__ = ["default_name", "load_split", "print_progress", "train_and_register"]
+__all__ = ["default_name", "load_split", "print_progress", "register_trained", "train_and_register"]
 
 
 def default_name(config: TrainConfig) -> str:
@@ -65,6 +65,11 @@ def train_and_register(
     progress: Callable[[Progress], None] | None = None,
 ) -> ModelInfo:
     """Train by the FL-CNN recipe on the train split, pick the threshold on val, score test, save and register."""
+    if config.task == "aspecific":
+        raise ValueError(
+            "aspecific (RCM patch) models learn from mosaic pixel labels, not specimen labels; "
+            "see services.mosaic.train_patch_classifier"
+        )
     name = name or default_name(config)
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
         raise ValueError(f"model name {name!r} may only contain letters, digits, '.', '_' and '-'")
@@ -85,9 +90,23 @@ def train_and_register(
             splits[split] = load_split(part, config.task, config.modality, config.image_size)
     log(f"training {config.architecture} for {config.task} on {len(splits['train'][1])} images")
     result = fit(config, *splits["train"], *splits["val"], progress=progress)
+    return register_trained(config, result, name, splits.get("test"), database=database, log=log)
+
+
+def register_trained(
+    config: TrainConfig,
+    result: TrainResult,
+    name: str,
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    database: str | None = None,
+    log: Callable[[str], None] = print,
+    extra_config: dict | None = None,
+) -> ModelInfo:
+    """Score a trained model on its test split (if any), save its checkpoint and register it."""
     metrics = dict(result.metrics)
-    if "test" in splits:
-        test_images, test_labels = splits["test"]
+    if test is not None:
+        test_images, test_labels = test
         probs = 1.0 / (1.0 + np.exp(-predict_logits(result.model, test_images)))
         truth = test_labels.numpy().astype(int)
         metrics.update({"test_auc": auc(truth, probs), "test_n": len(truth), "test_positives": int(truth.sum())})
@@ -95,9 +114,10 @@ def train_and_register(
     metrics["history"] = result.history
     checkpoint_config = {
         **config.to_dict(),
-        "in_chans": int(splits["train"][0].shape[1]),
+        "in_chans": channels_for(config.modality),
         "name": name,
         "trained_on": result.device,
+        **(extra_config or {}),
     }
     checkpoint = save_checkpoint(result.model, checkpoint_config, workspace_dir() / "models" / name)
     with session_scope(database) as session:

@@ -48,6 +48,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "tumor": ("tumor (vs non-tumor)", "all specimens with a known tumor label"),
     "grade": ("GBM (vs DLGG)", "tumor specimens with a known grade"),
     "ki67": ("Ki-67 >= 10 % (vs < 10 %)", "tumor specimens with a known Ki-67 level"),
+    "aspecific": ("aspecific region (vs benign), RCM patches", "mosaic patches labelled by their centre pixel"),
 }
 
 # task -> (negative decision, positive decision), the words shown to clinicians
@@ -55,6 +56,7 @@ DECISIONS: dict[str, tuple[str, str]] = {
     "tumor": ("non-tumor", "tumor"),
     "grade": ("DLGG", "GBM"),
     "ki67": ("Ki-67 < 10 %", "Ki-67 >= 10 %"),
+    "aspecific": ("benign", "aspecific"),
 }
 
 
@@ -64,6 +66,8 @@ def task_label(task: str, labels: Mapping[str, Any]) -> int | None:
     def known(value: Any) -> bool:
         return value is not None and not (isinstance(value, float) and math.isnan(value)) and value != ""
 
+    if task == "aspecific":
+        return None  # patch classifiers learn from mosaic pixel labels (services.mosaic), not specimen labels
     tumor = labels.get("tumor")
     if task == "tumor":
         return int(bool(tumor)) if known(tumor) else None
