@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import streamlit as st
 from PIL import Image as PILImage
 
-from core.data.io import read_image
+from core.data.io import MOSAIC_MAX_PIXELS, read_image
 from core.data.preprocess import display_image
 from core.heatmaps import five_views, method_title, overlay
 from core.heatmaps.render import to_uint8
@@ -20,20 +21,44 @@ from services.diagnose import extras_path
 __all__ = ["filterable_table", "heatmap_viewer", "open_prediction"]
 
 _VIEW_SIDE = 900
+_ZOOM_SIDE = 2048  # the most pixels per side sent to the browser for pan/zoom (mosaics reach 12,000)
 
 
-def _fit(array: np.ndarray) -> np.ndarray:
+def _fit(array: np.ndarray, side: int = _VIEW_SIDE) -> np.ndarray:
     """Downscale a picture for the browser (the stored files keep full resolution)."""
     image = PILImage.fromarray(array)
-    image.thumbnail((_VIEW_SIDE, _VIEW_SIDE), PILImage.Resampling.LANCZOS)
+    image.thumbnail((side, side), PILImage.Resampling.LANCZOS)
     return np.asarray(image)
+
+
+def _resize_map(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A [0, 1] map resized (bilinear) to ``shape``; stored mosaic maps are kept at reduced resolution."""
+    if heatmap.shape == shape:
+        return heatmap.astype(np.float32)
+    resized = PILImage.fromarray(heatmap.astype(np.float32), mode="F").resize(shape[::-1], PILImage.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _displayed(path: str, modality: str) -> np.ndarray:
-    """The stored image as a person sees it. Stored images are content-addressed and never change, so moving the
-    opacity slider does not read and preprocess the file again."""
-    return display_image(read_image(path), modality)
+    """The stored image as a person sees it, at most 2,048 px a side. Stored images are content-addressed and never
+    change, so moving the opacity slider does not read and preprocess the file again."""
+    shown = display_image(read_image(path, max_pixels=MOSAIC_MAX_PIXELS), modality)
+    if max(shown.shape[:2]) <= _ZOOM_SIDE:
+        return shown
+    return _fit(to_uint8(shown), _ZOOM_SIDE).astype(np.float32) / 255.0
+
+
+def zoomable_overlay(shown: np.ndarray, heatmap: np.ndarray, alpha: float, title: str) -> None:
+    """The heatmap over the image in a pan/zoom figure (drag to pan, scroll or box to zoom, double-click resets)."""
+    picture = _fit(overlay(shown, _resize_map(heatmap, shown.shape[:2]), alpha), _ZOOM_SIDE)
+    figure = px.imshow(picture, binary_string=True)
+    figure.update_layout(
+        dragmode="pan", margin={"l": 0, "r": 0, "t": 30, "b": 0}, title={"text": title, "font": {"size": 14}}
+    )
+    figure.update_xaxes(visible=False)
+    figure.update_yaxes(visible=False)
+    st.plotly_chart(figure, config={"scrollZoom": True, "displaylogo": False}, width="stretch")
 
 
 def heatmap_viewer(view: dict, key: str) -> None:
@@ -48,8 +73,13 @@ def heatmap_viewer(view: dict, key: str) -> None:
     if not view.get("heatmap_path"):
         st.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
         return
-    heatmap = np.load(root / view["heatmap_path"])
+    heatmap = _resize_map(np.load(root / view["heatmap_path"]), shown.shape[:2])
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key=f"{key}_opacity")
+    if view.get("mosaic"):
+        zoomable_overlay(shown, heatmap, alpha, f"{method_title(view['heatmap_method'])}, stitched over the image")
+        if view.get("device"):
+            st.caption(f"Computed on {view['device'].upper()} in {view.get('seconds') or 0:.1f} s.")
+        return
     left, right = st.columns(2)
     left.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
     right.image(

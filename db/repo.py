@@ -378,6 +378,7 @@ def prediction_view(session: Session, prediction_id: int) -> dict[str, Any] | No
         "decision": prediction.decision,
         "heatmap_method": prediction.heatmap_method,
         "heatmap_path": prediction.heatmap_path,
+        "mosaic": (prediction.heatmap_path or "").startswith("mosaics/"),  # stitched over a whole mosaic
         "device": prediction.device,
         "seconds": prediction.seconds,
         "created_at": prediction.created_at,

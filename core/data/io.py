@@ -32,6 +32,7 @@ __all__ = [
     "MAX_ASPECT",
     "MAX_BYTES",
     "MAX_PIXELS",
+    "MOSAIC_MAX_PIXELS",
     "MIN_SIDE",
     "Image",
     "ImageError",
@@ -51,6 +52,8 @@ def _env_max_pixels() -> int | None:
 
 
 MAX_PIXELS: int = _env_max_pixels() or _DEFAULT_MAX_PIXELS
+# Whole RCM mosaics reach 12,000 x 12,000 px; they are read on purpose, with this limit instead.
+MOSAIC_MAX_PIXELS: int = max(MAX_PIXELS, 150_000_000)
 MAX_BYTES: int = 200 * 1024 * 1024
 MIN_SIDE: int = 16
 MAX_ASPECT: float = 20.0
