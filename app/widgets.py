@@ -49,7 +49,7 @@ def _displayed(path: str, modality: str) -> np.ndarray:
     return _fit(to_uint8(shown), _ZOOM_SIDE).astype(np.float32) / 255.0
 
 
-def zoomable_overlay(shown: np.ndarray, heatmap: np.ndarray, alpha: float, title: str) -> None:
+def zoomable_overlay(shown: np.ndarray, heatmap: np.ndarray, alpha: float, title: str, key: str) -> None:
     """The heatmap over the image in a pan/zoom figure (drag to pan, scroll or box to zoom, double-click resets)."""
     picture = _fit(overlay(shown, _resize_map(heatmap, shown.shape[:2]), alpha), _ZOOM_SIDE)
     figure = px.imshow(picture, binary_string=True)
@@ -58,7 +58,7 @@ def zoomable_overlay(shown: np.ndarray, heatmap: np.ndarray, alpha: float, title
     )
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False)
-    st.plotly_chart(figure, config={"scrollZoom": True, "displaylogo": False}, width="stretch")
+    st.plotly_chart(figure, config={"scrollZoom": True, "displaylogo": False}, width="stretch", key=key)
 
 
 def heatmap_viewer(view: dict, key: str) -> None:
@@ -76,7 +76,9 @@ def heatmap_viewer(view: dict, key: str) -> None:
     heatmap = _resize_map(np.load(root / view["heatmap_path"]), shown.shape[:2])
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key=f"{key}_opacity")
     if view.get("mosaic"):
-        zoomable_overlay(shown, heatmap, alpha, f"{method_title(view['heatmap_method'])}, stitched over the image")
+        zoomable_overlay(
+            shown, heatmap, alpha, f"{method_title(view['heatmap_method'])}, stitched over the image", key=f"{key}_zoom"
+        )
         if view.get("device"):
             st.caption(f"Computed on {view['device'].upper()} in {view.get('seconds') or 0:.1f} s.")
         return

@@ -44,7 +44,18 @@ from core.data.synth import CohortConfig, make_specimen
 from core.models import create_model
 from core.predict import Predictor
 
-__all__ = ["MEASUREMENTS", "Row", "Settings", "machine", "main", "measure_size", "parse_args", "specimen_images"]
+__all__ = [
+    "MEASUREMENTS",
+    "Row",
+    "Settings",
+    "machine",
+    "main",
+    "measure_size",
+    "parse_args",
+    "rotate",
+    "specimen_images",
+    "usable_cores",
+]
 
 ARCHITECTURE = "efficientnet_b0"
 MODALITY = "FL"
@@ -111,7 +122,7 @@ class Row:
     page_faults: int  # median minor page faults per call: memory freshly mapped from the kernel
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     """CPU cores this process may run on (its affinity, which containers and ``taskset`` narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -125,7 +136,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     )
     parser.add_argument("--batch", type=int, default=16, help="images per batch for throughput (16)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
-    parser.add_argument("--threads", type=int, default=_cores(), help="torch CPU threads (the usable CPU cores)")
+    parser.add_argument("--threads", type=int, default=usable_cores(), help="torch CPU threads (the usable CPU cores)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results (bench/results)")
     parser.add_argument("--quick", action="store_true", help="smoke-test settings: 64 px, 2 repeats, batch 2")
     args = parser.parse_args(argv)
@@ -166,7 +177,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "timm": timm.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "cpu_cores": _cores(),
+        "cpu_cores": usable_cores(),
         "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
@@ -198,7 +209,7 @@ def _timed(device: torch.device, call: Callable[[], object]) -> tuple[float, int
     return elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
-def _rotate(
+def rotate(
     calls: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
 ) -> dict[str, list[tuple[float, int]]]:
     """Warm every call up, then time them in rotation (one of each per round), so load drifts hit all alike."""
@@ -231,7 +242,7 @@ def measure_size(
     image = images[0]
     single = prepare(image, MODALITY, size)[None].to(device)
     batch = prepare_batch(images, MODALITY, size).to(device)
-    latency = _rotate(
+    latency = rotate(
         {
             "floor": _forward(predictor.model, single),
             "preprocess": lambda: prepare(image, MODALITY, size),
@@ -242,7 +253,7 @@ def measure_size(
         settings.warmup,
         device,
     )
-    throughput = _rotate(
+    throughput = rotate(
         {
             "floor_batch": _forward(predictor.model, batch),
             "diagnose_gradcam_batch": lambda: predictor.diagnose(images, heatmap="gradcam", batch_size=len(images)),

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
+from scipy.special import expit
 from torch import nn
 
 from core.data.io import Image, ImageError
 from core.data.preprocess import display_image, prepare, square_box
 from core.heatmaps import colorize, five_views, get_method, list_methods, overlay
+from core.heatmaps.mosaic import MosaicResult, stitch_mosaic
 from core.models import get_spec, load_checkpoint
 from core.train.recipe import pick_device
 
@@ -73,6 +75,19 @@ class Predictor:
         model, config = load_checkpoint(path, expected_sha256=sha256)
         return cls(model, config, threshold, device)
 
+    def stitch(self, mosaic: np.ndarray, **options: Any) -> MosaicResult:
+        """The stitched heatmap of a whole mosaic by sliding this model's input-sized window over it
+        (:func:`core.heatmaps.mosaic.stitch_mosaic`; ``options``: step, sigma, mode, method, progress, ...)."""
+        with self._lock:
+            return stitch_mosaic(
+                self.model,
+                mosaic,
+                window=self.image_size,
+                modality=self.modality,
+                target_layer=self.layers[-1],
+                **options,
+            )
+
     def _logits_and_maps(
         self, x: torch.Tensor, method: str | None, options: dict[str, Any]
     ) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
@@ -118,7 +133,7 @@ class Predictor:
                 )
             share = (time.perf_counter() - began) / len(chunk)
             for j, (i, _) in enumerate(chunk):
-                probability = float(1.0 / (1.0 + np.exp(-float(logits[j]))))
+                probability = float(expit(float(logits[j])))  # no overflow for logits below -709
                 results[i] = Diagnosis(
                     name=images[i].name,
                     probability=probability,

@@ -1,7 +1,7 @@
 """The command line: ``python -m core <command>``.
 
-Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``heatmaps``, ``users``. Errors a user can fix
-are printed as one ``error: ...`` line with exit status 2, never as a traceback.
+Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``. Errors a
+user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+from PIL import Image as PILImage
+
 from core.data.io import ImageError, read_image
 from core.heatmaps import list_methods, method_title
+from core.heatmaps.mosaic import MODES
 from core.models import list_models as list_architectures
 from core.predict import Predictor, write_heatmap_files
 from core.settings import workspace_dir
@@ -167,6 +171,71 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 2 if refused else 0
 
 
+def _cmd_mosaic(args: argparse.Namespace) -> int:
+    from core.data.io import MOSAIC_MAX_PIXELS
+    from core.heatmaps import colorize
+    from core.heatmaps.render import overlay
+    from services.mosaic import mosaic_array
+
+    model = _choose_model(args.model, "aspecific")
+    predictor = Predictor.from_checkpoint(
+        workspace_dir() / model.checkpoint_path, model.threshold, sha256=model.checkpoint_sha256, device=args.device
+    )
+    try:
+        image = read_image(args.file, args.file, max_pixels=MOSAIC_MAX_PIXELS)
+        mosaic = mosaic_array(image, model.modality)
+    except ImageError as error:
+        raise UsageError(f"{args.file}: {error.reason}") from None
+    sigma = None if args.sigma <= 0 else args.sigma
+
+    def report(done: int, total: int) -> None:
+        print(f"  {done}/{total}", end="\n" if done == total else "\r", file=sys.stderr, flush=True)
+
+    result = predictor.stitch(
+        mosaic,
+        step=args.step,
+        sigma=sigma,
+        mode=args.mode,
+        method=args.heatmap,
+        batch_size=args.batch_size,
+        progress=report,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.file).stem or "mosaic"
+    np.save(out / f"{stem}.npy", result.map.astype(np.float16 if args.float16 else np.float32))
+    shown = PILImage.fromarray((mosaic * 255).astype(np.uint8))
+    shown.thumbnail((4096, 4096))
+    small = np.asarray(shown).astype(np.float32) / 255.0
+    heat = np.asarray(PILImage.fromarray(result.map).resize(shown.size, PILImage.Resampling.BILINEAR))
+    PILImage.fromarray(colorize(np.clip(heat, 0, 1))).save(out / f"{stem}_heatmap.png")
+    PILImage.fromarray(overlay(small, np.clip(heat, 0, 1), 0.45)).save(out / f"{stem}_overlay.png")
+    probabilities = result.window_probabilities
+    record = {
+        "file": args.file,
+        "model": model.name,
+        "method": result.method,
+        "mode": result.mode,
+        "window": result.window,
+        "step": result.step,
+        "sigma": result.sigma,
+        "windows": int(probabilities.size),
+        "max_window_probability": float(probabilities.max()),
+        "positive_windows": float((probabilities >= model.threshold).mean()),
+        "threshold": model.threshold,
+        "device": result.device,
+        "seconds": result.seconds,
+        "map": str(out / f"{stem}.npy"),
+    }
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    print(
+        f"{args.file}: {record['windows']} windows of {result.window} px (step {result.step}), "
+        f"max p={record['max_window_probability']:.3f}, {record['positive_windows']:.1%} above threshold "
+        f"{model.threshold:.3f}; {result.mode} {result.method} on {result.device} in {result.seconds:.1f} s"
+    )
+    return 0
+
+
 def _cmd_heatmaps(_args: argparse.Namespace) -> int:
     for name, summary in list_methods().items():
         print(f"{name:<16} {method_title(name):<24} {summary}")
@@ -244,6 +313,19 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--device", default="auto")
     predict.set_defaults(run=_cmd_predict)
+
+    mosaic = sub.add_parser("mosaic", help="stitch a patch classifier's heatmap over a whole mosaic (seed 002)")
+    mosaic.add_argument("file", metavar="FILE")
+    mosaic.add_argument("--model", help="registered name or id (default: the one aspecific patch classifier)")
+    mosaic.add_argument("--step", type=int, default=50, help="window step in px (paper: 25, 50 or 100)")
+    mosaic.add_argument("--sigma", type=float, default=5.0, help="Gaussian concentration (window/sigma px); 0 = none")
+    mosaic.add_argument("--mode", choices=MODES, default="fast", help="fast (shared trunk) or the exact references")
+    mosaic.add_argument("--heatmap", default="cam", help="cam or gradcam (fast); any method with --mode exact")
+    mosaic.add_argument("--batch-size", type=int, default=32, help="windows per forward pass in exact mode")
+    mosaic.add_argument("--float16", action="store_true", help="write the full-resolution map as float16")
+    mosaic.add_argument("--out", required=True, help="output folder")
+    mosaic.add_argument("--device", default="auto")
+    mosaic.set_defaults(run=_cmd_mosaic)
 
     heatmaps = sub.add_parser("heatmaps", help="list the registered heatmap methods")
     heatmaps.set_defaults(run=_cmd_heatmaps)

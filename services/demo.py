@@ -1,4 +1,5 @@
-"""The demo workspace: a synthetic cohort, a patient-level split, the FL-CNN and WL-CNN, and one user per role.
+"""The demo workspace: a synthetic cohort, a patient-level split, the FL-CNN and WL-CNN, an RCM patch classifier
+for whole-mosaic heatmaps (with sample mosaics to upload), and one user per role.
 
 Built once (a marker file records completion); ``make run`` calls it with ``if_missing`` so later starts are quick.
 The demo accounts and passwords are printed because they are demo data, not secrets.
@@ -10,13 +11,18 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image as PILImage
 
 from core.data.synth import CohortConfig, write_cohort
+from core.data.synth_rcm import make_rcm_mosaic
 from core.settings import workspace_dir
 from core.train import Progress, TrainConfig
 from db import repo
 from db.session import init_db, session_scope
 from services.importer import import_manifest
+from services.mosaic import train_patch_classifier
 from services.training import print_progress, train_and_register
 
 __all__ = ["DEMO_USERS", "DemoConfig", "build_demo", "demo_ready", "workspace_has_data"]
@@ -28,7 +34,17 @@ DEMO_USERS = (
 )
 _MARKER = ".demo-complete"
 _BUILDING = ".demo-building"
-_DEMO_CONTENT = ("cohort", "images", "masks", "models", "heatmaps", "study.db", "study.db-wal", "study.db-shm")
+_DEMO_CONTENT = (
+    "cohort",
+    "images",
+    "masks",
+    "models",
+    "heatmaps",
+    "mosaics",
+    "study.db",
+    "study.db-wal",
+    "study.db-shm",
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,12 @@ class DemoConfig:
     image_size: int = 128
     seed: int = 0
     architecture: str = "efficientnet_b0"
+    rcm_mosaics: int = 5  # 3 for training patches, 1 test, 1 validation
+    rcm_side: int = 1024
+    rcm_window: int = 128
+    rcm_patches: int = 240  # per mosaic
+    rcm_epochs: int = 8
+    sample_mosaic_side: int = 2048  # written to cohort/mosaics/ for people to upload
 
 
 def demo_ready() -> bool:
@@ -111,6 +133,7 @@ def build_demo(
             log=log,
             progress=progress,
         )
+    _rcm_demo(config, cohort / "mosaics", log)
     init_db()
     with session_scope() as session:
         for username, password, role, display in DEMO_USERS:
@@ -118,3 +141,33 @@ def build_demo(
     (root / _MARKER).write_text(f"built in {time.perf_counter() - started:.0f} s\n")
     (root / _BUILDING).unlink()
     log(f"demo workspace ready in {time.perf_counter() - started:.0f} s")
+
+
+def _rcm_demo(config: DemoConfig, folder: Path, log: Callable[[str], None]) -> None:
+    """Train the RCM patch classifier on synthetic mosaics; write sample mosaics (and their masks) to upload."""
+    log(f"generating {config.rcm_mosaics} synthetic RCM mosaics of {config.rcm_side} px for patch training")
+    mosaics = [
+        make_rcm_mosaic(config.rcm_side, config.rcm_side, seed=1000 + config.seed + i)
+        for i in range(config.rcm_mosaics)
+    ]
+    train_patch_classifier(
+        TrainConfig(
+            architecture=config.architecture,
+            task="aspecific",
+            modality="RCM",
+            image_size=config.rcm_window,
+            epochs=config.rcm_epochs,
+            seed=config.seed,
+        ),
+        mosaics,
+        name="RCM-patch-aspecific",
+        patches_per_mosaic=config.rcm_patches,
+        seed=config.seed,
+        log=log,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        image, mask = make_rcm_mosaic(config.sample_mosaic_side, config.sample_mosaic_side, seed=2000 + config.seed + i)
+        PILImage.fromarray(image).save(folder / f"mosaic-{i + 1}.png")
+        PILImage.fromarray(mask).save(folder / f"mosaic-{i + 1}-mask.png")
+    log(f"sample mosaics to upload on the Diagnose page: {folder}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit
 
 from core.data.io import read_image
 from core.data.preprocess import channels_for, prepare
@@ -107,7 +108,7 @@ def register_trained(
     metrics = dict(result.metrics)
     if test is not None:
         test_images, test_labels = test
-        probs = 1.0 / (1.0 + np.exp(-predict_logits(result.model, test_images)))
+        probs = expit(predict_logits(result.model, test_images))
         truth = test_labels.numpy().astype(int)
         metrics.update({"test_auc": auc(truth, probs), "test_n": len(truth), "test_positives": int(truth.sum())})
         metrics.update({f"test_{k}": v for k, v in binary_metrics(truth, probs, result.threshold).items()})

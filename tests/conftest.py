@@ -83,3 +83,38 @@ def use_trained(trained_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     monkeypatch.setenv("IOAI_WORKSPACE", str(trained_workspace))
     monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{trained_workspace / 'study.db'}")
     return trained_workspace
+
+
+@pytest.fixture(scope="session")
+def rcm_workspace(tmp_path_factory):
+    """A workspace with a tiny RCM patch classifier (32 px windows) and one 256 px mosaic PNG to upload."""
+    from PIL import Image as PILImage
+
+    from core.data.synth_rcm import make_rcm_mosaic
+    from core.train import TrainConfig
+    from services.mosaic import train_patch_classifier
+
+    root = tmp_path_factory.mktemp("rcm_ws")
+    with pointing_at(root):
+        mosaics = [make_rcm_mosaic(256, 256, seed=50 + i, blobs=3) for i in range(4)]
+        info = train_patch_classifier(
+            TrainConfig(
+                architecture="tiny_cnn", task="aspecific", modality="RCM", image_size=32, epochs=3, batch_size=16
+            ),
+            mosaics,
+            name="tiny-RCM",
+            patches_per_mosaic=96,
+            log=lambda _m: None,
+        )
+        image, mask = make_rcm_mosaic(256, 256, seed=99, blobs=3)
+        PILImage.fromarray(image).save(root / "mosaic.png")
+        PILImage.fromarray(mask).save(root / "mosaic-mask.png")
+    return root, info
+
+
+@pytest.fixture
+def in_rcm(rcm_workspace, monkeypatch):
+    root, info = rcm_workspace
+    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
+    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
+    return root, info

@@ -303,6 +303,7 @@ def train_augment(
       factors uniform in [0, 2] ("a range of factor 1.0" in torchvision ColorJitter's convention,
       [max(0, 1 - 1.0), 1 + 1.0]), brightness first; random vertical flip; random crop of ``size`` from the image
       zero-padded by ``padding`` on each side. No horizontal flip or rotation: the paper lists only the vertical flip.
+    - RCM (seed 002): brightness and contrast factors in [0.8, 1.2], horizontal and vertical flips, the padded crop.
     - WL: random horizontal and vertical flips, random rotation by a multiple of 90 degrees and the same padded crop:
       the paper's "conventional data augmentation including random flip, rotate, and crop", and nothing else. No
       colour jitter: a contrast change blends towards grey, and a greyer hue is exactly the weak cue that tells
@@ -316,6 +317,8 @@ def train_augment(
         raise ValueError(f"size must be positive and padding non-negative, not {size} and {padding}")
     if canonical == "WL":
         return _BatchAugment(canonical, size, padding, brightness=0.0, contrast=0.0, hflip=True, rotate=True)
+    if canonical == "RCM":  # seed 002: random crop, horizontal and vertical flips, grey-level jitter
+        return _BatchAugment(canonical, size, padding, brightness=0.2, contrast=0.2, hflip=True, rotate=False)
     return _BatchAugment(canonical, size, padding, brightness=1.0, contrast=1.0, hflip=False, rotate=False)
 
 

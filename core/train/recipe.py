@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 from torch import nn
 
 from core.data.preprocess import channels_for, train_augment
@@ -241,7 +242,7 @@ def fit(
             losses.append(float(loss.detach()))
             if progress:
                 progress(Progress(epoch, config.epochs, step, total, losses[-1], None, time.perf_counter() - started))
-        val_probs = 1.0 / (1.0 + np.exp(-predict_logits(model, val_images)))
+        val_probs = expit(predict_logits(model, val_images))
         val_auc = auc(val_labels.numpy(), val_probs)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "val_auc": val_auc})
         if progress:

@@ -1,6 +1,7 @@
 """Page tests with Streamlit's AppTest: sign-in, role-based navigation and refusals, Diagnose and Data."""
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 from db import repo
 from db.session import init_db, session_scope
 from services.diagnose import diagnose_files, load_predictor
+from services.mosaic import diagnose_mosaic
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = str(ROOT / "app" / "main.py")
@@ -141,3 +143,24 @@ def test_a_guided_gradcam_diagnosis_reopens_with_its_five_views(use_trained):
     assert any("five Grad-CAM views" in m.value for m in at.markdown)
     assert any("Computed on CPU" in c.value for c in at.caption)
     assert "Score-CAM" in at.selectbox(key="diagnose_method").options
+
+
+def test_a_patch_classifier_turns_the_page_into_the_mosaic_flow(rcm_workspace, monkeypatch):
+    root, info = rcm_workspace
+    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
+    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
+    ids = _users()
+    outcome = diagnose_mosaic(
+        load_predictor(info), info, "mosaic.png", root / "mosaic.png", user_id=ids["clinician"], step=32
+    )
+    at = _app(ids["clinician"])
+    at.switch_page("../pages/diagnose.py").run()
+    assert not at.exception
+    assert at.radio(key="diagnose_modality").value == "RCM"
+    assert any("patch classifier for whole mosaics" in i.value for i in at.info)
+    assert at.select_slider(key="mosaic_step").value == 50 and at.radio(key="mosaic_mode").options == ["fast", "exact"]
+    at.session_state["mosaic_last"] = asdict(outcome)
+    at.run()
+    assert not at.exception
+    assert any("windows" in s.value and "mosaic.png" in s.value for s in at.success)
+    assert len(at.get("plotly_chart")) == 2  # the stitched map with pan and zoom, new result and in the history

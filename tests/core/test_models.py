@@ -56,3 +56,42 @@ def test_changed_checkpoint_is_refused(tmp_path):
     checkpoint = save_checkpoint(model, {"architecture": "tiny_cnn", "in_chans": 1}, tmp_path)
     with pytest.raises(ValueError, match="sha256"):
         load_checkpoint(checkpoint.path, expected_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "efficientnet_b0"])
+def test_batchnorm_folding_gives_the_same_outputs_and_leaves_the_model_alone(name):
+    from core.models.fold import fold_batchnorm, folded_copy
+
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=1)
+    with torch.no_grad():  # statistics that are not the initial 0/1, so a wrong fold shows
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 1, 64, 64) * 3 + 1)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded, pairs = fold_batchnorm(model)
+    assert pairs == {"tiny_cnn": 3, "efficientnet_b0": 49}[name]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(4, 1, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert folded_copy(model, x) is not model
+
+
+def test_a_fold_that_changes_the_outputs_is_not_used(monkeypatch):
+    import core.models.fold as fold
+
+    model = create_model("tiny_cnn", in_chans=1).eval()
+    real = fold.fold_batchnorm
+
+    def broken(m):
+        folded, pairs = real(m)
+        with torch.no_grad():
+            folded.classifier.weight.mul_(2)
+        return folded, pairs
+
+    monkeypatch.setattr(fold, "fold_batchnorm", broken)
+    assert fold.folded_copy(model, torch.randn(2, 1, 32, 32)) is model
