@@ -54,6 +54,7 @@ __all__ = [
     "parse_args",
     "rotate",
     "specimen_images",
+    "start",
     "usable_cores",
 ]
 
@@ -304,14 +305,20 @@ def _table(rows: Sequence[Row]) -> str:
     )
 
 
+def start(threads: int, device: str) -> tuple[torch.device, float, dict[str, Any]]:
+    """Set the torch threads, print the machine header; the device, the start time and the machine facts."""
+    torch.set_num_threads(threads)
+    chosen = torch.device(device)
+    began = time.perf_counter()
+    about = machine(chosen)
+    print("  ".join(f"{key}: {value}" for key, value in about.items()), flush=True)
+    return chosen, began, about
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the machine and the table, write the JSON; returns the exit status."""
     settings = parse_args(argv)
-    torch.set_num_threads(settings.threads)
-    device = torch.device(settings.device)
-    began = time.perf_counter()
-    about = machine(device)
-    print("  ".join(f"{key}: {value}" for key, value in about.items()), flush=True)
+    device, began, about = start(settings.threads, settings.device)
     torch.manual_seed(0)
     model = create_model(ARCHITECTURE, in_chans=1)
     images = specimen_images(settings.batch)

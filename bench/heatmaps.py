@@ -39,7 +39,7 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from bench.diagnosis import machine, rotate, specimen_images, usable_cores
+from bench.diagnosis import rotate, specimen_images, start, usable_cores
 from core.data.io import Image, read_image
 from core.data.preprocess import prepare_batch
 from core.heatmaps import get_method
@@ -511,11 +511,7 @@ def _frame_table(rows: Sequence[FrameRow]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the machine and the tables, write the JSON; returns the exit status."""
     settings = parse_args(argv)
-    torch.set_num_threads(settings.threads)
-    device = torch.device(settings.device)
-    began = time.perf_counter()
-    about = machine(device)
-    print("  ".join(f"{key}: {value}" for key, value in about.items()), flush=True)
+    device, began, about = start(settings.threads, settings.device)
     torch.manual_seed(0)
     images = specimen_images(max(settings.batch, 4 if settings.quick else _CALIBRATION_IMAGES))
     x = prepare_batch(images, "FL", settings.size).to(device)

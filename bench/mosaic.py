@@ -50,7 +50,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from bench.diagnosis import machine
+from bench.diagnosis import machine, start
 from core.data.preprocess import standardize
 from core.data.synth_rcm import POSITIVE, UNLABELED, make_rcm_mosaic, sample_patches
 from core.heatmaps.mosaic import MosaicResult, WindowGrid, stitch_mosaic
@@ -458,11 +458,7 @@ def _tables(document: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the tables, write the JSON; returns the exit status."""
     settings = parse_args(argv)
-    torch.set_num_threads(settings.threads)
-    device = torch.device(settings.device)
-    began = time.perf_counter()
-    about = machine(device)
-    print("  ".join(f"{key}: {value}" for key, value in about.items()), flush=True)
+    device, began, about = start(settings.threads, settings.device)
     print("speed ...", flush=True)
     speed = _speed(settings, device)
     print("accuracy ...", flush=True)

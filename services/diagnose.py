@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from core.data.io import Image, ImageError, read_image
-from core.data.store import store_image, write_atomic
+from core.data.store import StoredImage, store_image, write_atomic
 from core.predict import Diagnosis, Predictor
 from core.settings import workspace_dir
 from db import repo
 from db.repo import ModelInfo
 from db.session import session_scope
 
-__all__ = ["Outcome", "diagnose_files", "extras_path", "heatmap_path", "load_predictor"]
+__all__ = ["Outcome", "diagnose_files", "extras_path", "heatmap_path", "load_predictor", "record_prediction"]
 
 
 @dataclass(frozen=True)
@@ -100,28 +100,19 @@ def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | No
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **{k: v.astype(np.float16) for k, v in result.extras.items()})
             write_atomic(root / extras_path(map_path), buffer.getvalue())
-    with session_scope(database) as session:
-        upload_id = repo.add_upload(
-            session,
-            user_id=user_id,
-            original_name=image.name,
-            modality=model.modality,
-            path=stored.path,
-            sha256=stored.sha256,
-            height=stored.height,
-            width=stored.width,
-        )
-        prediction_id = repo.add_prediction(
-            session,
-            model_id=model.id,
-            upload_id=upload_id,
-            probability=result.probability,
-            threshold=result.threshold,
-            heatmap_method=result.method,
-            heatmap_path=map_path,
-            device=result.device,
-            seconds=result.seconds,
-        )
+    upload_id, prediction_id = record_prediction(
+        stored,
+        image.name,
+        model,
+        user_id,
+        result.probability,
+        result.threshold,
+        result.method,
+        map_path,
+        result.device,
+        result.seconds,
+        database,
+    )
     return Outcome(
         name=image.name,
         upload_id=upload_id,
@@ -134,6 +125,45 @@ def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | No
         device=result.device,
         seconds=result.seconds,
     )
+
+
+def record_prediction(
+    stored: StoredImage,
+    original_name: str,
+    model: ModelInfo,
+    user_id: int | None,
+    probability: float,
+    threshold: float,
+    method: str | None,
+    map_path: str | None,
+    device: str | None,
+    seconds: float | None,
+    database: str | None = None,
+) -> tuple[int, int]:
+    """The upload row of a stored image and its prediction row, in one transaction: ``(upload_id, prediction_id)``."""
+    with session_scope(database) as session:
+        upload_id = repo.add_upload(
+            session,
+            user_id=user_id,
+            original_name=original_name,
+            modality=model.modality,
+            path=stored.path,
+            sha256=stored.sha256,
+            height=stored.height,
+            width=stored.width,
+        )
+        prediction_id = repo.add_prediction(
+            session,
+            model_id=model.id,
+            upload_id=upload_id,
+            probability=probability,
+            threshold=threshold,
+            heatmap_method=method,
+            heatmap_path=map_path,
+            device=device,
+            seconds=seconds,
+        )
+    return upload_id, prediction_id
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

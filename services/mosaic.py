@@ -25,9 +25,9 @@ from core.data.synth_rcm import sample_patches
 from core.predict import Predictor
 from core.settings import workspace_dir
 from core.train import TrainConfig, fit
-from db import repo
 from db.repo import ModelInfo
-from db.session import init_db, session_scope
+from db.session import init_db
+from services.diagnose import record_prediction
 from services.training import register_trained
 
 __all__ = ["MAP_SIDE", "MosaicOutcome", "diagnose_mosaic", "mosaic_array", "patch_tensors", "train_patch_classifier"]
@@ -147,28 +147,19 @@ def diagnose_mosaic(
     buffer = io.BytesIO()
     np.save(buffer, _reduced(result.map))
     write_atomic(root / map_path, buffer.getvalue())
-    with session_scope(database) as session:
-        upload_id = repo.add_upload(
-            session,
-            user_id=user_id,
-            original_name=image.name,
-            modality=model.modality,
-            path=stored.path,
-            sha256=stored.sha256,
-            height=stored.height,
-            width=stored.width,
-        )
-        prediction_id = repo.add_prediction(
-            session,
-            model_id=model.id,
-            upload_id=upload_id,
-            probability=probability,
-            threshold=model.threshold,
-            heatmap_method=method,
-            heatmap_path=map_path,
-            device=result.device,
-            seconds=result.seconds,
-        )
+    upload_id, prediction_id = record_prediction(
+        stored,
+        image.name,
+        model,
+        user_id,
+        probability,
+        model.threshold,
+        method,
+        map_path,
+        result.device,
+        result.seconds,
+        database,
+    )
     return MosaicOutcome(
         name=image.name,
         upload_id=upload_id,
