@@ -54,7 +54,10 @@ def zoomable_overlay(shown: np.ndarray, heatmap: np.ndarray, alpha: float, title
     picture = _fit(overlay(shown, _resize_map(heatmap, shown.shape[:2]), alpha), _ZOOM_SIDE)
     figure = px.imshow(picture, binary_string=True)
     figure.update_layout(
-        dragmode="pan", margin={"l": 0, "r": 0, "t": 30, "b": 0}, title={"text": title, "font": {"size": 14}}
+        dragmode="pan",
+        height=720,
+        margin={"l": 0, "r": 0, "t": 30, "b": 0},
+        title={"text": title, "font": {"size": 14}},
     )
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False)

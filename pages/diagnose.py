@@ -198,7 +198,8 @@ else:
             open_prediction(shown, "Show heatmap of", key="diagnose_show", user_id=user.id)
 
 
-with st.expander("Your earlier diagnoses", expanded=not st.session_state.get("diagnose_last")):
+recent = st.session_state.get("diagnose_last") or st.session_state.get("mosaic_last")
+with st.expander("Your earlier diagnoses", expanded=not recent):
     with session_scope() as session:
         history = repo.recent_predictions(session, user_id=user.id)
     if history.empty:
