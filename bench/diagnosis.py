@@ -56,6 +56,7 @@ __all__ = [
     "specimen_images",
     "start",
     "usable_cores",
+    "write_results",
 ]
 
 ARCHITECTURE = "efficientnet_b0"
@@ -315,6 +316,15 @@ def start(threads: int, device: str) -> tuple[torch.device, float, dict[str, Any
     return chosen, began, about
 
 
+def write_results(out: Path, name: str, device: torch.device, quick: bool, document: dict[str, Any]) -> Path:
+    """Write ``<out>/<name>-<device>[-quick].json`` (strict JSON) and say where."""
+    path = out / f"{name}-{device.type}{'-quick' if quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, allow_nan=False))
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the machine and the table, write the JSON; returns the exit status."""
     settings = parse_args(argv)
@@ -331,9 +341,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("x floor: median time per image / the floor's (batch rows: / the batch floor's).")
     print("page faults: median minor page faults per call (memory taken fresh from the kernel).")
     print(f"Total {seconds:.0f} s.")
-    suffix = "-quick" if settings.quick else ""
-    path = settings.out / f"diagnosis-{device.type}{suffix}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "machine": about,
         "settings": {**asdict(settings), "out": str(settings.out)},
@@ -341,8 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": seconds,
         "rows": [asdict(row) for row in rows],
     }
-    path.write_text(json.dumps(document, indent=2, allow_nan=False))
-    print(f"wrote {path}")
+    write_results(settings.out, "diagnosis", device, settings.quick, document)
     return 0
 
 

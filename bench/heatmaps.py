@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from bench.diagnosis import rotate, specimen_images, start, usable_cores
+from bench.diagnosis import rotate, specimen_images, start, usable_cores, write_results
 from core.data.io import Image, read_image
 from core.data.preprocess import prepare_batch
 from core.heatmaps import get_method
@@ -547,9 +546,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(_frame_table(cle))
     print(f"Total {seconds:.0f} s.")
-    suffix = "-quick" if settings.quick else ""
-    path = settings.out / f"heatmaps-{device.type}{suffix}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "machine": about,
         "settings": {**asdict(settings), "out": str(settings.out)},
@@ -566,8 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peer": [asdict(row) for row in peer],
         "cle": [asdict(row) for row in cle],
     }
-    path.write_text(json.dumps(document, indent=2, allow_nan=False))
-    print(f"wrote {path}")
+    write_results(settings.out, "heatmaps", device, settings.quick, document)
     return 0
 
 

@@ -34,7 +34,6 @@ Results go to ``bench/results/mosaic-<device>.json`` (``-quick`` appended for ``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import resource
@@ -50,7 +49,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from bench.diagnosis import machine, start
+from bench.diagnosis import machine, start, write_results
 from core.data.preprocess import standardize
 from core.data.synth_rcm import POSITIVE, UNLABELED, make_rcm_mosaic, sample_patches
 from core.heatmaps.mosaic import MosaicResult, WindowGrid, stitch_mosaic
@@ -480,10 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(_tables(document))
     print(f"Total {document['seconds']:.0f} s.")
-    path = settings.out / f"mosaic-{device.type}{'-quick' if settings.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=False))
-    print(f"wrote {path}")
+    write_results(settings.out, "mosaic", device, settings.quick, document)
     return 0
 
 

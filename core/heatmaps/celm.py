@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.heatmaps.base import Explainer, HeatmapResult, as_numpy, fuse, minmax, register_method
+from core.heatmaps.base import Explainer, HeatmapResult, as_numpy, minmax, register_method
 from core.heatmaps.gradcam import GradCAMMulti
 from core.heatmaps.guided import GuidedBackprop
 
@@ -70,11 +70,8 @@ class CELM(Explainer):
         self.alpha, self.beta, self.sigma = alpha, beta, sigma
 
     def explain(self, x: torch.Tensor, targets: Sequence[int] | None) -> HeatmapResult:
-        size = tuple(x.shape[-2:])
         with GradCAMMulti(self.model, self.layers, fusion="celnet", alpha=self.alpha) as gradcam:
-            raws, logits = gradcam.layer_maps(x, targets)
-        weights = [1.0 - self.alpha, self.alpha] if len(raws) == 2 else None
-        cam = fuse(raws, size, weights)
+            cam, _, logits = gradcam.fused(x, targets)
         with GuidedBackprop(self.model) as guided:
             gradient, _ = guided.gradient(x, targets)
         flat = gradient.flatten(1)

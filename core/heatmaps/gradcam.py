@@ -22,7 +22,7 @@ from torch import nn
 
 from core.heatmaps.base import Explainer, HeatmapResult, as_numpy, fuse, register_method, target_scores
 
-__all__ = ["GradCAM", "GradCAMMulti", "layer_gradcams"]
+__all__ = ["GradCAM", "GradCAMMulti"]
 
 
 class _LayerGradients(Explainer):
@@ -103,17 +103,15 @@ class GradCAMMulti(_LayerGradients):
     def _used(self) -> list[nn.Module]:
         return self.layers[-2:] if self.fusion == "celnet" else self.layers
 
-    def explain(self, x: torch.Tensor, targets: Sequence[int] | None) -> HeatmapResult:
+    def fused(
+        self, x: torch.Tensor, targets: Sequence[int] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The fused map at input resolution, the raw per-layer maps and the logits."""
         raws, logits = self.layer_maps(x, targets)
         weights = [1.0 - self.alpha, self.alpha] if self.fusion == "celnet" and len(raws) == 2 else None
-        maps = fuse(raws, tuple(x.shape[-2:]), weights)
+        return fuse(raws, tuple(x.shape[-2:]), weights), raws, logits
+
+    def explain(self, x: torch.Tensor, targets: Sequence[int] | None) -> HeatmapResult:
+        maps, raws, logits = self.fused(x, targets)
         extras = {f"raw_{i}": as_numpy(raw) for i, raw in enumerate(raws)}
         return HeatmapResult(as_numpy(maps), as_numpy(raws[-1]), as_numpy(logits), extras)
-
-
-def layer_gradcams(
-    model: nn.Module, layers: Sequence[nn.Module], x: torch.Tensor, targets: Sequence[int] | None
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Raw Grad-CAM maps of every layer in ``layers`` from one forward and one backward pass, and the logits."""
-    with GradCAMMulti(model, layers) as explainer:
-        return explainer.layer_maps(x, targets)

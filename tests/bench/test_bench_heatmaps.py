@@ -1,11 +1,12 @@
 """The heatmap benchmark runs end to end on the CPU, compares like with like, and writes every figure (timings are
 not judged here)."""
 
-import json
 import math
 
 import pytest
 import torch
+
+from tests.bench import run_quick
 
 pytest.importorskip("pytorch_grad_cam")
 from bench.heatmaps import CLE_FPS, EQUAL_MAPS, PEER, main  # noqa: E402
@@ -14,13 +15,7 @@ from bench.heatmaps import CLE_FPS, EQUAL_MAPS, PEER, main  # noqa: E402
 @pytest.fixture(scope="module")
 def document(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    # One thread: a smoke test on a busy CI machine would otherwise wait at thread barriers (see bench/README.md).
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return json.loads((out / "heatmaps-cpu-quick.json").read_text())
+    return run_quick(main, out, "heatmaps")
 
 
 def test_the_machine_and_the_calibrated_logits_are_recorded(document):

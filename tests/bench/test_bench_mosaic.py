@@ -1,24 +1,16 @@
 """The mosaic benchmark runs end to end on the CPU and writes every figure (timings are not judged here)."""
 
-import json
 import math
 from pathlib import Path
 
-import torch
-
 from bench.mosaic import main
+from tests.bench import run_quick
 
 FAST = ("fast", "fast, whole trunk", "fast, whole trunk, phases=2")
 
 
 def test_quick_run_writes_speed_accuracy_and_memory(tmp_path: Path):
-    # One thread: a smoke test on a busy CI machine would otherwise wait at thread barriers (see bench/README.md).
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    document = json.loads((tmp_path / "mosaic-cpu-quick.json").read_text())
+    document = run_quick(main, tmp_path, "mosaic")
     assert document["machine"]["device"] == "cpu" and document["machine"]["threads"] == 1
 
     speed = document["speed"]

@@ -1,22 +1,14 @@
 """The diagnosis benchmark runs end to end on the CPU and writes every figure (timings are not judged here)."""
 
-import json
 import math
 from pathlib import Path
 
-import torch
-
 from bench.diagnosis import MEASUREMENTS, main
+from tests.bench import run_quick
 
 
 def test_quick_run_writes_every_measurement_with_positive_finite_figures(tmp_path: Path):
-    # One thread: a smoke test on a busy CI machine would otherwise wait at thread barriers (see bench/README.md).
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    document = json.loads((tmp_path / "diagnosis-cpu-quick.json").read_text())
+    document = run_quick(main, tmp_path, "diagnosis")
     assert document["machine"]["device"] == "cpu" and document["machine"]["threads"] == 1
     rows = document["rows"]
     assert sorted(row["measurement"] for row in rows) == sorted(MEASUREMENTS)
