@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from core.data.io import MOSAIC_MAX_PIXELS, read_image
 from core.data.preprocess import display_image
 from core.heatmaps import five_views, method_title, overlay
-from core.heatmaps.render import to_uint8
+from core.heatmaps.render import resize_map, to_uint8
 from core.settings import workspace_dir
 from core.train import DECISIONS
 from db import repo
@@ -31,14 +31,6 @@ def _fit(array: np.ndarray, side: int = _VIEW_SIDE) -> np.ndarray:
     return np.asarray(image)
 
 
-def _resize_map(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A [0, 1] map resized (bilinear) to ``shape``; stored mosaic maps are kept at reduced resolution."""
-    if heatmap.shape == shape:
-        return heatmap.astype(np.float32)
-    resized = PILImage.fromarray(heatmap.astype(np.float32), mode="F").resize(shape[::-1], PILImage.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized), 0.0, 1.0)
-
-
 @st.cache_data(max_entries=32, show_spinner=False)
 def _displayed(path: str, modality: str) -> np.ndarray:
     """The stored image as a person sees it, at most 2,048 px a side. Stored images are content-addressed and never
@@ -51,7 +43,7 @@ def _displayed(path: str, modality: str) -> np.ndarray:
 
 def zoomable_overlay(shown: np.ndarray, heatmap: np.ndarray, alpha: float, title: str, key: str) -> None:
     """The heatmap over the image in a pan/zoom figure (drag to pan, scroll or box to zoom, double-click resets)."""
-    picture = _fit(overlay(shown, _resize_map(heatmap, shown.shape[:2]), alpha), _ZOOM_SIDE)
+    picture = _fit(overlay(shown, resize_map(heatmap, shown.shape[:2]), alpha), _ZOOM_SIDE)
     figure = px.imshow(picture, binary_string=True)
     figure.update_layout(
         dragmode="pan",
@@ -76,7 +68,7 @@ def heatmap_viewer(view: dict, key: str) -> None:
     if not view.get("heatmap_path"):
         st.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
         return
-    heatmap = _resize_map(np.load(root / view["heatmap_path"]), shown.shape[:2])
+    heatmap = resize_map(np.load(root / view["heatmap_path"]), shown.shape[:2])
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key=f"{key}_opacity")
     if view.get("mosaic"):
         zoomable_overlay(
