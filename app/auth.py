@@ -10,6 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from db import repo
+from db.audit import log_event
 from db.repo import UserInfo
 from db.session import init_db, session_scope
 
@@ -43,6 +44,10 @@ def require_role(*roles: str) -> UserInfo:
 
 
 def sign_out() -> None:
+    user_id = st.session_state.get(USER_KEY)
+    if isinstance(user_id, int):
+        with session_scope() as session:
+            log_event(session, "sign_out", user_id=user_id)
     for key in list(st.session_state.keys()):
         del st.session_state[key]
 
@@ -59,6 +64,10 @@ def sign_in_page() -> None:
         init_db()
         with session_scope() as session:
             user = repo.authenticate(session, username.strip(), password)
+            if user is None:
+                log_event(session, "sign_in_failed", username=username.strip()[:64])
+            else:
+                log_event(session, "sign_in", user_id=user.id, username=user.username)
         if user is None:
             st.error("Unknown username or wrong password. Check both and try again.")
         else:

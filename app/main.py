@@ -22,11 +22,13 @@ _PAGES = {  # name -> (script, title, icon)
     "home": ("../pages/home.py", "Home", ":material/home:"),
     "diagnose": ("../pages/diagnose.py", "Diagnose", ":material/neurology:"),
     "data": ("../pages/data.py", "Data", ":material/table:"),
+    "studies": ("../pages/studies.py", "Studies", ":material/groups:"),
+    "read": ("../pages/read.py", "Read", ":material/visibility:"),
 }
 _ROLE_PAGES = {
     "clinician": ["home", "diagnose"],
-    "pi": ["home", "diagnose", "data"],
-    "reader": ["home"],
+    "pi": ["home", "diagnose", "data", "studies"],
+    "reader": ["home", "read"],
 }
 
 

@@ -16,6 +16,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
+from db.audit import audit_table
 from db.models import (
     MODALITIES,
     ROLES,
@@ -502,6 +503,7 @@ TABLES = {
     "models": _models,
     "uploads": _uploads,
     "predictions": _predictions,
+    "audit": audit_table,
 }
 
 

@@ -14,7 +14,14 @@ if user.role in ("pi", "clinician"):
         "evidence is. Every upload and result is kept and can be opened again."
     )
 if user.role == "pi":
-    st.markdown("- **Data**: browse patients, specimens, labels, models and predictions; filter and download CSV.")
+    st.markdown(
+        "- **Data**: browse patients, specimens, labels, models, predictions and the audit log; filter and download "
+        "CSV.\n- **Studies**: set up blind reader studies (arms, cases, readers), follow progress, export and "
+        "import reads."
+    )
 if user.role == "reader":
-    st.info("No reader study is assigned to you yet. Your study coordinator will invite you when one opens.")
+    st.markdown(
+        "- **Read**: the reader studies you are invited to, one case at a time. You see neither the truth nor "
+        "other readers' answers; you can pause at any time and continue where you stopped."
+    )
 st.caption("Research software. Not a medical device: decisions stay with the surgical team and pathology.")

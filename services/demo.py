@@ -21,17 +21,29 @@ from core.settings import workspace_dir
 from core.train import Progress, TrainConfig
 from db import repo
 from db.session import init_db, session_scope
+from services import studies
 from services.importer import import_manifest
 from services.mosaic import train_patch_classifier
 from services.training import print_progress, train_and_register
 
-__all__ = ["DEMO_USERS", "DemoConfig", "build_demo", "demo_ready", "workspace_has_data"]
+__all__ = [
+    "DEMO_STUDY",
+    "DEMO_USERS",
+    "DemoConfig",
+    "build_demo",
+    "demo_ready",
+    "ensure_demo_study",
+    "workspace_has_data",
+]
 
 DEMO_USERS = (
     ("pi", "demo-pi", "pi", "Principal investigator (demo)"),
     ("clinician", "demo-clinician", "clinician", "Surgeon (demo)"),
     ("reader", "demo-reader", "reader", "Neurosurgeon reader (demo)"),
+    ("reader2", "demo-reader2", "reader", "Neurosurgeon reader 2 (demo)"),
+    ("reader3", "demo-reader3", "reader", "Neurosurgeon reader 3 (demo)"),
 )
+DEMO_STUDY = "FL vs WL, test split (demo)"
 _MARKER = ".demo-complete"
 _BUILDING = ".demo-building"
 _DEMO_CONTENT = (
@@ -92,6 +104,7 @@ def build_demo(
             f"{root} already holds a study database that is not a demo; set IOAI_WORKSPACE to an empty folder"
         )
     if demo_ready():
+        ensure_demo_study(log)
         log(f"the demo workspace in {root} is already complete")
         return
     started = time.perf_counter()
@@ -134,10 +147,7 @@ def build_demo(
             progress=progress,
         )
     _rcm_demo(config, cohort / "mosaics", log)
-    init_db()
-    with session_scope() as session:
-        for username, password, role, display in DEMO_USERS:
-            repo.create_user(session, username, password, role, display)
+    ensure_demo_study(log)
     (root / _MARKER).write_text(f"built in {time.perf_counter() - started:.0f} s\n")
     (root / _BUILDING).unlink()
     log(f"demo workspace ready in {time.perf_counter() - started:.0f} s")
@@ -171,3 +181,35 @@ def _rcm_demo(config: DemoConfig, folder: Path, log: Callable[[str], None]) -> N
         PILImage.fromarray(image).save(folder / f"mosaic-{i + 1}.png")
         PILImage.fromarray(mask).save(folder / f"mosaic-{i + 1}-mask.png")
     log(f"sample mosaics to upload on the Diagnose page: {folder}")
+
+
+def ensure_demo_study(log: Callable[[str], None] = print) -> None:
+    """The demo accounts and the demo reader study (test-split specimens, FL and WL arms, unaided, the demo readers),
+    created if missing, so a newcomer can sign in as a reader and read at once. Also upgrades older demo workspaces."""
+    init_db()
+    with session_scope() as session:
+        users = {u.username: u for u in repo.list_users(session)}
+        for username, password, role, display in DEMO_USERS:
+            if username not in users:
+                users[username] = repo.create_user(session, username, password, role, display)
+        if any(s.title == DEMO_STUDY for s in studies.list_studies(session)):
+            return
+        cases = studies.eligible_specimens(session, task="tumor", modalities=("FL", "WL"), splits=("test",))
+        if cases.empty:
+            return
+        pi = users["pi"].id
+        study = studies.create_study(
+            session,
+            title=DEMO_STUDY,
+            description="Read each specimen photo and say whether it shows tumor, with your confidence. "
+            "First every fluorescence (FL) photo, then every white-light (WL) photo, each in your own order.",
+            task="tumor",
+            specimen_ids=[int(i) for i in cases["specimen_id"]],
+            arms=[studies.ArmSpec("FL", "FL"), studies.ArmSpec("WL", "WL")],
+            reader_ids=[u.id for u in users.values() if u.role == "reader"],
+            created_by=pi,
+        )
+    log(
+        f"demo reader study {study.title!r}: {study.n_cases} cases x {len(study.arms)} arms, "
+        f"{len(study.reader_ids)} readers"
+    )

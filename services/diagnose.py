@@ -21,7 +21,15 @@ from db import repo
 from db.repo import ModelInfo
 from db.session import session_scope
 
-__all__ = ["Outcome", "diagnose_files", "extras_path", "heatmap_path", "load_predictor", "record_prediction"]
+__all__ = [
+    "Outcome",
+    "diagnose_files",
+    "extras_path",
+    "heatmap_path",
+    "load_predictor",
+    "npy_bytes",
+    "record_prediction",
+]
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | No
     map_path = None
     if result.heatmap is not None and result.method:
         map_path = heatmap_path(stored.sha256, model, result.method)
-        write_atomic(root / map_path, _npy_bytes(result.heatmap))
+        write_atomic(root / map_path, npy_bytes(result.heatmap))
         if result.extras:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **{k: v.astype(np.float16) for k, v in result.extras.items()})
@@ -166,7 +174,7 @@ def record_prediction(
     return upload_id, prediction_id
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32))
     return buffer.getvalue()

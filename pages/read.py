@@ -1,0 +1,299 @@
+"""Read (reader): blind reading of the studies a reader is invited to, one case at a time.
+
+The server decides which case is shown (the first unanswered one in this reader's own order) and checks every
+answer again when it is stored; nothing typed into the URL or left in session state can reach another case, another
+study, the truth or the AI output of an unaided arm. The answer form is bound to the case it was drawn for, so a
+double click or a late second click can never answer the next case.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app.auth import require_role
+from core.reading import COLORMAPS, DEFAULT_COLORMAP
+from db.audit import log_event
+from db.models import utcnow
+from db.session import session_scope
+from services import studies
+from services.studies import RATING_RANGES, ReaderCase, StudyError, StudyInfo
+
+STUDY_KEY = "read_study"
+REVISE_KEY = "read_revise"  # (arm id, token) of an answered case reopened for a correction
+SHOWN_KEY = "read_shown"  # (arm id, token) -> when this session first showed the case
+FLASH_KEY = "read_flash"
+_CONFIDENCE = {1: "1 · very unsure", 2: "2", 3: "3", 4: "4", 5: "5 · certain"}
+
+user = require_role("reader")
+
+
+def _choose_study(mine: list[StudyInfo]) -> StudyInfo | None:
+    """The study to read: from the URL (``?study=ID``), the picker, or the only open one; but only ever one of the
+    reader's own (anything else is refused and forgotten)."""
+    by_id = {s.id: s for s in mine}
+
+    def own(value: object) -> int | None:
+        try:
+            return int(value) if int(value) in by_id else None
+        except (TypeError, ValueError):
+            return None
+
+    asked = st.query_params.get("study")
+    if asked is not None and own(asked) is None:
+        st.error("That study is not assigned to you. Choose one of your studies below.")
+        del st.query_params["study"]
+        asked = None
+    if STUDY_KEY in st.session_state and own(st.session_state[STUDY_KEY]) is None:
+        st.error("That study is not assigned to you. Choose one of your studies below.")
+        del st.session_state[STUDY_KEY]
+    if STUDY_KEY in st.session_state:
+        pass  # the picker's choice wins over the URL, which follows it below
+    elif asked is not None:  # a new session (a refresh, a bookmark): resume the study in the URL
+        st.session_state[STUDY_KEY] = own(asked)
+    else:
+        candidates = [s.id for s in mine if s.status == "open"] or list(by_id)
+        st.session_state[STUDY_KEY] = candidates[0] if len(candidates) == 1 else None
+    picked = st.selectbox(
+        "Study",
+        list(by_id),
+        format_func=lambda i: f"{by_id[i].title}{'' if by_id[i].status == 'open' else ' (closed)'}",
+        placeholder="Choose a study",
+        key=STUDY_KEY,
+    )
+    if picked is None:
+        return None
+    if st.session_state.get("read_last_study") != picked:
+        st.session_state.pop(REVISE_KEY, None)
+        st.session_state["read_last_study"] = picked
+    st.query_params["study"] = str(picked)
+    return by_id[picked]
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _picture(path: str, modality: str, window: tuple[float, float], colormap: str, heatmap: str | None, alpha: float):
+    return studies.case_png(path, modality, window=window, colormap=colormap, heatmap_path=heatmap, alpha=alpha)
+
+
+def _show_image(case: ReaderCase) -> None:
+    """The case's image, large, with pan/zoom; single-channel modalities get a colormap and an intensity window."""
+    window, colormap = (0.0, 1.0), DEFAULT_COLORMAP
+    controls = st.columns([1, 2, 1]) if case.modality != "WL" else None
+    if controls:
+        colormap = controls[0].selectbox(
+            "Colormap", COLORMAPS, index=COLORMAPS.index(DEFAULT_COLORMAP), key="read_colormap"
+        )
+        window = controls[1].slider("Intensity window", 0.0, 1.0, (0.0, 1.0), 0.01, key="read_window")
+        if window[1] <= window[0]:
+            window = (window[0], min(1.0, window[0] + 0.01)) if window[0] < 1.0 else (0.99, 1.0)
+    heatmap, alpha = None, 0.4
+    if case.ai is not None and case.ai.heatmap_path:
+        column = controls[2] if controls else st
+        if column.toggle("AI heatmap", value=True, key="read_heatmap_on"):
+            heatmap = case.ai.heatmap_path
+            alpha = column.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="read_heatmap_alpha")
+    png = _picture(case.image_path, case.modality, tuple(window), colormap, heatmap, alpha)
+    figure = go.Figure(go.Image(source="data:image/png;base64," + base64.b64encode(png).decode()))
+    figure.update_layout(dragmode="pan", height=640, margin={"l": 0, "r": 0, "t": 0, "b": 0})
+    figure.update_xaxes(visible=False)
+    figure.update_yaxes(visible=False, scaleanchor="x")
+    st.plotly_chart(
+        figure, config={"scrollZoom": True, "displaylogo": False}, width="stretch", key=f"read_image_{case.token}"
+    )
+    st.caption("Drag to pan, scroll to zoom, double-click to reset.")
+
+
+def _show_ai(case: ReaderCase, study: StudyInfo) -> None:
+    if case.ai is None:
+        return
+    parts = []
+    if case.ai.probability is not None:
+        parts.append(f"probability of {study.labels[1]} **{case.ai.probability:.2f}**")
+    if case.ai.decision is not None:
+        parts.append(f"decision **{case.ai.decision}**")
+    if case.ai.heatmap_path:
+        parts.append("heatmap over the image (warm colours: strongest evidence)")
+    if parts:
+        st.info("AI output: " + " · ".join(parts))
+    else:
+        st.warning("The AI output for this case is not ready yet; answer from the image alone or come back later.")
+
+
+def _submit(study_id: int, arm_id: int, token: str, revise: bool) -> None:
+    """Form callback, bound to the case the form was drawn for (its arguments were fixed when it was drawn)."""
+    keys = _keys(arm_id, token)
+    label = st.session_state.get(keys["label"])
+    shown = st.session_state.get(SHOWN_KEY, {}).get((arm_id, token))
+    try:
+        result = studies.record_read(
+            study_id=study_id,
+            reader_id=user.id,
+            arm_id=arm_id,
+            token=token,
+            label=None if label is None else int(label),
+            rating=st.session_state.get(keys["rating"]),
+            comment=st.session_state.get(keys["comment"]),
+            shown_at=shown,
+            revise=revise,
+        )
+    except StudyError as error:
+        st.session_state[FLASH_KEY] = ("error", str(error))
+        return
+    if revise:
+        st.session_state.pop(REVISE_KEY, None)
+        st.session_state[FLASH_KEY] = ("success", f"Correction saved (version {result.version}).")
+    elif result.status == "duplicate":
+        st.session_state[FLASH_KEY] = ("info", result.message + " Here is your next case.")
+    else:
+        st.session_state[FLASH_KEY] = ("success", "Answer saved.")
+
+
+def _keys(arm_id: int, token: str) -> dict[str, str]:
+    return {name: f"read_{name}_{arm_id}_{token}" for name in ("label", "rating", "comment")}
+
+
+def _answer_form(case: ReaderCase, study: StudyInfo, revise: bool) -> None:
+    keys = _keys(case.arm_id, case.token)
+    previous = case.previous
+    with st.form(f"read_form_{case.arm_id}_{case.token}_{int(revise)}", border=True):
+        st.radio(
+            "Diagnosis",
+            (0, 1),
+            index=None if previous is None else previous[0],
+            format_func=lambda i: study.labels[i],
+            horizontal=True,
+            key=keys["label"],
+        )
+        low, high = RATING_RANGES[study.rating_scale]
+        if study.rating_scale == "five":
+            st.radio(
+                "Confidence",
+                list(range(low, high + 1)),
+                index=None if previous is None or previous[1] is None else previous[1] - low,
+                format_func=lambda v: _CONFIDENCE[v],
+                horizontal=True,
+                key=keys["rating"],
+            )
+        else:
+            st.slider(
+                f"Confidence that this is {study.labels[1]} (0 = surely {study.labels[0]}, 100 = surely "
+                f"{study.labels[1]})",
+                low,
+                high,
+                50 if previous is None or previous[1] is None else previous[1],
+                key=keys["rating"],
+            )
+        st.text_input(
+            "Comment (optional)",
+            value="" if previous is None else previous[2] or "",
+            max_chars=studies.MAX_COMMENT,
+            key=keys["comment"],
+        )
+        st.form_submit_button(
+            "Save correction" if revise else "Submit answer",
+            type="primary",
+            shortcut="Ctrl+Enter",
+            on_click=_submit,
+            args=(study.id, case.arm_id, case.token, revise),
+        )
+    st.caption("Keyboard: Tab and the arrow keys choose, Ctrl+Enter (⌘+Enter) submits.")
+
+
+def _note_shown(case: ReaderCase) -> None:
+    """Remember when this session first showed the case (the read's start), and audit the view once."""
+    shown = st.session_state.setdefault(SHOWN_KEY, {})
+    if (case.arm_id, case.token) not in shown:
+        shown[(case.arm_id, case.token)] = utcnow()
+        with session_scope() as session:
+            log_event(
+                session, "case_shown", user_id=user.id, study_id=case.study_id, arm=case.arm_name, case=case.token
+            )
+
+
+def _training(study: StudyInfo) -> None:
+    with session_scope() as session:
+        cases = studies.training_cases(session, study.id, user.id)
+    st.subheader("Training cases")
+    st.write(
+        f"Before reading, look at these {len(cases)} cases with their truth; they are not part of the study and "
+        "nothing you do here is recorded as an answer."
+    )
+    for column, (path, modality, truth) in zip(st.columns(min(4, len(cases))) * len(cases), cases, strict=False):
+        column.image(_picture(path, modality, (0.0, 1.0), DEFAULT_COLORMAP, None, 0.0), caption=f"Truth: {truth}")
+    if st.button("I have reviewed the training cases: start reading", type="primary"):
+        with session_scope() as session:
+            studies.complete_training(session, study.id, user.id)
+        st.rerun()
+
+
+def _revision_picker(study: StudyInfo) -> tuple[int, str] | None:
+    if not study.allow_revisions:
+        st.session_state.pop(REVISE_KEY, None)
+        return None
+    with session_scope() as session:
+        answered = studies.revisable_cases(session, study.id, user.id)
+    if answered:
+        with st.expander("Go back to a case you answered"):
+            labels = {(arm_id, token): f"{arm} · case {k}: {words}" for arm_id, arm, token, k, words in answered}
+            choice = st.selectbox("Answered case", list(labels), format_func=labels.get, key="read_revise_pick")
+            if st.button("Open it to correct", key="read_revise_open"):
+                st.session_state[REVISE_KEY] = choice
+    return st.session_state.get(REVISE_KEY)
+
+
+st.title("Read")
+with session_scope() as session:
+    mine = studies.reader_studies(session, user.id)
+if not mine:
+    st.info("No reader study is assigned to you yet. Your study coordinator will invite you when one opens.")
+    st.stop()
+study = _choose_study(mine)
+if study is None:
+    st.stop()
+if study.description:
+    st.caption(study.description)
+flash = st.session_state.pop(FLASH_KEY, None)
+if flash:
+    getattr(st, flash[0])(flash[1])
+
+revising = _revision_picker(study)
+try:
+    with session_scope() as session:
+        if revising:
+            case = studies.case_for_revision(session, study.id, user.id, *revising)
+            state = studies.ReaderState("case", case=case)
+        else:
+            state = studies.reader_state(session, study.id, user.id)
+except StudyError as error:
+    st.session_state.pop(REVISE_KEY, None)
+    st.error(str(error))
+    st.stop()
+
+if state.kind == "training":
+    _training(study)
+elif state.kind != "case":
+    (st.success if state.kind == "done" else st.info if state.kind == "washout" else st.warning)(state.message)
+else:
+    case = state.case
+    _note_shown(case)
+    if revising:
+        st.warning(f"Correcting your answer to case {case.k} of {case.n} ({case.arm_name}). The old answer is kept.")
+        if st.button("Back to reading without changing it", key="read_revise_cancel"):
+            st.session_state.pop(REVISE_KEY, None)
+            st.rerun()
+    st.markdown(f"**Arm {case.arm_number} of {case.n_arms}: {case.arm_name}** · case **{case.k}** of **{case.n}**")
+    st.progress((case.k - 1) / case.n)
+    if case.ai is not None and case.ai.model_name == "":
+        from services.study_ai import ensure_case_ai
+
+        with st.spinner("Preparing the AI output for this case..."):
+            ensure_case_ai(study.id, case.arm_id, case.token)
+        st.rerun()
+    image_column, answer_column = st.columns([3, 1], gap="medium")
+    with image_column:
+        _show_image(case)
+    with answer_column:
+        _show_ai(case, study)
+        _answer_form(case, study, revise=bool(revising))

@@ -1,0 +1,282 @@
+"""Studies (PI): set up blind reader studies, follow each reader's progress, close them, export and import reads,
+and read the audit log."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app.auth import require_role
+from app.widgets import filterable_table
+from core.train import DECISIONS
+from db import repo
+from db.audit import audit_table
+from db.models import MODALITIES
+from db.session import session_scope
+from services import studies
+from services.studies import ArmSpec, StudyError, StudyInfo
+
+user = require_role("pi")
+_NO_HEATMAP = "none"
+_HEATMAPS = (_NO_HEATMAP, "gradcam", "cam", "guided-gradcam", "scorecam")
+_TASKS = ("tumor", "grade", "ki67")
+
+
+def _arms_editor() -> list[ArmSpec] | None:
+    """The arms as an editable table; None (with the reason shown) when a row is incomplete."""
+    with session_scope() as session:
+        models = {m.name: m for m in repo.list_models(session) if m.task in _TASKS}
+    default = pd.DataFrame(
+        [
+            {"name": "FL", "modality": "FL", "model": None, "probability": False, "decision": False},
+            {"name": "WL", "modality": "WL", "model": None, "probability": False, "decision": False},
+        ]
+    ).assign(heatmap=_NO_HEATMAP, washout_days=0)
+    edited = st.data_editor(
+        default,
+        num_rows="dynamic",
+        hide_index=True,
+        key="studies_arms",
+        column_config={
+            "name": st.column_config.TextColumn("Arm", required=True, max_chars=64),
+            "modality": st.column_config.SelectboxColumn("Modality", options=MODALITIES, required=True),
+            "model": st.column_config.SelectboxColumn("AI model (aided arms)", options=list(models)),
+            "probability": st.column_config.CheckboxColumn("Show probability"),
+            "decision": st.column_config.CheckboxColumn("Show decision"),
+            "heatmap": st.column_config.SelectboxColumn("Show heatmap", options=_HEATMAPS),
+            "washout_days": st.column_config.NumberColumn("Wash-out (days)", min_value=0, max_value=365, step=1),
+        },
+    )
+    arms = []
+    for row in edited.to_dict("records"):
+        if not row.get("name") or not row.get("modality"):
+            st.warning("Every arm needs a name and a modality.")
+            return None
+        model = models.get(row.get("model") or "")
+        arms.append(
+            ArmSpec(
+                name=str(row["name"]),
+                modality=row["modality"],
+                model_id=model.id if model else None,
+                show_probability=bool(row.get("probability")),
+                show_decision=bool(row.get("decision")),
+                heatmap_method=None if row.get("heatmap") in (None, _NO_HEATMAP) else row["heatmap"],
+                washout_days=int(row.get("washout_days") or 0),
+            )
+        )
+    return arms
+
+
+def _new_study() -> None:
+    st.subheader("New study")
+    title = st.text_input("Title", key="studies_title", placeholder="e.g. FL vs WL, three neurosurgeons")
+    description = st.text_area("Instructions for readers (optional)", key="studies_description")
+    task = st.selectbox("Question", _TASKS, format_func=lambda t: " / ".join(DECISIONS[t]), key="studies_task")
+    st.markdown("**Arms**: what readers see in each reading condition, read in this order.")
+    arms = _arms_editor()
+    if arms is None:
+        return
+    splits = st.multiselect("Cases from the splits", ("test", "val", "train"), default=["test"], key="studies_splits")
+    with session_scope() as session:
+        try:
+            eligible = studies.eligible_specimens(
+                session, task=task, modalities=[a.modality for a in arms], splits=splits
+            )
+            training_pool = studies.eligible_specimens(
+                session, task=task, modalities=[a.modality for a in arms], splits=("train",)
+            )
+        except StudyError as error:
+            st.error(str(error))
+            return
+        readers = [u for u in repo.list_users(session) if u.role == "reader"]
+    if eligible.empty:
+        st.warning("No specimen in these splits has an image in every arm's modality and a known label.")
+        return
+    counts = eligible["truth"].value_counts()
+    st.caption(
+        f"{len(eligible)} eligible specimens: {counts.get(1, 0)} {DECISIONS[task][1]}, "
+        f"{counts.get(0, 0)} {DECISIONS[task][0]}."
+    )
+    columns = st.columns(3)
+    limit = columns[0].number_input(
+        "Cases (a random sample; all by default)", 1, len(eligible), len(eligible), key="studies_limit"
+    )
+    pool = training_pool[~training_pool["specimen_id"].isin(eligible["specimen_id"])]
+    n_training = columns[1].number_input(
+        "Training cases shown with truth first", 0, min(20, len(pool)), 0, key="studies_training"
+    )
+    scale = columns[2].radio(
+        "Confidence scale",
+        ("five", "hundred"),
+        format_func={"five": "5-point", "hundred": "0-100"}.get,
+        horizontal=True,
+        key="studies_scale",
+    )
+    revisions = st.checkbox("Readers may go back and correct answers (kept as versions)", key="studies_revisions")
+    invited = st.multiselect(
+        "Readers",
+        [u.id for u in readers],
+        format_func={u.id: f"{u.display_name} ({u.username})" for u in readers}.get,
+        key="studies_readers",
+    )
+    if st.button("Create study", type="primary", key="studies_create"):
+        chosen = eligible.sample(n=int(limit), random_state=0) if limit < len(eligible) else eligible
+        training = pool.sample(n=int(n_training), random_state=0) if n_training else pool.head(0)
+        try:
+            with session_scope() as session:
+                study = studies.create_study(
+                    session,
+                    title=title,
+                    description=description,
+                    task=task,
+                    specimen_ids=[int(i) for i in chosen["specimen_id"]],
+                    arms=arms,
+                    rating_scale=scale,
+                    allow_revisions=revisions,
+                    training_specimen_ids=[int(i) for i in training["specimen_id"]],
+                    reader_ids=invited,
+                    created_by=user.id,
+                )
+        except StudyError as error:
+            st.error(str(error))
+            return
+        if any(a.aided for a in study.arms):
+            from services.study_ai import prepare_study_ai
+
+            bar = st.progress(0.0, "Computing the AI output the aided arms show...")
+            prepare_study_ai(study.id, progress=lambda done, total: bar.progress(done / total, f"{done} of {total}"))
+        st.session_state["studies_open"] = study.id
+        st.session_state["studies_flash"] = f"Study “{study.title}” created with {study.n_cases} cases."
+        st.rerun()
+
+
+def _study_view(study: StudyInfo) -> None:
+    badges = [study.status, "frozen (has reads)" if study.frozen else "editable (no reads yet)"]
+    if study.simulated:
+        badges.append("SIMULATED reads")
+    st.markdown(f"### {study.title}  \n" + " · ".join(f"`{b}`" for b in badges))
+    if study.description:
+        st.caption(study.description)
+    st.markdown(
+        f"{study.n_cases} cases ({study.n_training} training), question {' / '.join(study.labels)}, "
+        f"confidence {'1-5' if study.rating_scale == 'five' else '0-100'}, corrections "
+        f"{'allowed' if study.allow_revisions else 'not allowed'}.  \n"
+        + "  \n".join(f"Arm {a.position + 1}: {a.describe()}" for a in study.arms)
+    )
+    with session_scope() as session:
+        progress = studies.study_progress(session, study.id)
+        readers = [u for u in repo.list_users(session) if u.role == "reader" and u.id not in study.reader_ids]
+    if not progress.empty:
+        total = progress["answered"].sum() / max(1, len(progress) * study.n_cases)
+        st.progress(float(total), f"{total:.0%} of all reads done")
+        st.dataframe(progress, hide_index=True)
+    else:
+        st.info("No reader invited yet.")
+    left, right = st.columns(2)
+    with left:
+        if readers:
+            more = st.multiselect(
+                "Invite readers",
+                [u.id for u in readers],
+                format_func={u.id: f"{u.display_name} ({u.username})" for u in readers}.get,
+                key=f"studies_invite_{study.id}",
+            )
+            if more and st.button("Invite", key=f"studies_invite_go_{study.id}"):
+                with session_scope() as session:
+                    studies.invite_readers(session, study.id, more, user_id=user.id)
+                st.rerun()
+    with right:
+        closing = study.status == "open"
+        if st.button("Close the study" if closing else "Reopen the study", key=f"studies_status_{study.id}"):
+            with session_scope() as session:
+                studies.set_status(session, study.id, "closed" if closing else "open", user_id=user.id)
+            st.rerun()
+    _exports(study)
+    _import(study)
+    with st.expander("Audit log of this study"), session_scope() as session:
+        filterable_table(audit_table(session, study.id), key=f"studies_audit_{study.id}", file_name="audit.csv")
+
+
+def _exports(study: StudyInfo) -> None:
+    """Downloads built only when clicked (each is audited), not on every rerun."""
+
+    def reads(history: bool):
+        def build() -> bytes:
+            with session_scope() as session:
+                return studies.export_reads(session, study.id, user_id=user.id, history=history).to_csv(index=False)
+
+        return build
+
+    def cases() -> bytes:
+        with session_scope() as session:
+            return studies.export_cases(session, study.id, user_id=user.id).to_csv(index=False)
+
+    st.markdown(f"**Export** (long format: `case_id, reader_id, arm, label, rating, ...`; label 1 = {study.labels[1]})")
+    columns = st.columns(3)
+    columns[0].download_button("Reads (latest answers)", reads(False), f"study-{study.id}-reads.csv", "text/csv",
+                               key=f"studies_x_reads_{study.id}", on_click="ignore")  # fmt: skip
+    columns[1].download_button("Answer history (all versions)", reads(True), f"study-{study.id}-history.csv",
+                               "text/csv", key=f"studies_x_history_{study.id}", on_click="ignore")  # fmt: skip
+    columns[2].download_button("Cases with truth", cases, f"study-{study.id}-cases.csv", "text/csv",
+                               key=f"studies_x_cases_{study.id}", on_click="ignore")  # fmt: skip
+
+
+def _import(study: StudyInfo) -> None:
+    with st.expander("Import reads collected elsewhere (CSV in the export format)"):
+        upload = st.file_uploader("Reads CSV", type=["csv"], key=f"studies_import_{study.id}")
+        create = st.checkbox(
+            "Create (inactive) reader accounts for unknown reader ids", key=f"studies_import_create_{study.id}"
+        )
+        if upload is not None and st.button("Import", key=f"studies_import_go_{study.id}"):
+            with session_scope() as session:
+                report = studies.import_reads(
+                    session, study.id, upload.getvalue(), user_id=user.id, create_readers=create
+                )
+            if report.errors:
+                st.error(
+                    f"Nothing was imported: {len(report.errors)} problem(s) in {report.rows} row(s). "
+                    "Fix them in the file and import it again."
+                )
+                st.dataframe(pd.DataFrame({"problem": report.errors}), hide_index=True)
+            else:
+                created = (
+                    f"; new reader accounts: {', '.join(report.created_readers)}" if report.created_readers else ""
+                )
+                st.success(f"Imported {report.imported} reads{created}.")
+
+
+st.title("Reader studies")
+if "studies_flash" in st.session_state:
+    st.success(st.session_state.pop("studies_flash"))
+with session_scope() as session:
+    all_studies = studies.list_studies(session)
+overview, create = st.tabs(["Studies", "New study"])
+with create:
+    _new_study()
+with overview:
+    if not all_studies:
+        st.info("No study yet: create one in the “New study” tab.")
+    else:
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "id": s.id,
+                        "title": s.title + (" (simulated)" if s.simulated else ""),
+                        "status": s.status,
+                        "arms": ", ".join(a.name for a in s.arms),
+                        "cases": s.n_cases,
+                        "readers": len(s.reader_ids),
+                        "frozen": s.frozen,
+                        "created": s.created_at,
+                    }
+                    for s in all_studies
+                ]
+            ),
+            hide_index=True,
+        )
+        by_id = {s.id: s for s in all_studies}
+        if st.session_state.get("studies_open") in by_id:  # just created: open it
+            st.session_state["studies_pick"] = st.session_state.pop("studies_open")
+        chosen = st.selectbox("Open a study", list(by_id), format_func=lambda i: by_id[i].title, key="studies_pick")
+        _study_view(by_id[chosen])

@@ -1,0 +1,108 @@
+"""The AI output an aided arm shows: one stored prediction (and heatmap) per case image and arm model.
+
+Computed when the PI creates the study (``prepare_study_ai``, with progress) and, should one be missing, on the
+reader's first view of the case (``ensure_case_ai``). Predictions on specimen images are ordinary ``predictions``
+rows (``image_id`` set), so the Data page and the Results page see them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from core.data.io import read_image
+from core.data.store import write_atomic
+from core.predict import Predictor
+from core.settings import workspace_dir
+from db import repo
+from db.models import Prediction, SpecimenImage, StudyArm, StudyCase
+from db.session import session_scope
+from services.diagnose import heatmap_path, load_predictor, npy_bytes
+
+__all__ = ["ensure_case_ai", "missing_ai", "prepare_study_ai"]
+
+
+def missing_ai(study_id: int, database: str | None = None) -> list[tuple[int, int]]:
+    """(arm id, specimen image id) pairs of aided arms that have no stored AI output yet."""
+    with session_scope(database) as session:
+        arms = session.scalars(select(StudyArm).where(StudyArm.study_id == study_id)).all()
+        out = []
+        for arm in arms:
+            if arm.model_id is None:
+                continue
+            images = session.scalars(
+                select(SpecimenImage.id)
+                .join(StudyCase, StudyCase.specimen_id == SpecimenImage.specimen_id)
+                .where(
+                    StudyCase.study_id == study_id,
+                    StudyCase.training.is_(False),
+                    SpecimenImage.modality == arm.modality,
+                )
+            ).all()
+            stmt = select(Prediction.image_id).where(
+                Prediction.model_id == arm.model_id, Prediction.image_id.in_(images)
+            )
+            if arm.heatmap_method:
+                stmt = stmt.where(Prediction.heatmap_method == arm.heatmap_method)
+            done = set(session.scalars(stmt))
+            out.extend((arm.id, image_id) for image_id in images if image_id not in done)
+    return out
+
+
+def prepare_study_ai(
+    study_id: int, *, database: str | None = None, progress: Callable[[int, int], None] | None = None
+) -> int:
+    """Compute and store every missing AI output of the study's aided arms; returns how many were computed."""
+    todo = missing_ai(study_id, database)
+    predictors: dict[str, Predictor] = {}
+    for done, (arm_id, image_id) in enumerate(todo, start=1):
+        _compute_one(arm_id, image_id, database, predictors)
+        if progress:
+            progress(done, len(todo))
+    return len(todo)
+
+
+def ensure_case_ai(study_id: int, arm_id: int, token: str, database: str | None = None) -> None:
+    """Compute the AI output of one case in one aided arm if it is missing (a reader's first view of it)."""
+    with session_scope(database) as session:
+        case = session.scalar(select(StudyCase).where(StudyCase.token == token, StudyCase.study_id == study_id))
+        arm = session.get(StudyArm, arm_id)
+        if case is None or arm is None or arm.study_id != study_id or arm.model_id is None:
+            return
+        image_id = session.scalar(
+            select(SpecimenImage.id).where(
+                SpecimenImage.specimen_id == case.specimen_id, SpecimenImage.modality == arm.modality
+            )
+        )
+    if (arm_id, image_id) in set(missing_ai(study_id, database)):
+        _compute_one(arm_id, image_id, database, {})
+
+
+def _compute_one(arm_id: int, image_id: int, database: str | None, predictors: dict[str, Predictor]) -> None:
+    """Predict one specimen image with an arm's model (loaded once per ``predictors`` cache) and store it."""
+    root = workspace_dir()
+    with session_scope(database) as session:
+        arm = session.get(StudyArm, arm_id)
+        image = session.get(SpecimenImage, image_id)
+        model = repo.find_model(session, arm.model_id)
+        method, path, sha = arm.heatmap_method, image.path, image.sha256
+    if model.checkpoint_sha256 not in predictors:
+        predictors[model.checkpoint_sha256] = load_predictor(model)
+    (result,) = predictors[model.checkpoint_sha256].diagnose([read_image(root / path)], heatmap=method)
+    map_path = None
+    if method and result.heatmap is not None:
+        map_path = heatmap_path(sha, model, method)
+        write_atomic(root / map_path, npy_bytes(result.heatmap))
+    with session_scope(database) as session:
+        repo.add_prediction(
+            session,
+            model_id=model.id,
+            image_id=image_id,
+            probability=result.probability,
+            threshold=result.threshold,
+            heatmap_method=method if map_path else None,
+            heatmap_path=map_path,
+            device=result.device,
+            seconds=result.seconds,
+        )
