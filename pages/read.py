@@ -9,6 +9,8 @@ double click or a late second click can never answer the next case.
 from __future__ import annotations
 
 import base64
+import contextlib
+import threading
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -201,6 +203,21 @@ def _answer_form(case: ReaderCase, study: StudyInfo, revise: bool) -> None:
     st.caption("Keyboard: Tab and the arrow keys choose, Ctrl+Enter (⌘+Enter) submits.")
 
 
+def _render_ahead(study_id: int, colormap: str) -> None:
+    """Render this reader's next cases in the background (kept in the case cache), so the next one is served from
+    disk instead of being decoded, rendered and encoded while the reader waits."""
+    with session_scope() as session:
+        upcoming = studies.upcoming_images(session, study_id, user.id)
+
+    def work() -> None:
+        for path, modality in upcoming:
+            with contextlib.suppress(Exception):  # a failure here only means the case renders when it is shown
+                studies.case_png(path, modality, colormap=colormap)
+
+    if upcoming:
+        threading.Thread(target=work, name="read-ahead", daemon=True).start()
+
+
 def _note_shown(case: ReaderCase) -> None:
     """Remember when this session first showed the case (the read's start), and audit the view once."""
     shown = st.session_state.setdefault(SHOWN_KEY, {})
@@ -297,3 +314,5 @@ else:
     with answer_column:
         _show_ai(case, study)
         _answer_form(case, study, revise=bool(revising))
+    if not revising:
+        _render_ahead(study.id, st.session_state.get("read_colormap", DEFAULT_COLORMAP))
