@@ -1,6 +1,7 @@
 """The command line: ``python -m core <command>``.
 
-Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``. Errors a
+Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``, ``studies``.
+Errors a
 user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
 
@@ -260,6 +261,49 @@ def _cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_studies(args: argparse.Namespace) -> int:
+    """List reader studies, export their reads (and truth), or import reads collected elsewhere."""
+    from services import studies
+
+    init_db()
+    if args.action == "list":
+        with session_scope() as session:
+            for study in studies.list_studies(session):
+                flags = " simulated" if study.simulated else ""
+                print(
+                    f"{study.id:>4}  {study.title:<40} {study.status:<6} {study.n_cases:>5} cases  "
+                    f"{len(study.arms)} arms  {len(study.reader_ids)} readers{flags}"
+                )
+        return 0
+    if args.study is None:
+        raise UsageError(f"studies {args.action} needs the study id (see `python -m core studies list`)")
+    if args.action == "export":
+        if not args.out:
+            raise UsageError("studies export needs --out FILE.csv")
+        with session_scope() as session:
+            reads = studies.export_reads(session, args.study, user_id=None, history=args.history)
+            cases = studies.export_cases(session, args.study, user_id=None) if args.cases else None
+        reads.to_csv(args.out, index=False)
+        print(f"{len(reads)} reads -> {args.out}")
+        if cases is not None:
+            cases.to_csv(args.cases, index=False)
+            print(f"{len(cases)} cases with truth -> {args.cases}")
+        return 0
+    if not args.file:
+        raise UsageError("studies import needs --file READS.csv")
+    with session_scope() as session:
+        report = studies.import_reads(
+            session, args.study, Path(args.file).read_bytes(), user_id=None, create_readers=args.create_readers
+        )
+    if report.errors:
+        for error in report.errors:
+            print(f"  {error}", file=sys.stderr)
+        raise UsageError(f"nothing imported: {len(report.errors)} problem(s) in {report.rows} row(s); fix the file")
+    created = ", ".join(report.created_readers)
+    print(f"imported {report.imported} reads" + (f"; new inactive reader accounts: {created}" if created else ""))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,6 +381,16 @@ def _parser() -> argparse.ArgumentParser:
     users.add_argument("--role", choices=ROLES, default="reader")
     users.add_argument("--display-name")
     users.set_defaults(run=_cmd_users)
+
+    study = sub.add_parser("studies", help="list reader studies, export their reads, import reads")
+    study.add_argument("action", choices=["list", "export", "import"])
+    study.add_argument("study", nargs="?", type=int, help="study id (export, import)")
+    study.add_argument("--out", help="export: the reads CSV to write (long format)")
+    study.add_argument("--history", action="store_true", help="export every version of corrected answers")
+    study.add_argument("--cases", help="export: also write the cases with their truth to this CSV")
+    study.add_argument("--file", help="import: the reads CSV to read")
+    study.add_argument("--create-readers", action="store_true", help="import: add unknown readers as inactive")
+    study.set_defaults(run=_cmd_studies)
     return parser
 
 

@@ -69,7 +69,11 @@ def test_the_cases_after_the_current_one_are_the_next_ones_served(use_trained):
 def test_windowing_and_the_png_carry_only_pixels():
     gray = np.linspace(0, 1, 64 * 80, dtype=np.float32).reshape(64, 80)
     picture = windowed(gray, 0.25, 0.75, "Gray")
-    assert picture[0, 0, 0] == 0 and picture[-1, -1, 0] == 255 and int(picture[32, 40, 0]) == round((gray[32, 40] - 0.25) / 0.5 * 255)
+    assert (
+        picture[0, 0, 0] == 0
+        and picture[-1, -1, 0] == 255
+        and int(picture[32, 40, 0]) == round((gray[32, 40] - 0.25) / 0.5 * 255)
+    )
     for low, high in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.2)):
         with pytest.raises(ValueError, match="window"):
             windowed(gray, low, high)
