@@ -253,3 +253,42 @@ def test_study_pages_refuse_other_roles(use_trained, role, page):
     at = _page(page, {"pi": pi, "reader": reader, "clinician": clinician}[role])
     assert [e.value for e in at.error] == [f"This page is not available to the {role} role."]
     assert not at.dataframe and not at.radio
+
+
+def test_an_aided_arm_shows_the_models_output_computed_when_the_study_was_made(use_trained):
+    from services.study_ai import missing_ai, prepare_study_ai
+
+    with session_scope() as s:
+        model = repo.find_model(s, "tiny-FL")
+    arm = ArmSpec("FL + AI", "FL", model_id=model.id, show_probability=True, show_decision=True, heatmap_method="cam")
+    study, _, (reader, _) = _setup(arms=(ArmSpec("FL", "FL"), arm))
+    assert len(missing_ai(study.id)) == study.n_cases  # only the aided arm needs outputs
+    seen = []
+    assert prepare_study_ai(study.id, progress=lambda done, total: seen.append((done, total))) == study.n_cases
+    assert seen[-1] == (study.n_cases, study.n_cases) and missing_ai(study.id) == []
+    at = _page(READ, reader)
+    assert "AI output" not in _everything_sent(at)  # the unaided arm first
+    for _ in range(study.n_cases):
+        with session_scope() as s:  # one transaction per page run: a long one would keep seeing its first snapshot
+            case = studies.reader_state(s, study.id, reader).case
+        studies.record_read(
+            study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=0, rating=1
+        )
+    with session_scope() as s:
+        case = studies.reader_state(s, study.id, reader).case
+        prediction = s.scalar(
+            select(repo.Prediction)
+            .join(SpecimenImage, SpecimenImage.id == repo.Prediction.image_id)
+            .join(StudyCase, StudyCase.specimen_id == SpecimenImage.specimen_id)
+            .where(StudyCase.token == case.token, SpecimenImage.modality == "FL", repo.Prediction.model_id == model.id)
+        )
+    at = _page(READ, reader)
+    assert _progress(at) == (1, study.n_cases) and "FL + AI" in _everything_sent(at)
+    (info,) = [i.value for i in at.info if i.value.startswith("AI output")]
+    assert f"**{prediction.probability:.2f}**" in info and ("**tumor**" in info or "**non-tumor**" in info)
+    assert at.toggle(key="read_heatmap_on").value is True
+    with_map = _everything_sent(at)
+    at.toggle(key="read_heatmap_on").set_value(False).run()
+    assert re.search(r"base64,([A-Za-z0-9+/=]+)", _everything_sent(at)).group(1) != re.search(
+        r"base64,([A-Za-z0-9+/=]+)", with_map
+    ).group(1)
