@@ -129,3 +129,31 @@ def in_rcm(rcm_workspace, monkeypatch):
     monkeypatch.setenv("IOAI_WORKSPACE", str(root))
     monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
     return root, info
+
+
+def reader_study(n_readers: int = 2, **options):
+    """A fresh PI, ``n_readers`` readers and a study over the current workspace's test-split FL and WL images (arms FL
+    then WL unless ``arms=`` is given), all with unique names. Returns ``(study, pi id, reader ids)``."""
+    import uuid
+
+    from db import repo
+    from db.session import init_db, session_scope
+    from services import studies
+
+    init_db()
+    tag = uuid.uuid4().hex[:8]
+    with session_scope() as s:
+        pi = repo.create_user(s, f"pi-{tag}", "pw-pi-123", "pi").id
+        readers = [repo.create_user(s, f"r{i}-{tag}", "pw-reader-1", "reader").id for i in range(n_readers)]
+        cases = studies.eligible_specimens(s, task="tumor", modalities=("FL", "WL"), splits=("test",))
+        study = studies.create_study(
+            s,
+            title=f"Study {tag}",
+            task="tumor",
+            specimen_ids=[int(i) for i in cases["specimen_id"]],
+            arms=options.pop("arms", (studies.ArmSpec("FL", "FL"), studies.ArmSpec("WL", "WL"))),
+            reader_ids=readers,
+            created_by=pi,
+            **options,
+        )
+    return study, pi, readers

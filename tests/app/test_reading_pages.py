@@ -16,34 +16,14 @@ from streamlit.testing.v1 import AppTest
 
 from db import repo
 from db.models import AuditEvent, Read, Specimen, SpecimenImage, StudyCase
-from db.session import init_db, session_scope
+from db.session import session_scope
 from services import studies
 from services.studies import ArmSpec
+from tests.conftest import reader_study
 
 ROOT = Path(__file__).resolve().parents[2]
 READ = str(ROOT / "pages" / "read.py")
 STUDIES = str(ROOT / "pages" / "studies.py")
-
-
-def _setup(n_readers=2, **options):
-    """Fresh PI and readers, and a study over the test split's FL and WL images. Returns (study, pi id, reader ids)."""
-    init_db()
-    tag = uuid.uuid4().hex[:8]
-    with session_scope() as s:
-        pi = repo.create_user(s, f"pi-{tag}", "pw-pi-123", "pi").id
-        readers = [repo.create_user(s, f"r{i}-{tag}", "pw-reader-1", "reader").id for i in range(n_readers)]
-        cases = studies.eligible_specimens(s, task="tumor", modalities=("FL", "WL"), splits=("test",))
-        study = studies.create_study(
-            s,
-            title=f"Study {tag}",
-            task="tumor",
-            specimen_ids=[int(i) for i in cases["specimen_id"]],
-            arms=options.pop("arms", (ArmSpec("FL", "FL"), ArmSpec("WL", "WL"))),
-            reader_ids=readers,
-            created_by=pi,
-            **options,
-        )
-    return study, pi, readers
 
 
 def _page(path, user_id, query=None):
@@ -86,7 +66,7 @@ def _walk(node):
 
 
 def test_a_reader_answers_case_after_case_and_resumes_after_a_new_session(use_trained):
-    study, _, (reader, _) = _setup()
+    study, _, (reader, _) = reader_study()
     at = _page(READ, reader)
     assert not at.exception and _progress(at) == (1, study.n_cases)
     first, at = _answer(at, 1, 4)
@@ -105,7 +85,7 @@ def test_a_reader_answers_case_after_case_and_resumes_after_a_new_session(use_tr
 
 
 def test_an_incomplete_answer_is_refused_with_a_message_and_stores_nothing(use_trained):
-    study, _, (reader, _) = _setup()
+    study, _, (reader, _) = reader_study()
     at = _page(READ, reader)
     next(b for b in at.button if b.label == "Submit answer").click()
     at.run()
@@ -117,7 +97,7 @@ def test_an_incomplete_answer_is_refused_with_a_message_and_stores_nothing(use_t
 def test_the_page_holds_nothing_that_tells_the_truth_or_the_specimen(use_trained):
     """Two cases with opposite truths give the same page apart from the pixels, the opaque token and the position;
     the specimen code, patient, stored file name and digest appear nowhere, and the PNG has no metadata chunks."""
-    study, _, (reader, _) = _setup()
+    study, _, (reader, _) = reader_study()
     with session_scope() as s:
         truth_of = dict(
             s.execute(
@@ -160,8 +140,8 @@ def test_the_page_holds_nothing_that_tells_the_truth_or_the_specimen(use_trained
 
 @pytest.mark.parametrize("where", ["url", "session"])
 def test_a_study_not_assigned_is_refused_whether_typed_in_the_url_or_forced_into_session_state(use_trained, where):
-    mine, _, (reader, _) = _setup()
-    other, _, _ = _setup()
+    mine, _, (reader, _) = reader_study()
+    other, _, _ = reader_study()
     at = AppTest.from_file(READ, default_timeout=60)
     at.session_state["auth_user_id"] = reader
     if where == "url":
@@ -177,7 +157,7 @@ def test_a_study_not_assigned_is_refused_whether_typed_in_the_url_or_forced_into
 
 def test_a_forged_correction_request_is_refused(use_trained):
     """Without corrections allowed, a (arm, token) pushed into session state never reopens a case."""
-    study, _, (reader, other) = _setup()
+    study, _, (reader, other) = reader_study()
     at = _page(READ, other)
     theirs, _ = _answer(at, 1, 5)  # another reader's answered case
     at = AppTest.from_file(READ, default_timeout=60)
@@ -188,7 +168,7 @@ def test_a_forged_correction_request_is_refused(use_trained):
 
 
 def test_corrections_where_allowed_keep_the_old_answer(use_trained):
-    study, _, (reader, _) = _setup(allow_revisions=True)
+    study, _, (reader, _) = reader_study(allow_revisions=True)
     at = _page(READ, reader)
     first, at = _answer(at, 1, 2)
     at.selectbox(key="read_revise_pick").set_value((study.arms[0].id, first))
@@ -208,7 +188,7 @@ def test_corrections_where_allowed_keep_the_old_answer(use_trained):
 def test_training_cases_then_reading(use_trained):
     with session_scope() as s:
         pool = studies.eligible_specimens(s, task="tumor", modalities=("FL", "WL"), splits=("train",))
-    study, _, (reader, _) = _setup(training_specimen_ids=[int(i) for i in pool["specimen_id"][:2]])
+    study, _, (reader, _) = reader_study(training_specimen_ids=[int(i) for i in pool["specimen_id"][:2]])
     at = _page(READ, reader)
     assert "Truth:" in _everything_sent(at) and _progress(at) is None
     next(b for b in at.button if b.label.startswith("I have reviewed")).click()
@@ -217,7 +197,7 @@ def test_training_cases_then_reading(use_trained):
 
 
 def test_a_closed_study_says_so(use_trained):
-    study, pi, (reader, _) = _setup()
+    study, pi, (reader, _) = reader_study()
     with session_scope() as s:
         studies.set_status(s, study.id, "closed", user_id=pi)
     at = _page(READ, reader)
@@ -225,7 +205,7 @@ def test_a_closed_study_says_so(use_trained):
 
 
 def test_the_pi_creates_follows_and_closes_a_study(use_trained):
-    _, pi, (reader, _) = _setup()
+    _, pi, (reader, _) = reader_study()
     at = _page(STUDIES, pi)
     assert not at.exception
     title = f"Created on the page {uuid.uuid4().hex[:6]}"
@@ -247,7 +227,7 @@ def test_the_pi_creates_follows_and_closes_a_study(use_trained):
 
 @pytest.mark.parametrize(("role", "page"), [("reader", STUDIES), ("clinician", STUDIES), ("pi", READ)])
 def test_study_pages_refuse_other_roles(use_trained, role, page):
-    _, pi, (reader, _) = _setup()
+    _, pi, (reader, _) = reader_study()
     with session_scope() as s:
         clinician = repo.create_user(s, f"c-{uuid.uuid4().hex[:6]}", "pw-clin-12", "clinician").id
     at = _page(page, {"pi": pi, "reader": reader, "clinician": clinician}[role])
@@ -261,7 +241,7 @@ def test_an_aided_arm_shows_the_models_output_computed_when_the_study_was_made(u
     with session_scope() as s:
         model = repo.find_model(s, "tiny-FL")
     arm = ArmSpec("FL + AI", "FL", model_id=model.id, show_probability=True, show_decision=True, heatmap_method="cam")
-    study, _, (reader, _) = _setup(arms=(ArmSpec("FL", "FL"), arm))
+    study, _, (reader, _) = reader_study(arms=(ArmSpec("FL", "FL"), arm))
     assert len(missing_ai(study.id)) == study.n_cases  # only the aided arm needs outputs
     seen = []
     assert prepare_study_ai(study.id, progress=lambda done, total: seen.append((done, total))) == study.n_cases
