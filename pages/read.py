@@ -146,9 +146,10 @@ def _submit(study_id: int, arm_id: int, token: str, revise: bool) -> None:
     if revise:
         st.session_state.pop(REVISE_KEY, None)
         st.session_state[FLASH_KEY] = ("success", f"Correction saved (version {result.version}).")
-    elif result.status == "duplicate":
+    elif result.status == "duplicate" and st.session_state.get("read_last_saved") != (arm_id, token):
         st.session_state[FLASH_KEY] = ("info", result.message + " Here is your next case.")
-    else:
+    else:  # stored now, or by this session's own first click of a double click
+        st.session_state["read_last_saved"] = (arm_id, token)
         st.session_state[FLASH_KEY] = ("success", "Answer saved.")
 
 
@@ -200,7 +201,7 @@ def _answer_form(case: ReaderCase, study: StudyInfo, revise: bool) -> None:
             on_click=_submit,
             args=(study.id, case.arm_id, case.token, revise),
         )
-    st.caption("Keyboard: Tab and the arrow keys choose, Ctrl+Enter (⌘+Enter) submits.")
+    st.caption("Keyboard: Tab and the arrow keys choose; Tab on to the comment box, then Ctrl+Enter (⌘+Enter) submits.")
 
 
 def _render_ahead(study_id: int, colormap: str) -> None:

@@ -322,6 +322,7 @@ def test_pages_a_reader_may_not_see_are_refused_when_typed_in(
     mine = _study(trained_workspace)
     theirs = _study(trained_workspace)
     (reader,) = mine.readers
+    received = _capture(page)
     for path in ("/studies", "/data"):
         _open(page, streamlit_server, reader, path)
         # Streamlit's navigation has no such page for a reader: it shows Home instead, without a word.
@@ -337,12 +338,13 @@ def test_pages_a_reader_may_not_see_are_refused_when_typed_in(
     expect(page.get_by_test_id("stAlertContentError")).to_contain_text(NOT_ASSIGNED)
     _expect_case(page, mine, 1, 1)
     expect(page).to_have_url(re.compile(rf"/read\?study={mine.study_id}$"))
-    picker = page.get_by_role("combobox", name="Study")
-    expect(picker).to_have_value(mine.title)
-    picker.click()
-    expect(page.get_by_role("option")).to_have_text([mine.title])  # the only study offered
-    page.keyboard.press("Escape")
+    expect(page.get_by_role("combobox", name="Study")).to_have_value(mine.title)
     assert theirs.title not in page.content()
+    # Nor did the server send anything of it: the Study picker's options (all of them travel with the page), and the
+    # tokens of its cases, are nowhere in the websocket frames; the reader's own study and first case are.
+    sent = "\n".join(received)
+    assert mine.title in sent and _tokens(trained_workspace, mine)[0] in sent
+    assert theirs.title not in sent and not any(token in sent for token in _tokens(trained_workspace, theirs))
     assert _reads(trained_workspace, reader) == []
 
 
@@ -375,6 +377,16 @@ def _outline(page: Page, token: str) -> str:
     outline = page.get_by_test_id("stApp").evaluate(_PAGE_OUTLINE).replace(token, "<token>")
     outline = re.sub(r"stAppEmbeddingId-\w+", "stAppEmbeddingId-", outline)
     return re.sub(r"case \d+ of", "case k of", outline)
+
+
+def _tokens(workspace: Path, setup: Setup) -> list[str]:
+    """The study's case tokens, the first case of its first reader's first arm first."""
+    with session_scope(_db_url(workspace)) as s:
+        tokens = dict(
+            s.execute(select(StudyCase.id, StudyCase.token).where(StudyCase.study_id == setup.study_id)).all()
+        )
+    first = setup.order(setup.readers[0], 1)
+    return [tokens[i] for i in first]
 
 
 def _secrets(workspace: Path, case_id: int) -> tuple[str, dict[str, str]]:
@@ -419,9 +431,7 @@ def test_the_browser_never_receives_the_specimen_or_its_truth(
     setup = _study(trained_workspace, arms=("FL",), specimen_ids=specimen_ids)
     (reader,) = setup.readers
 
-    received: list[str] = []
-    page.on("websocket", lambda ws: ws.on("framereceived", lambda f: received.append(_as_text(f))))
-    page.on("response", lambda r: received.append(_body(r)))
+    received = _capture(page)
 
     outlines = []
     for k, case_id in enumerate(setup.order(reader, 1), start=1):
@@ -441,6 +451,15 @@ def test_the_browser_never_receives_the_specimen_or_its_truth(
         assert _leaks(everything, _secrets(trained_workspace, case_id)[1]) == []
     assert "Truth" not in everything and "truth" not in everything
     assert outlines[0] == outlines[1]
+
+
+def _capture(page: Page) -> list[str]:
+    """From now on, every websocket frame the page receives and every HTTP response body but Streamlit's static
+    files, as text."""
+    received: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda f: received.append(_as_text(f))))
+    page.on("response", lambda r: received.append(_body(r)))
+    return received
 
 
 def _as_text(frame: str | bytes) -> str:
