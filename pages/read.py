@@ -58,7 +58,7 @@ def _choose_study(mine: list[StudyInfo]) -> StudyInfo | None:
     else:
         candidates = [s.id for s in mine if s.status == "open"] or list(by_id)
         st.session_state[STUDY_KEY] = candidates[0] if len(candidates) == 1 else None
-    picked = st.selectbox(
+    picked = st.sidebar.selectbox(
         "Study",
         list(by_id),
         format_func=lambda i: f"{by_id[i].title}{'' if by_id[i].status == 'open' else ' (closed)'}",
@@ -79,26 +79,26 @@ def _picture(path: str, modality: str, window: tuple[float, float], colormap: st
     return studies.case_png(path, modality, window=window, colormap=colormap, heatmap_path=heatmap, alpha=alpha)
 
 
-def _show_image(case: ReaderCase) -> None:
-    """The case's image, large, with pan/zoom; single-channel modalities get a colormap and an intensity window."""
-    window, colormap = (0.0, 1.0), DEFAULT_COLORMAP
-    controls = st.columns([1, 2, 1]) if case.modality != "WL" else None
-    if controls:
-        colormap = controls[0].selectbox(
-            "Colormap", COLORMAPS, index=COLORMAPS.index(DEFAULT_COLORMAP), key="read_colormap"
-        )
-        window = controls[1].slider("Intensity window", 0.0, 1.0, (0.0, 1.0), 0.01, key="read_window")
+def _display_settings(case: ReaderCase) -> tuple[tuple[float, float], str, str | None, float]:
+    """Colormap and intensity window (single-channel modalities) and, in a heatmap arm, the overlay's switch and
+    opacity: ``(window, colormap, heatmap path or None, opacity)``."""
+    window, colormap, heatmap, alpha = (0.0, 1.0), DEFAULT_COLORMAP, None, 0.4
+    if case.modality != "WL":
+        colormap = st.selectbox("Colormap", COLORMAPS, index=COLORMAPS.index(DEFAULT_COLORMAP), key="read_colormap")
+        window = st.slider("Intensity window", 0.0, 1.0, (0.0, 1.0), 0.01, key="read_window")
         if window[1] <= window[0]:
             window = (window[0], min(1.0, window[0] + 0.01)) if window[0] < 1.0 else (0.99, 1.0)
-    heatmap, alpha = None, 0.4
-    if case.ai is not None and case.ai.heatmap_path:
-        column = controls[2] if controls else st
-        if column.toggle("AI heatmap", value=True, key="read_heatmap_on"):
-            heatmap = case.ai.heatmap_path
-            alpha = column.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="read_heatmap_alpha")
-    png = _picture(case.image_path, case.modality, tuple(window), colormap, heatmap, alpha)
+    if case.ai is not None and case.ai.heatmap_path and st.toggle("AI heatmap", value=True, key="read_heatmap_on"):
+        heatmap = case.ai.heatmap_path
+        alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="read_heatmap_alpha")
+    return tuple(window), colormap, heatmap, alpha
+
+
+def _show_image(case: ReaderCase, window: tuple[float, float], colormap: str, heatmap: str | None, alpha: float):
+    """The case's image, large, with pan/zoom."""
+    png = _picture(case.image_path, case.modality, window, colormap, heatmap, alpha)
     figure = go.Figure(go.Image(source="data:image/png;base64," + base64.b64encode(png).decode()))
-    figure.update_layout(dragmode="pan", height=640, margin={"l": 0, "r": 0, "t": 0, "b": 0})
+    figure.update_layout(dragmode="pan", height=680, margin={"l": 0, "r": 0, "t": 0, "b": 0})
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False, scaleanchor="x")
     st.plotly_chart(
@@ -310,10 +310,12 @@ else:
             ensure_case_ai(study.id, case.arm_id, case.token)
         st.rerun()
     image_column, answer_column = st.columns([3, 1], gap="medium")
-    with image_column:
-        _show_image(case)
-    with answer_column:
+    with answer_column:  # drawn first: the picture depends on the display settings below the form
         _show_ai(case, study)
         _answer_form(case, study, revise=bool(revising))
+        with st.expander("Display", expanded=case.modality != "WL"):
+            settings = _display_settings(case)
+    with image_column:
+        _show_image(case, *settings)
     if not revising:
         _render_ahead(study.id, st.session_state.get("read_colormap", DEFAULT_COLORMAP))
