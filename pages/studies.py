@@ -191,10 +191,36 @@ def _study_view(study: StudyInfo) -> None:
             with session_scope() as session:
                 studies.set_status(session, study.id, "closed" if closing else "open", user_id=user.id)
             st.rerun()
+    _edit(study)
     _exports(study)
     _import(study)
     with st.expander("Audit log of this study"), session_scope() as session:
         filterable_table(audit_table(session, study.id), key=f"studies_audit_{study.id}", file_name="audit.csv")
+
+
+def _edit(study: StudyInfo) -> None:
+    """Title, instructions and corrections can change at any time (audited); cases and arms are fixed at creation."""
+    with st.expander("Edit title, instructions, corrections"):
+        with st.form(f"studies_edit_{study.id}", border=False):
+            title = st.text_input("Title", study.title, key=f"studies_edit_title_{study.id}")
+            description = st.text_area(
+                "Instructions for readers", study.description, key=f"studies_edit_text_{study.id}"
+            )
+            revisions = st.checkbox(
+                "Readers may go back and correct answers", study.allow_revisions, key=f"studies_edit_rev_{study.id}"
+            )
+            saved = st.form_submit_button("Save", key=f"studies_edit_save_{study.id}")
+        st.caption("Cases and arms are fixed when a study is created; for other ones, create a new study.")
+    if saved:
+        try:
+            with session_scope() as session:
+                studies.update_study(
+                    session, study.id, user_id=user.id, title=title, description=description, allow_revisions=revisions
+                )
+        except StudyError as error:
+            st.error(str(error))
+            return
+        st.rerun()
 
 
 def _exports(study: StudyInfo) -> None:

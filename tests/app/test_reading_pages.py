@@ -272,3 +272,18 @@ def test_an_aided_arm_shows_the_models_output_computed_when_the_study_was_made(u
     assert re.search(r"base64,([A-Za-z0-9+/=]+)", _everything_sent(at)).group(1) != re.search(
         r"base64,([A-Za-z0-9+/=]+)", with_map
     ).group(1)
+
+
+def test_the_pi_edits_a_studys_title_and_allows_corrections(use_trained):
+    study, pi, _ = reader_study()
+    at = _page(STUDIES, pi)
+    at.selectbox(key="studies_pick").set_value(study.id).run()
+    at.text_input(key=f"studies_edit_title_{study.id}").input("Renamed on the page")
+    at.checkbox(key=f"studies_edit_rev_{study.id}").check()
+    at.button(key=f"studies_edit_save_{study.id}").click()
+    at.run()
+    assert not at.exception
+    with session_scope() as s:
+        changed = studies.get_study(s, study.id)
+        actions = s.scalars(select(AuditEvent.action).where(AuditEvent.study_id == study.id)).all()
+    assert (changed.title, changed.allow_revisions) == ("Renamed on the page", True) and "study_updated" in actions
