@@ -494,7 +494,10 @@ def _predictions(session: Session) -> pd.DataFrame:
         .outerjoin(Specimen, SpecimenImage.specimen_id == Specimen.id)
         .order_by(Prediction.created_at.desc(), Prediction.id.desc())
     )
-    return pd.DataFrame(session.execute(stmt).mappings().all())
+    frame = pd.DataFrame(session.execute(stmt).mappings().all())
+    if "upload_id" in frame:  # NULL for predictions on specimen images: keep the ids integers, not 5.0
+        frame["upload_id"] = frame["upload_id"].astype("Int64")
+    return frame
 
 
 TABLES = {
