@@ -1,1 +1,7 @@
-"""Statistics: operating-threshold policies (bootstrap, permutation, DeLong and MRMC follow in later issues)."""
+"""Statistics of diagnostic accuracy studies.
+
+- ``thresholds``: operating-threshold policies (sens90, closest, Youden, fixed).
+- ``compare``: the CNN against each reader and the readers' average: vectorized case bootstrap CIs, paired
+  permutation tests, exact McNemar, DeLong's test for correlated AUCs, error analysis.
+- ``mrmc``: multi-reader multi-case ROC analysis (Obuchowski-Rockette, Hillis ddf), model vs readers, binary MRMC.
+"""
