@@ -1,6 +1,7 @@
 """The command line: ``python -m core <command>``.
 
-Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``, ``studies``.
+Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``, ``studies``,
+``analyze``.
 Errors a
 user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
@@ -306,6 +307,34 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """CNN against readers from CSVs (Table 1 with bootstrap CIs and paired tests), or the MRMC analysis."""
+    from core.stats.report import analyze_mrmc, analyze_reads, jsonable, read_predictions, read_ratings, read_reads
+
+    if args.mrmc:
+        if not args.ratings:
+            raise UsageError("--mrmc needs --ratings R.csv (columns reader, modality, case, truth, rating)")
+        report = {"mrmc": analyze_mrmc(read_ratings(args.ratings), cov=args.cov)}
+    else:
+        if not args.predictions or not args.reads:
+            raise UsageError("analyze needs --predictions P.csv and --reads R.csv (or --ratings R.csv --mrmc)")
+        predictions = read_predictions(args.predictions)
+        reads = read_reads(args.reads, predictions["case_id"])
+        report = analyze_reads(
+            predictions,
+            reads,
+            threshold=args.threshold,
+            policy=args.policy,
+            bootstrap=args.bootstrap,
+            permutations=args.permutations,
+            seed=args.seed,
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
+    print(f"report -> {args.out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -393,6 +422,23 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--file", help="import: the reads CSV to read")
     study.add_argument("--create-readers", action="store_true", help="import: add unknown readers as inactive")
     study.set_defaults(run=_cmd_studies)
+
+    analyze = sub.add_parser("analyze", help="CNN vs readers with CIs and paired tests, or MRMC, from CSV files")
+    analyze.add_argument("--predictions", help="P.csv: case_id, truth (0/1), score in [0, 1]")
+    analyze.add_argument("--reads", help="R.csv: case_id, reader_id, label (0/1) [, rating, arm]")
+    analyze.add_argument("--ratings", help="MRMC ratings: reader, modality, case, truth, rating")
+    analyze.add_argument("--mrmc", action="store_true", help="Obuchowski-Rockette MRMC analysis of --ratings")
+    analyze.add_argument("--cov", choices=("jackknife", "delong", "unbiased"), default="jackknife")
+    choice = analyze.add_mutually_exclusive_group()
+    choice.add_argument("--threshold", type=float, help="the model's operating threshold (default 0.5)")
+    choice.add_argument(
+        "--policy", choices=[p for p in POLICIES if p != "fixed"], help="choose the threshold on these cases"
+    )
+    analyze.add_argument("--bootstrap", type=int, default=1000, help="case resamples for the CIs")
+    analyze.add_argument("--permutations", type=int, default=10000, help="for the paired permutation tests")
+    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--out", required=True, help="report.json")
+    analyze.set_defaults(run=_cmd_analyze)
     return parser
 
 
