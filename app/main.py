@@ -23,11 +23,12 @@ _PAGES = {  # name -> (script, title, icon)
     "diagnose": ("../pages/diagnose.py", "Diagnose", ":material/neurology:"),
     "data": ("../pages/data.py", "Data", ":material/table:"),
     "studies": ("../pages/studies.py", "Studies", ":material/groups:"),
+    "results": ("../pages/results.py", "Results", ":material/monitoring:"),
     "read": ("../pages/read.py", "Read", ":material/visibility:"),
 }
 _ROLE_PAGES = {
     "clinician": ["home", "diagnose"],
-    "pi": ["home", "diagnose", "data", "studies"],
+    "pi": ["home", "diagnose", "data", "studies", "results"],
     "reader": ["home", "read"],
 }
 

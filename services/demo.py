@@ -13,13 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image as PILImage
+from sqlalchemy import select
 
 from core.data.synth import CohortConfig, write_cohort
 from core.data.synth_rcm import make_rcm_mosaic
 from core.settings import workspace_dir
 from core.train import Progress, TrainConfig
 from db import repo
+from db.models import Read, Specimen, Study, StudyCase, User, utcnow
 from db.session import init_db, session_scope
 from services import studies
 from services.importer import import_manifest
@@ -28,6 +31,7 @@ from services.training import print_progress, train_and_register
 
 __all__ = [
     "DEMO_STUDY",
+    "SIMULATED_STUDY",
     "DEMO_USERS",
     "DemoConfig",
     "build_demo",
@@ -44,6 +48,10 @@ DEMO_USERS = (
     ("reader3", "demo-reader3", "reader", "Neurosurgeon reader 3 (demo)"),
 )
 DEMO_STUDY = "FL vs WL, test split (demo)"
+SIMULATED_STUDY = "FL vs WL, simulated readers (demo)"
+# (username, sensitivity, specificity) per simulated reader: neurosurgeons reading specimen photos, roughly the
+# operating points of the FL-CNN paper's readers; the reads are drawn at random, never given by people
+SIMULATED_READERS = (("sim-reader-1", 0.82, 0.70), ("sim-reader-2", 0.88, 0.58), ("sim-reader-3", 0.76, 0.78))
 _MARKER = ".demo-complete"
 _BUILDING = ".demo-building"
 _DEMO_CONTENT = (
@@ -192,24 +200,92 @@ def ensure_demo_study(log: Callable[[str], None] = print) -> None:
         for username, password, role, display in DEMO_USERS:
             if username not in users:
                 users[username] = repo.create_user(session, username, password, role, display)
-        if any(s.title == DEMO_STUDY for s in studies.list_studies(session)):
-            return
-        cases = studies.eligible_specimens(session, task="tumor", modalities=("FL", "WL"), splits=("test",))
-        if cases.empty:
-            return
         pi = users["pi"].id
+        cases = studies.eligible_specimens(session, task="tumor", modalities=("FL", "WL"), splits=("test",))
+        if cases.empty or any(s.title == DEMO_STUDY for s in studies.list_studies(session)):
+            study = None
+        else:
+            demo_readers = {name for name, _, role, _ in DEMO_USERS if role == "reader"}
+            study = studies.create_study(
+                session,
+                title=DEMO_STUDY,
+                description="Read each specimen photo and say whether it shows tumor, with your confidence. "
+                "First every fluorescence (FL) photo, then every white-light (WL) photo, each in your own order.",
+                task="tumor",
+                specimen_ids=[int(i) for i in cases["specimen_id"]],
+                arms=[studies.ArmSpec("FL", "FL"), studies.ArmSpec("WL", "WL")],
+                reader_ids=[users[name].id for name in sorted(demo_readers)],
+                created_by=pi,
+            )
+    if study is not None:
+        log(f"demo reader study {study.title!r}: {study.n_cases} cases x 2 arms, {len(study.reader_ids)} readers")
+    if not cases.empty:
+        _simulated_study(pi, [int(i) for i in cases["specimen_id"]], log)
+
+
+def _simulated_study(pi: int, specimen_ids: list[int], log: Callable[[str], None], seed: int = 0) -> None:
+    """A completed (closed) study whose reads are SIMULATED, marked so in the study, every read's ``source`` and
+    the pages, so the Results page shows something real on first start. Readers are inactive accounts."""
+    with session_scope() as session:
+        if any(s.title == SIMULATED_STUDY for s in studies.list_studies(session)):
+            return
+        readers = []
+        for username, _, _ in SIMULATED_READERS:
+            user = session.scalar(select(User).where(User.username == username))
+            if user is None:
+                user = User(
+                    username=username,
+                    display_name=f"Simulated reader {username[-1]}",
+                    role="reader",
+                    password_hash="!simulated-reader-cannot-sign-in",
+                    active=False,
+                )
+                session.add(user)
+                session.flush()
+            readers.append(user.id)
         study = studies.create_study(
             session,
-            title=DEMO_STUDY,
-            description="Read each specimen photo and say whether it shows tumor, with your confidence. "
-            "First every fluorescence (FL) photo, then every white-light (WL) photo, each in your own order.",
+            title=SIMULATED_STUDY,
+            description="SIMULATED reads: drawn at random from the truth at fixed sensitivity and specificity per "
+            "reader, for demonstrating the Results page. Not a real reader study.",
             task="tumor",
-            specimen_ids=[int(i) for i in cases["specimen_id"]],
+            specimen_ids=specimen_ids,
             arms=[studies.ArmSpec("FL", "FL"), studies.ArmSpec("WL", "WL")],
-            reader_ids=[u.id for u in users.values() if u.role == "reader"],
+            reader_ids=readers,
             created_by=pi,
+            simulated=True,
         )
-    log(
-        f"demo reader study {study.title!r}: {study.n_cases} cases x {len(study.arms)} arms, "
-        f"{len(study.reader_ids)} readers"
-    )
+        truth = studies.export_cases(session, study.id, user_id=None, audit=False).set_index("case_id")["truth"]
+        cases = dict(
+            session.execute(
+                select(Specimen.code, StudyCase.id)
+                .join(StudyCase, StudyCase.specimen_id == Specimen.id)
+                .where(StudyCase.study_id == study.id)
+            ).all()
+        )
+        rng = np.random.default_rng(seed)
+        now = utcnow()
+        for arm in study.arms:
+            for reader_id, (_, sensitivity, specificity) in zip(readers, SIMULATED_READERS, strict=True):
+                for code, case_id in cases.items():
+                    positive = truth[code] == 1
+                    correct = rng.random() < (sensitivity if positive else specificity)
+                    label = int(positive) if correct else int(not positive)
+                    rating = int(rng.choice([3, 4, 5], p=[0.2, 0.4, 0.4]) if correct else rng.choice([1, 2, 3, 4]))
+                    session.add(
+                        Read(
+                            study_id=study.id,
+                            arm_id=arm.id,
+                            case_id=case_id,
+                            reader_id=reader_id,
+                            label=label,
+                            rating=rating,
+                            answered_at=now,
+                            duration_s=float(rng.uniform(4.0, 30.0)),
+                            source="simulated",
+                        )
+                    )
+        session.flush()
+        session.get(Study, study.id).frozen_at = now
+        studies.set_status(session, study.id, "closed", user_id=pi)
+    log(f"demo study with SIMULATED reads {SIMULATED_STUDY!r}: {len(cases)} cases x 2 arms x 3 simulated readers")

@@ -1000,10 +1000,13 @@ def study_progress(session: Session, study_id: int) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------- export and import
 
 
-def export_reads(session: Session, study_id: int, *, user_id: int | None, history: bool = False) -> pd.DataFrame:
+def export_reads(
+    session: Session, study_id: int, *, user_id: int | None, history: bool = False, audit: bool = True
+) -> pd.DataFrame:
     """The study's reads in the long format the analysis takes (``EXPORT_COLUMNS``): ``case_id`` is the specimen
     code, ``reader_id`` the username, ``label`` 0/1 (1 = the task's positive answer). Only the latest version of
-    each answer unless ``history``. Audited."""
+    each answer unless ``history``. Audited (``audit=False`` for internal use, e.g. the Results page, which audits
+    its own view)."""
     study = get_study(session, study_id)
     if study is None:
         raise StudyError(f"there is no study #{study_id}")
@@ -1035,11 +1038,12 @@ def export_reads(session: Session, study_id: int, *, user_id: int | None, histor
     frame = pd.DataFrame(session.execute(stmt).mappings().all(), columns=[*EXPORT_COLUMNS, "_case", "_arm", "_reader"])
     if not history and not frame.empty:
         frame = frame.drop_duplicates(["_case", "_arm", "_reader"], keep="last")
-    log_event(session, "reads_exported", user_id=user_id, study_id=study_id, rows=len(frame), history=history)
+    if audit:
+        log_event(session, "reads_exported", user_id=user_id, study_id=study_id, rows=len(frame), history=history)
     return frame[list(EXPORT_COLUMNS)].reset_index(drop=True)
 
 
-def export_cases(session: Session, study_id: int, *, user_id: int | None) -> pd.DataFrame:
+def export_cases(session: Session, study_id: int, *, user_id: int | None, audit: bool = True) -> pd.DataFrame:
     """The study's cases with their truth (PI only): case_id, truth (0/1), split, training. Audited."""
     study = get_study(session, study_id)
     if study is None:
@@ -1051,7 +1055,8 @@ def export_cases(session: Session, study_id: int, *, user_id: int | None) -> pd.
         .where(StudyCase.study_id == study_id)
         .order_by(StudyCase.position)
     ).all()
-    log_event(session, "cases_exported", user_id=user_id, study_id=study_id, rows=len(rows))
+    if audit:
+        log_event(session, "cases_exported", user_id=user_id, study_id=study_id, rows=len(rows))
     return pd.DataFrame(
         [
             {"case_id": code, "truth": _truth(study.task, label), "split": split, "training": training}

@@ -20,7 +20,7 @@ from db.models import Prediction, SpecimenImage, StudyArm, StudyCase
 from db.session import session_scope
 from services.diagnose import heatmap_path, load_predictor, npy_bytes
 
-__all__ = ["ensure_case_ai", "missing_ai", "prepare_study_ai"]
+__all__ = ["ensure_case_ai", "missing_ai", "predict_images", "prepare_study_ai"]
 
 
 def missing_ai(study_id: int, database: str | None = None) -> list[tuple[int, int]]:
@@ -80,13 +80,45 @@ def ensure_case_ai(study_id: int, arm_id: int, token: str, database: str | None 
 
 
 def _compute_one(arm_id: int, image_id: int, database: str | None, predictors: dict[str, Predictor]) -> None:
-    """Predict one specimen image with an arm's model (loaded once per ``predictors`` cache) and store it."""
-    root = workspace_dir()
+    """Predict one specimen image with an arm's model (and its heatmap method) and store it."""
     with session_scope(database) as session:
         arm = session.get(StudyArm, arm_id)
+        model_id, method = arm.model_id, arm.heatmap_method
+    _predict_one(model_id, image_id, method, database, predictors)
+
+
+def predict_images(
+    model_id: int,
+    image_ids: list[int],
+    *,
+    database: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Store a model's prediction (no heatmap) on each specimen image that has none from it yet; returns how many
+    were computed (the Results page's scores)."""
+    with session_scope(database) as session:
+        done = set(
+            session.scalars(
+                select(Prediction.image_id).where(Prediction.model_id == model_id, Prediction.image_id.in_(image_ids))
+            )
+        )
+    todo = [i for i in image_ids if i not in done]
+    predictors: dict[str, Predictor] = {}
+    for count, image_id in enumerate(todo, start=1):
+        _predict_one(model_id, image_id, None, database, predictors)
+        if progress:
+            progress(count, len(todo))
+    return len(todo)
+
+
+def _predict_one(
+    model_id: int, image_id: int, method: str | None, database: str | None, predictors: dict[str, Predictor]
+) -> None:
+    root = workspace_dir()
+    with session_scope(database) as session:
         image = session.get(SpecimenImage, image_id)
-        model = repo.find_model(session, arm.model_id)
-        method, path, sha = arm.heatmap_method, image.path, image.sha256
+        model = repo.find_model(session, model_id)
+        path, sha = image.path, image.sha256
     if model.checkpoint_sha256 not in predictors:
         predictors[model.checkpoint_sha256] = load_predictor(model)
     (result,) = predictors[model.checkpoint_sha256].diagnose([read_image(root / path)], heatmap=method)

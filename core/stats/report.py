@@ -22,7 +22,7 @@ import pandas as pd
 
 from core.stats.compare import compare_model_with_readers
 from core.stats.mrmc import mrmc_or
-from core.stats.thresholds import POLICIES
+from core.stats.thresholds import POLICIES, Threshold
 
 __all__ = [
     "AnalysisError",
@@ -188,21 +188,24 @@ def analyze_reads(
     predictions: pd.DataFrame,
     reads: pd.DataFrame,
     *,
-    threshold: float | None = None,
+    threshold: float | Threshold | None = None,
     policy: str | None = None,
     bootstrap: int = 1000,
     permutations: int = 10000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The Table-1 analysis per arm. With one arm (or no ``arm`` column) its result is the report itself; with
-    several, the report holds each under ``arms`` and repeats the first (sorted) at the top, named in ``arm``."""
+    """The Table-1 analysis per arm, at ``threshold`` (a value, or a ``Threshold`` chosen on validation data whose
+    policy is then reported), or by ``policy`` on these cases, or at 0.5. With one arm (or no ``arm`` column) its
+    result is the report itself; with several, the report holds each under ``arms`` and repeats the first (sorted)
+    at the top, named in ``arm``."""
     if threshold is not None and policy is not None:
         raise AnalysisError("give either a threshold or a policy, not both")
     if policy is not None and policy not in POLICIES:
         raise AnalysisError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise AnalysisError(f"the threshold must lie in [0, 1], not {threshold}")
-    chosen: float | str = threshold if threshold is not None else (policy or 0.5)
+    value = threshold.value if isinstance(threshold, Threshold) else threshold
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise AnalysisError(f"the threshold must lie in [0, 1], not {value}")
+    chosen: float | Threshold | str = threshold if threshold is not None else (policy or 0.5)
     order = predictions.set_index("case_id")
     per_arm = {}
     for arm, group in reads.groupby("arm", sort=True):

@@ -6,7 +6,7 @@ from core.data.synth import CohortConfig, write_cohort
 from db import repo
 from db.session import session_scope
 from services import studies
-from services.demo import DEMO_STUDY, DEMO_USERS, ensure_demo_study
+from services.demo import DEMO_STUDY, DEMO_USERS, SIMULATED_READERS, SIMULATED_STUDY, ensure_demo_study
 from services.importer import import_manifest
 
 
@@ -18,7 +18,8 @@ def test_the_demo_study_covers_the_test_split_in_fl_and_wl_for_every_demo_reader
     ensure_demo_study(log=lambda _m: None)
     ensure_demo_study(log=lambda _m: None)  # idempotent: an existing demo workspace is only upgraded once
     with session_scope() as s:
-        (study,) = studies.list_studies(s)
+        by_title = {x.title: x for x in studies.list_studies(s)}
+        study, simulated = by_title[DEMO_STUDY], by_title[SIMULATED_STUDY]
         test = studies.eligible_specimens(s, task="tumor", modalities=("FL", "WL"), splits=("test",))
         users = {u.username: u for u in repo.list_users(s)}
         readers = [users[name] for name, _, role, _ in DEMO_USERS if role == "reader"]
@@ -28,3 +29,12 @@ def test_the_demo_study_covers_the_test_split_in_fl_and_wl_for_every_demo_reader
         for name, password, _, _ in DEMO_USERS:
             assert repo.authenticate(s, name, password) is not None
         assert all(studies.reader_state(s, study.id, r.id).kind == "case" for r in readers)
+        assert len(by_title) == 2
+    # the completed study with SIMULATED reads, marked as such everywhere
+    assert simulated.simulated and simulated.status == "closed" and simulated.frozen
+    assert "SIMULATED" in simulated.description and set(simulated.reader_ids).isdisjoint(study.reader_ids)
+    with session_scope() as s:
+        reads = studies.export_reads(s, simulated.id, user_id=None, audit=False)
+        assert len(reads) == simulated.n_cases * 2 * len(SIMULATED_READERS) and set(reads["source"]) == {"simulated"}
+        for name, _, _ in SIMULATED_READERS:
+            assert repo.authenticate(s, name, "") is None  # inactive: nobody signs in as a simulated reader

@@ -1,0 +1,298 @@
+"""Results (PI): the CNN against the readers of a study (or of uploaded CSVs), with the statistics of a diagnostic
+accuracy study: Fig. 2 (ROC with its band, readers as operating points with CI crosses), Table 1 with CIs,
+differences and p-values, MRMC, error analysis, per-reader and per-case tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app.auth import require_role
+from app.widgets import filterable_table
+from core.stats.report import AnalysisError, analyze_reads, read_predictions, read_reads
+from core.stats.thresholds import POLICIES
+from db import repo
+from db.audit import log_event
+from db.session import session_scope
+from services import results as results_service
+from services import studies
+
+user = require_role("pi")
+METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
+_POLICY_CHOICES = {"registered": "the model's registered threshold (chosen on validation)"} | {
+    p: f"{p}: chosen on these cases (optimistic)" for p in POLICIES if p != "fixed"
+}
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _study_results(study_id, version, models, policy, bootstrap, permutations, seed):
+    """Cached per study version (reads and predictions), models and settings; the version makes new reads count."""
+    return results_service.study_results(
+        study_id, models=dict(models), policy=policy, bootstrap=bootstrap, permutations=permutations, seed=seed
+    )
+
+
+def _cell(summary: dict) -> str:
+    estimate, (low, high) = summary["estimate"], summary["ci"]
+    if estimate is None or estimate != estimate:
+        return "n/a"
+    return f"{estimate:.3f} ({low:.3f}-{high:.3f})"
+
+
+def _figure_config(key: str) -> dict:
+    fmt = st.session_state.get("results_figure_format", "png")
+    return {"displaylogo": False, "toImageButtonOptions": {"format": fmt, "filename": key, "scale": 2}}
+
+
+def _roc_figure(report: dict, title: str) -> go.Figure:
+    """Fig. 2: the model's ROC with its bootstrap band, every reader and the readers' mean with CI crosses."""
+    band, model = report["roc_band"], report["raters"]["model"]
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=band["fpr"], y=band["high"], line={"width": 0}, showlegend=False, hoverinfo="skip"))
+    figure.add_trace(
+        go.Scatter(
+            x=band["fpr"],
+            y=band["low"],
+            fill="tonexty",
+            fillcolor="rgba(31,119,180,0.18)",
+            line={"width": 0},
+            name="95 % band",
+            hoverinfo="skip",
+        )
+    )
+    roc = model["roc"]
+    figure.add_trace(
+        go.Scatter(
+            x=roc["fpr"], y=roc["tpr"], mode="lines", line={"color": "#1f77b4"}, name=f"CNN, AUC {_cell(model['auc'])}"
+        )
+    )
+    for name, rater in report["raters"].items():
+        if name == "model":
+            marker = {"symbol": "star", "size": 14, "color": "#1f77b4"}
+            label = f"CNN at threshold {report['threshold']['value']:.3f}"
+        else:
+            marker = {"symbol": "diamond" if name == "readers_mean" else "circle", "size": 11}
+            label = "readers' mean" if name == "readers_mean" else name
+        sens, spec = rater["sensitivity"], rater["specificity"]
+        x, y = 1 - spec["estimate"], sens["estimate"]
+        figure.add_trace(
+            go.Scatter(
+                x=[x],
+                y=[y],
+                mode="markers",
+                marker=marker,
+                name=label,
+                error_x=_bar(spec["estimate"], spec["ci"]),
+                error_y=_bar(sens["estimate"], sens["ci"]),
+            )
+        )
+    figure.update_layout(
+        title=title,
+        xaxis={"title": "1 - specificity", "range": [-0.01, 1.01]},
+        yaxis={"title": "sensitivity", "range": [-0.01, 1.01], "scaleanchor": "x"},
+        height=560,
+        legend={"x": 0.55, "y": 0.05},
+        margin={"l": 10, "r": 10, "t": 50, "b": 10},
+    )
+    return figure
+
+
+def _bar(estimate: float, ci: list[float]) -> dict:
+    """A CI cross arm (1 - specificity moves the other way, but its interval is as wide on each side)."""
+    return {"type": "data", "symmetric": False, "array": [ci[1] - estimate], "arrayminus": [estimate - ci[0]]}
+
+
+def _table_one(report: dict) -> pd.DataFrame:
+    rows = []
+    for name, rater in report["raters"].items():
+        row = {"rater": {"model": "CNN", "readers_mean": "readers' mean"}.get(name, name)}
+        row |= {metric: _cell(rater[metric]) for metric in METRICS}
+        row["auc"] = _cell(rater["auc"]) if "auc" in rater else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _comparisons(report: dict) -> pd.DataFrame:
+    rows = []
+    for c in report["comparisons"]:
+        rows.append(
+            {
+                "CNN vs": "readers' mean" if c["b"] == "readers_mean" else c["b"],
+                "metric": c["metric"],
+                "difference": round(c["difference"], 4) if c["difference"] == c["difference"] else None,
+                "95 % CI": f"{c['ci'][0]:.3f} to {c['ci'][1]:.3f}",
+                "p": c["p_value"],
+                "test": c["method"],
+                "McNemar p": c.get("mcnemar_p"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _errors(report: dict) -> pd.DataFrame:
+    per = report["error_analysis"]["per_reader"]
+    return pd.DataFrame(
+        [
+            {"reader": r, "reader's errors": e["errors"], "of them, CNN right": e["corrected_by_model"],
+             "share corrected": e["fraction"]}
+            for r, e in per.items()
+        ]
+    )  # fmt: skip
+
+
+def _per_case(cases: pd.DataFrame, reads: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    table = cases.copy()
+    table["CNN decision"] = (table["score"] >= threshold).astype(int)
+    if not reads.empty:
+        wide = reads.pivot(index="case_id", columns="reader_id", values="label")
+        table = table.join(wide, on="case_id")
+    return table
+
+
+def _arm_panel(name: str, report: dict, cases: pd.DataFrame, reads: pd.DataFrame, key: str) -> None:
+    if "raters" not in report:
+        st.info("Nothing to analyse in this arm yet (see the notes above).")
+        return
+    threshold = report["threshold"]
+    st.caption(
+        f"{report.get('model') or 'model'} at threshold {threshold['value']:.3f} ({threshold['description']}); "
+        f"{report['n_cases']} cases ({report['n_positive']} positive); CIs: {report['method']['ci']} bootstrap of "
+        f"cases ({report['method']['resamples']} resamples); p: {report['method']['permutations']} paired permutations."
+    )
+    st.plotly_chart(
+        _roc_figure(report, f"{name}: CNN against readers"), config=_figure_config(f"roc-{key}"), key=f"{key}_roc"
+    )
+    st.markdown("**Table 1**: estimates with 95 % CIs")
+    filterable_table(_table_one(report), key=f"{key}_t1", file_name=f"table1-{key}.csv")
+    st.markdown("**CNN minus reader**: paired differences")
+    filterable_table(_comparisons(report), key=f"{key}_cmp", file_name=f"comparisons-{key}.csv")
+    if "model_vs_readers" in report:
+        mvr = report["model_vs_readers"]
+        st.markdown(
+            "**AUC, CNN vs the readers' mean** (readers random, Hillis single-treatment OR): "
+            f"CNN {mvr['model_auc']:.3f}, readers {mvr['mean_reader_auc']:.3f}, difference "
+            f"{mvr['difference']:+.3f} (95 % CI {mvr['ci'][0]:.3f} to {mvr['ci'][1]:.3f}), p = {mvr['p_value']:.4f}."
+        )
+    st.markdown("**Error analysis**: of each reader's wrong answers, how many the CNN got right")
+    st.dataframe(_errors(report), hide_index=True)
+    st.markdown("**Per case**")
+    filterable_table(_per_case(cases, reads, threshold["value"]), key=f"{key}_cases", file_name=f"cases-{key}.csv")
+
+
+def _mrmc_panel(mrmc: dict) -> None:
+    st.subheader("MRMC ROC analysis (Obuchowski-Rockette, Hillis ddf, jackknife covariance)")
+    auc = pd.DataFrame(mrmc["auc"]).rename_axis("reader").reset_index()
+    st.dataframe(auc, hide_index=True)
+    rows = []
+    for name, title in (("rrrc", "random readers, random cases"), ("frrc", "fixed readers, random cases"),
+                        ("rrfc", "random readers, fixed cases")):  # fmt: skip
+        a = mrmc[name]
+        stat = f"X2 = {a['chi2']:.3f}" if name == "frrc" else f"F = {a['f']:.3f} ({a['ndf']:.0f}, {a['ddf']:.2f})"
+        rows.append({"analysis": title, "difference": a.get("difference"), "95 % CI": a.get("ci"), "test": stat,
+                     "p": a["p_value"]})  # fmt: skip
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.caption("Mean AUC per arm: " + ", ".join(f"{k} {v:.3f}" for k, v in mrmc["mean_auc"].items()))
+
+
+def _from_study() -> None:
+    with session_scope() as session:
+        all_studies = studies.list_studies(session)
+        models = [m for m in repo.list_models(session) if m.task in ("tumor", "grade", "ki67")]
+    if not all_studies:
+        st.info("No study yet: create one on the Studies page, or upload CSV files.")
+        return
+    by_id = {s.id: s for s in all_studies}
+    study = by_id[
+        st.selectbox(
+            "Study",
+            list(by_id),
+            format_func=lambda i: by_id[i].title + (" (SIMULATED reads)" if by_id[i].simulated else ""),
+            key="results_study",
+        )
+    ]
+    columns = st.columns(len(study.arms) + 1)
+    chosen = {}
+    for column, arm in zip(columns, study.arms, strict=False):
+        names = {m.id: m.name for m in models if m.task == study.task and m.modality == arm.modality}
+        pick = column.selectbox(
+            f"Model for arm {arm.name}",
+            list(names) or [None],
+            format_func=lambda i, names=names: names.get(i, "no model registered"),
+            key=f"results_model_{study.id}_{arm.name}",
+        )
+        if pick is not None:
+            chosen[arm.name] = pick
+    policy = columns[-1].selectbox(
+        "Operating threshold", list(_POLICY_CHOICES), format_func=_POLICY_CHOICES.get, key="results_policy"
+    )
+    with st.expander("Settings"):
+        bootstrap = st.number_input("Bootstrap resamples", 100, 10000, 1000, 100, key="results_bootstrap")
+        permutations = st.number_input("Permutations", 100, 100000, 10000, 1000, key="results_permutations")
+        seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="results_seed")
+        st.radio("Figure download format", ("png", "svg"), horizontal=True, key="results_figure_format")
+    with session_scope() as session:
+        version = results_service.study_version(session, study.id)
+        seen = st.session_state.setdefault("results_audited", set())
+        if study.id not in seen:
+            log_event(session, "results_viewed", user_id=user.id, study_id=study.id)
+            seen.add(study.id)
+    with st.status("Computing the results...", expanded=False) as status:
+        result = _study_results(
+            study.id,
+            version,
+            tuple(sorted(chosen.items())),
+            None if policy == "registered" else policy,
+            int(bootstrap),
+            int(permutations),
+            int(seed),
+        )
+        status.update(label="Results", state="complete")
+    for note in result.notes:
+        (st.warning if "SIMULATED" in note else st.info)(note)
+    tabs = st.tabs([f"Arm {name}" for name in result.arms])
+    for tab, (name, report) in zip(tabs, result.arms.items(), strict=True):
+        with tab:
+            if report["unfinished"]:
+                st.caption(
+                    "Not yet in this arm's analysis (cases answered): "
+                    + ", ".join(f"{r} ({n})" for r, n in report["unfinished"].items())
+                )
+            inputs = report["inputs"]
+            _arm_panel(name, report, inputs.cases, inputs.reads, key=f"results_{study.id}_{name}")
+    if result.mrmc:
+        _mrmc_panel(result.mrmc)
+
+
+def _from_csv() -> None:
+    st.caption(
+        "Predictions: `case_id, truth, score`. Reads: `case_id, reader_id, label` and optionally `rating`, `arm` "
+        "(the Studies page's export works as it is)."
+    )
+    left, right = st.columns(2)
+    p_file = left.file_uploader("Predictions CSV", type=["csv"], key="results_p_csv")
+    r_file = right.file_uploader("Reads CSV", type=["csv"], key="results_r_csv")
+    threshold = st.number_input("CNN threshold", 0.0, 1.0, 0.5, 0.01, key="results_csv_threshold")
+    if p_file is None or r_file is None:
+        return
+    try:
+        predictions = read_predictions(p_file.getvalue())
+        reads = read_reads(r_file.getvalue(), predictions["case_id"])
+        report = analyze_reads(predictions, reads, threshold=threshold)
+    except AnalysisError as error:
+        st.error(f"{error}\n\nFix the file and upload it again.")
+        return
+    arms = report.get("arms") or {report.get("arm", ""): report}
+    for name, arm_report in arms.items():
+        arm_report["roc_band"] = results_service.roc_band(
+            predictions["truth"].to_numpy(), predictions["score"].to_numpy()
+        )
+        _arm_panel(name or "all reads", arm_report, predictions, reads[reads["arm"] == name], key=f"results_csv_{name}")
+
+
+st.title("Results")
+source = st.radio("Data", ("A study", "Uploaded CSV files"), horizontal=True, key="results_source")
+if source == "A study":
+    _from_study()
+else:
+    _from_csv()

@@ -1,0 +1,95 @@
+"""The Results page (PI) and the results service on the shared trained workspace: a finished study with three
+readers, the CNN's scores computed on the study images, Table 1, Fig. 2 and MRMC. (The page's CSV upload runs
+the same ``core.stats.report`` functions tested in tests/core/test_report.py; AppTest cannot upload files.)"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from db import repo
+from db.session import init_db, session_scope
+from services import results, studies
+from services.studies import ArmSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = str(ROOT / "pages" / "results.py")
+
+
+@pytest.fixture
+def finished_study(use_trained):
+    """Every labelled specimen of the trained workspace, FL and WL arms, three readers who answered everything."""
+    init_db()
+    tag = uuid.uuid4().hex[:8]
+    rng = np.random.default_rng(7)
+    with session_scope() as s:
+        pi = repo.create_user(s, f"pi-{tag}", "pw-pi-123", "pi").id
+        readers = [repo.create_user(s, f"rr{i}-{tag}", "pw-reader-1", "reader").id for i in range(3)]
+        cases = studies.eligible_specimens(s, task="tumor", modalities=("FL", "WL"), splits=("train", "val", "test"))
+        truth = dict(zip(cases["specimen_id"], cases["truth"], strict=True))
+        study = studies.create_study(
+            s, title=f"Finished {tag}", task="tumor", specimen_ids=[int(i) for i in cases["specimen_id"]],
+            arms=(ArmSpec("FL", "FL"), ArmSpec("WL", "WL")), reader_ids=readers, created_by=pi,
+        )  # fmt: skip
+        specimen_of = dict(s.execute(studies.select(studies.StudyCase.token, studies.StudyCase.specimen_id)).all())
+    for reader in readers:
+        for _ in range(2 * study.n_cases):
+            with session_scope() as s:
+                case = studies.reader_state(s, study.id, reader).case
+            right = rng.random() < 0.8
+            positive = truth[specimen_of[case.token]] == 1
+            label = int(positive) if right else int(not positive)
+            studies.record_read(
+                study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=label,
+                rating=int(rng.integers(1, 6)),
+            )  # fmt: skip
+    return study, pi
+
+
+def test_the_results_of_a_finished_study(finished_study):
+    study, _ = finished_study
+    out = results.study_results(study.id, bootstrap=200, permutations=500)
+    assert out.notes == [] and set(out.arms) == {"FL", "WL"}
+    fl = out.arms["FL"]
+    assert fl["model"] == "tiny-FL" and fl["threshold"]["policy"] != "fixed"  # the registered, validated threshold
+    assert len(fl["raters"]) == 5 and {"model", "readers_mean"} <= set(fl["raters"])
+    assert fl["n_cases"] == study.n_cases and "model_vs_readers" in fl
+    band = fl["roc_band"]
+    assert (band["low"] <= band["tpr"] + 1e-9).all() and (band["tpr"] <= band["high"] + 1e-9).all()
+    assert band["tpr"].iloc[-1] == 1.0 and band["tpr"].is_monotonic_increasing
+    assert out.mrmc is not None and set(out.mrmc["mean_auc"]) == {"FL", "WL"}
+
+
+def test_reader_scores_order_answer_and_confidence():
+    scores = results.reader_score(np.array([0, 0, 1, 1]), np.array([5, 1, 1, 5]), "five")
+    assert list(scores) == [1, 5, 6, 10]
+    assert list(results.reader_score(np.array([0, 1]), np.array([12, 88]), "hundred")) == [12, 88]
+
+
+def test_the_results_page_shows_figure_tables_and_mrmc(finished_study):
+    study, pi = finished_study
+    at = AppTest.from_file(RESULTS, default_timeout=120)
+    at.session_state["auth_user_id"] = pi
+    at.run()
+    at.selectbox(key="results_study").set_value(study.id).run()
+    assert not at.exception, at.exception
+    assert [t.label for t in at.tabs] == ["Arm FL", "Arm WL"]
+    sent = "\n".join(str(e.proto) for e in at.get("plotly_chart"))
+    assert "CNN, AUC" in sent and "CNN at threshold" in sent and "95 % band" in sent
+    assert "rr0-" in sent and re.search(r"readers\\*' mean", sent)
+    assert any("MRMC ROC analysis" in h.value for h in at.subheader)
+    assert len(at.dataframe) >= 8  # per arm: Table 1, comparisons, errors, cases; plus MRMC tables
+
+
+def test_the_results_page_refuses_readers(finished_study):
+    with session_scope() as s:
+        reader = repo.create_user(s, f"r-{uuid.uuid4().hex[:6]}", "pw-reader-1", "reader").id
+    at = AppTest.from_file(RESULTS, default_timeout=60)
+    at.session_state["auth_user_id"] = reader
+    at.run()
+    assert [e.value for e in at.error] == ["This page is not available to the reader role."]
