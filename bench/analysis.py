@@ -27,8 +27,8 @@ deleted (sklearn), then the OR-Hillis random-reader formulas. It draws its resam
 library's own generators (``bootstrap_indices``, ``swap_masks``) from the same seed, so the intervals and p-values
 must agree (up to rounding, below ``TOLERANCE``); ``x loop`` is its time over the median of the vectorized code.
 Left out of the comparison (no resampling, under a millisecond): the ROC curve points, the error analysis, and the
-fixed-reader and fixed-case MRMC analyses, closed forms of the same covariances. The table is printed and written to
-``bench/results/analysis-cpu.json``.
+fixed-reader and fixed-case MRMC analyses, closed forms of the same covariances. ``--threads`` (the usable cores)
+limits numpy's BLAS and the OpenMP pool. The table is printed and written to ``bench/results/analysis-cpu.json``.
 """
 
 from __future__ import annotations

@@ -116,9 +116,11 @@ def roc_band(
     tpr = np.concatenate([np.zeros((resamples, 1)), pos[:, last] / pos[:, -1:]], axis=1)
     fpr = np.concatenate([np.zeros((resamples, 1)), neg[:, last] / neg[:, -1:]], axis=1)
     grid = np.linspace(0.0, 1.0, 101)
-    # the highest TPR reached at FPR <= g (the ROC step function), per resample: FPR rises along each row
-    reach = (fpr[:, :, None] <= grid[None, None, :]) * tpr[:, :, None]
-    band = reach.max(axis=1)
+    # the highest TPR reached at FPR <= g (the ROC step function), per resample. FPR and TPR rise along each row, so
+    # it is the TPR at the last point with FPR <= g: one searchsorted over all rows, each shifted by 2 x its index
+    shift = 2.0 * np.arange(resamples)[:, None]
+    last_point = np.searchsorted((fpr + shift).ravel(), (grid[None, :] + shift).ravel(), side="right") - 1
+    band = tpr.ravel()[last_point].reshape(resamples, grid.size)
     tail = (1.0 - level) / 2.0
     observed = _step_roc(truth, scores, grid)
     return pd.DataFrame(

@@ -93,3 +93,21 @@ def test_the_results_page_refuses_readers(finished_study):
     at.session_state["auth_user_id"] = reader
     at.run()
     assert [e.value for e in at.error] == ["This page is not available to the reader role."]
+
+
+def test_the_roc_band_is_the_pointwise_percentile_of_resampled_step_curves():
+    from core.stats.compare import bootstrap_counts, bootstrap_indices
+
+    rng = np.random.default_rng(1)
+    truth = (rng.random(150) < 0.5).astype(int)
+    scores = np.round(np.clip(0.5 + (truth - 0.5) * 0.4 + rng.normal(0, 0.25, 150), 0, 1), 1)  # many ties
+    band = results.roc_band(truth, scores, resamples=80, seed=3)
+    weights = bootstrap_counts(bootstrap_indices(truth, 80, 3), truth.size)
+    curves = []
+    for w in weights:  # one resample at a time: its ROC step function read at each grid FPR
+        thresholds = np.unique(scores)[::-1]
+        tpr = np.r_[0, [(w * truth * (scores >= t)).sum() / (w * truth).sum() for t in thresholds]]
+        fpr = np.r_[0, [(w * (1 - truth) * (scores >= t)).sum() / (w * (1 - truth)).sum() for t in thresholds]]
+        curves.append([tpr[fpr <= g + 1e-12].max() for g in band["fpr"]])
+    np.testing.assert_allclose(band["low"], np.quantile(curves, 0.025, axis=0), atol=1e-6)
+    np.testing.assert_allclose(band["high"], np.quantile(curves, 0.975, axis=0), atol=1e-6)

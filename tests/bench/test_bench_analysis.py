@@ -3,7 +3,6 @@ are not judged here)."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
