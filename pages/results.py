@@ -89,8 +89,8 @@ def _roc_figure(report: dict, title: str) -> go.Figure:
         )
     figure.update_layout(
         title=title,
-        xaxis={"title": "1 - specificity", "range": [-0.01, 1.01]},
-        yaxis={"title": "sensitivity", "range": [-0.01, 1.01], "scaleanchor": "x"},
+        xaxis={"title": "1 - specificity", "range": [-0.01, 1.01], "constrain": "domain"},
+        yaxis={"title": "sensitivity", "range": [-0.01, 1.01], "scaleanchor": "x", "constrain": "domain"},
         height=560,
         legend={"x": 0.55, "y": 0.05},
         margin={"l": 10, "r": 10, "t": 50, "b": 10},
