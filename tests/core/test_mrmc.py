@@ -15,7 +15,7 @@ from scipy import stats
 
 from core.stats.mrmc import auc_covariance, model_vs_readers, mrmc_binary, mrmc_or
 
-VANDYKE = Path(__file__).resolve().parents[3] / "shared" / "data" / "mrmc" / "vandyke.csv"
+VANDYKE = Path(__file__).resolve().parents[1] / "data" / "vandyke.csv"  # a copy of ../shared/data/mrmc/
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from core.stats.report import AnalysisError, analyze_reads, read_predictions, read_reads
 from services.cli import main
 
-VANDYKE = Path(__file__).resolve().parents[3] / "shared" / "data" / "mrmc" / "vandyke.csv"
+VANDYKE = Path(__file__).resolve().parents[1] / "data" / "vandyke.csv"  # a copy of ../shared/data/mrmc/
 METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
 
 
