@@ -1,7 +1,7 @@
 """The command line: ``python -m core <command>``.
 
 Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``, ``studies``,
-``analyze``.
+``analyze``, ``evaluate-localization``.
 Errors a
 user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
@@ -335,6 +335,30 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_localization(args: argparse.Namespace) -> int:
+    """Score heatmaps against expert masks (pixel AUC, Dice sweep, FCN scores, 75 % region rule) into a JSON report."""
+    from core.metrics.localization import evaluate_localization
+
+    report = evaluate_localization(
+        args.maps, args.masks, threshold=args.threshold, bootstrap=args.bootstrap, seed=args.seed
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, allow_nan=False))
+
+    def shown(value: float | None, spec: str = ".3f") -> str:
+        return "undefined" if value is None else format(value, spec)
+
+    dice, at = report["dice"], report["at_threshold"]
+    print(
+        f"{report['n_images']} images, {report['n_labeled_pixels']} labeled pixels: "
+        f"pixel AUC {shown(report['pixel_auc']['estimate'])}, best Dice {shown(dice['dice'])} "
+        f"(threshold {shown(dice['best_threshold'], 'g')}), "
+        f"mean IU {shown(at['mean_iu'])} (threshold {at['threshold']:g})"
+    )
+    print(f"report -> {args.out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -439,6 +463,17 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int, default=0)
     analyze.add_argument("--out", required=True, help="report.json")
     analyze.set_defaults(run=_cmd_analyze)
+
+    localize = sub.add_parser(
+        "evaluate-localization", help="score heatmaps against expert masks (pixel AUC, Dice, mean IU, 75 %% rule)"
+    )
+    localize.add_argument("--maps", required=True, help="folder of maps: .npy in [0, 1] or 8-bit .png (/255)")
+    localize.add_argument("--masks", required=True, help="mask PNGs: 0 negative, 255 positive, other values unlabeled")
+    localize.add_argument("--threshold", type=float, default=0.5, help="for mean IU and the 75 %% region rule")
+    localize.add_argument("--bootstrap", type=int, default=1000, help="image resamples for the pixel-AUC CI")
+    localize.add_argument("--seed", type=int, default=0)
+    localize.add_argument("--out", required=True, help="report.json")
+    localize.set_defaults(run=_cmd_evaluate_localization)
     return parser
 
 
