@@ -35,6 +35,7 @@ __all__ = [
     "TABLES",
     "ModelInfo",
     "UserInfo",
+    "add_inactive_reader",
     "add_prediction",
     "add_specimen",
     "add_specimen_image",
@@ -125,6 +126,15 @@ def create_user(session: Session, username: str, password: str, role: str, displ
     session.add(user)
     session.flush()
     return UserInfo(user.id, user.username, user.display_name, user.role)
+
+
+def add_inactive_reader(session: Session, username: str, display_name: str, why: str) -> int:
+    """A reader account that can never sign in (no password hash, inactive): readers whose answers came from
+    elsewhere (an imported CSV) or from a program (simulated reads). ``why`` is kept in place of the hash."""
+    user = User(username=username, display_name=display_name, role="reader", password_hash=f"!{why}", active=False)
+    session.add(user)
+    session.flush()
+    return user.id
 
 
 def authenticate(session: Session, username: str, password: str) -> UserInfo | None:

@@ -231,18 +231,12 @@ def _simulated_study(pi: int, specimen_ids: list[int], log: Callable[[str], None
             return
         readers = []
         for username, _, _ in SIMULATED_READERS:
-            user = session.scalar(select(User).where(User.username == username))
-            if user is None:
-                user = User(
-                    username=username,
-                    display_name=f"Simulated reader {username[-1]}",
-                    role="reader",
-                    password_hash="!simulated-reader-cannot-sign-in",
-                    active=False,
+            user_id = session.scalar(select(User.id).where(User.username == username))
+            if user_id is None:
+                user_id = repo.add_inactive_reader(
+                    session, username, f"Simulated reader {username[-1]}", "simulated-reader"
                 )
-                session.add(user)
-                session.flush()
-            readers.append(user.id)
+            readers.append(user_id)
         study = studies.create_study(
             session,
             title=SIMULATED_STUDY,

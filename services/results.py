@@ -107,38 +107,36 @@ def roc_band(
     vectorised: one weight matrix, cumulative sums over the cases sorted by score): columns fpr, tpr, low, high."""
     truth = np.asarray(truth, dtype=int)
     scores = np.asarray(scores, dtype=float)
-    weights = bootstrap_counts(bootstrap_indices(truth, resamples, seed), truth.size).astype(np.float32)
-    order = np.argsort(-scores, kind="stable")
-    pos = np.cumsum(weights[:, order] * truth[order], axis=1)
-    neg = np.cumsum(weights[:, order] * (1 - truth[order]), axis=1)
-    # thresholds between tied scores are not operating points: keep the last index of each run of equal scores
-    last = np.r_[scores[order][1:] != scores[order][:-1], True]
-    tpr = np.concatenate([np.zeros((resamples, 1)), pos[:, last] / pos[:, -1:]], axis=1)
-    fpr = np.concatenate([np.zeros((resamples, 1)), neg[:, last] / neg[:, -1:]], axis=1)
     grid = np.linspace(0.0, 1.0, 101)
-    # the highest TPR reached at FPR <= g (the ROC step function), per resample. FPR and TPR rise along each row, so
-    # it is the TPR at the last point with FPR <= g: one searchsorted over all rows, each shifted by 2 x its index
-    shift = 2.0 * np.arange(resamples)[:, None]
-    last_point = np.searchsorted((fpr + shift).ravel(), (grid[None, :] + shift).ravel(), side="right") - 1
-    band = tpr.ravel()[last_point].reshape(resamples, grid.size)
+    weights = bootstrap_counts(bootstrap_indices(truth, resamples, seed), truth.size).astype(np.float64)
+    band = _roc_on_grid(truth, scores, weights, grid)
     tail = (1.0 - level) / 2.0
-    observed = _step_roc(truth, scores, grid)
     return pd.DataFrame(
         {
             "fpr": grid,
-            "tpr": observed,
+            "tpr": _roc_on_grid(truth, scores, np.ones((1, truth.size)), grid)[0],
             "low": np.quantile(band, tail, axis=0),
             "high": np.quantile(band, 1.0 - tail, axis=0),
         }
     )
 
 
-def _step_roc(truth: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def _roc_on_grid(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The ROC step function of each row of case ``weights``, read at the false-positive rates ``grid``:
+    (rows, grid) TPRs, the highest TPR reached at FPR <= g."""
+    rows = weights.shape[0]
     order = np.argsort(-scores, kind="stable")
+    pos = np.cumsum(weights[:, order] * truth[order], axis=1)
+    neg = np.cumsum(weights[:, order] * (1 - truth[order]), axis=1)
+    # thresholds between tied scores are not operating points: keep the last index of each run of equal scores
     last = np.r_[scores[order][1:] != scores[order][:-1], True]
-    tpr = np.r_[0.0, (np.cumsum(truth[order]) / truth.sum())[last]]
-    fpr = np.r_[0.0, (np.cumsum(1 - truth[order]) / (truth.size - truth.sum()))[last]]
-    return np.array([tpr[fpr <= g].max() for g in grid])
+    tpr = np.concatenate([np.zeros((rows, 1)), pos[:, last] / pos[:, -1:]], axis=1)
+    fpr = np.concatenate([np.zeros((rows, 1)), neg[:, last] / neg[:, -1:]], axis=1)
+    # FPR and TPR rise along each row, so the answer is the TPR at the last point with FPR <= g: one searchsorted
+    # over all rows, each shifted by 2 x its index so the rows do not overlap
+    shift = 2.0 * np.arange(rows)[:, None]
+    last_point = np.searchsorted((fpr + shift).ravel(), (grid[None, :] + shift).ravel(), side="right") - 1
+    return tpr.ravel()[last_point].reshape(rows, grid.size)
 
 
 def study_results(

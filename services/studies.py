@@ -36,6 +36,7 @@ from core.heatmaps.render import overlay, resize_map, to_uint8
 from core.reading import DEFAULT_COLORMAP, blind_png, fit_side, reader_order, windowed
 from core.settings import workspace_dir
 from core.train import DECISIONS, TASKS, task_label
+from db import repo
 from db.audit import log_event, run_transaction
 from db.models import (
     MODALITIES,
@@ -1189,16 +1190,7 @@ def import_reads(
             report.errors.append("the file has no rows")
         return report
     for reader in sorted({p[2] for p in parsed} - set(users)):
-        user = User(
-            username=reader,
-            display_name=reader,
-            role="reader",
-            password_hash="!imported-reader-cannot-sign-in",
-            active=False,
-        )
-        session.add(user)
-        session.flush()
-        users[reader] = user
+        users[reader] = session.get(User, repo.add_inactive_reader(session, reader, reader, "imported-reader"))
         report.created_readers.append(reader)
     invited = set(session.scalars(select(StudyReader.user_id).where(StudyReader.study_id == study_id)))
     moment = utcnow()
