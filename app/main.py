@@ -24,11 +24,12 @@ _PAGES = {  # name -> (script, title, icon)
     "data": ("../pages/data.py", "Data", ":material/table:"),
     "studies": ("../pages/studies.py", "Studies", ":material/groups:"),
     "results": ("../pages/results.py", "Results", ":material/monitoring:"),
+    "models": ("../pages/models.py", "Models", ":material/model_training:"),
     "read": ("../pages/read.py", "Read", ":material/visibility:"),
 }
 _ROLE_PAGES = {
     "clinician": ["home", "diagnose"],
-    "pi": ["home", "diagnose", "data", "studies", "results"],
+    "pi": ["home", "diagnose", "data", "studies", "results", "models"],
     "reader": ["home", "read"],
 }
 

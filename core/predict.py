@@ -84,7 +84,7 @@ class Predictor:
                 mosaic,
                 window=self.image_size,
                 modality=self.modality,
-                target_layer=self.layers[-1],
+                target_layer=self.layers,  # multi-layer methods (celm, gradcam-multi) fuse all of them
                 **options,
             )
 

@@ -22,6 +22,7 @@ __all__ = [
     "AuditEvent",
     "Base",
     "Label",
+    "ModelEvaluation",
     "ModelRecord",
     "Patient",
     "Prediction",
@@ -149,6 +150,20 @@ class ModelRecord(Base):
     threshold_policy: Mapped[str] = mapped_column(String(32))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelEvaluation(Base):
+    """An evaluation stored with a model: what it was scored on (``dataset``) and the report, e.g. a localisation
+    table whose rows compare the model's maps, its ablations and baselines against ground-truth masks."""
+
+    __tablename__ = "model_evaluations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    title: Mapped[str] = mapped_column(String(200))
+    dataset: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -22,6 +22,7 @@ from db.models import (
     ROLES,
     SPLITS,
     Label,
+    ModelEvaluation,
     ModelRecord,
     Patient,
     Prediction,
@@ -35,6 +36,7 @@ __all__ = [
     "TABLES",
     "ModelInfo",
     "UserInfo",
+    "add_evaluation",
     "add_inactive_reader",
     "add_prediction",
     "add_specimen",
@@ -46,6 +48,7 @@ __all__ = [
     "get_user",
     "list_models",
     "list_users",
+    "model_evaluations",
     "model_for",
     "prediction_view",
     "recent_predictions",
@@ -303,6 +306,31 @@ def model_for(session: Session, task: str, modality: str) -> ModelInfo | None:
     """The default model for a task and modality: the newest registered one."""
     models = list_models(session, task=task, modality=modality)
     return models[0] if models else None
+
+
+def add_evaluation(
+    session: Session, model_id: int, *, title: str, dataset: dict[str, Any], report: dict[str, Any]
+) -> int:
+    """Store an evaluation with a registered model; returns its id."""
+    if session.get(ModelRecord, model_id) is None:
+        raise ValueError(f"no model with id {model_id}")
+    row = ModelEvaluation(model_id=model_id, title=title, dataset=dataset, report=report)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def model_evaluations(session: Session, model_id: int) -> list[dict[str, Any]]:
+    """A model's stored evaluations, newest first: id, title, created_at, dataset, report."""
+    rows = session.scalars(
+        select(ModelEvaluation)
+        .where(ModelEvaluation.model_id == model_id)
+        .order_by(ModelEvaluation.created_at.desc(), ModelEvaluation.id.desc())
+    )
+    return [
+        {"id": r.id, "title": r.title, "created_at": r.created_at, "dataset": dict(r.dataset), "report": dict(r.report)}
+        for r in rows
+    ]
 
 
 def add_upload(

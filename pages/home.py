@@ -17,7 +17,9 @@ if user.role == "pi":
     st.markdown(
         "- **Data**: browse patients, specimens, labels, models, predictions and the audit log; filter and download "
         "CSV.\n- **Studies**: set up blind reader studies (arms, cases, readers), follow progress, export and "
-        "import reads."
+        "import reads.\n- **Results**: the CNN against the readers, with confidence intervals, paired tests and "
+        "MRMC.\n- **Models**: every registered model, its training curve, and the localisation evaluations "
+        "stored with it (the seed papers' ablation tables with example maps)."
     )
 if user.role == "reader":
     st.markdown(

@@ -1,7 +1,7 @@
 """The command line: ``python -m core <command>``.
 
 Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``, ``studies``,
-``analyze``, ``evaluate-localization``.
+``analyze``, ``evaluate-localization``, ``synth``, ``localization-study``.
 Errors a
 user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
@@ -12,22 +12,25 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
 
 from core.data.io import ImageError, read_image
+from core.data.localization_set import KINDS
 from core.heatmaps import list_methods, method_title
 from core.heatmaps.mosaic import MODES
 from core.models import list_models as list_architectures
 from core.predict import Predictor, write_heatmap_files
 from core.settings import workspace_dir
 from core.stats.thresholds import POLICIES
-from core.train import DECISIONS, TASKS, TrainConfig
+from core.train import DECISIONS, RECIPES, TASKS, TrainConfig
 from db import repo
 from db.models import MODALITIES, ROLES
 from db.session import init_db, session_scope
+from services.localization import STUDIES
 
 __all__ = ["main"]
 
@@ -66,7 +69,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from services.training import print_progress, train_and_register
+    from services.training import default_name, print_progress, train_and_register
 
     config = TrainConfig(
         architecture=args.architecture,
@@ -80,8 +83,71 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         pretrained_file=args.pretrained_file,
+        recipe=args.recipe,
     )
+    if args.data:
+        from core.data.localization_set import read_set
+        from services.localization import train_on_set
+
+        data = read_set(args.data)
+        name = args.name or default_name(replace(config, modality=data.modality, task="wsl"))
+        train_on_set(config, data, name=name, progress=print_progress)
+        return 0
     train_and_register(config, name=args.name, progress=print_progress)
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic localisation set (images, image-level labels, masks) for ``train --data``."""
+    from core.data.localization_set import generate_set
+
+    data = generate_set(
+        args.kind,
+        Path(args.out),
+        counts=tuple(args.counts),
+        size=args.size,
+        channels=args.channels,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    described = data.describe()
+    splits = ", ".join(f"{k} {v['images']} ({v['positive']} positive)" for k, v in described["splits"].items())
+    print(f"{args.kind} set -> {args.out}: {splits}; masks: {', '.join(data.mask_sets)}")
+    return 0
+
+
+_STUDY_COLUMNS = ("image_auc", "pixel_auc", "best_dice", "mean_acc", "mean_iu", "fw_iu", "precision", "recall")
+_STUDY_HEADERS = ("imgAUC", "pxAUC", "Dice*", "mAcc", "mIU", "fwIU", "prec", "rec")
+
+
+def _cmd_localization_study(args: argparse.Namespace) -> int:
+    """Train a seed model, its ablations and a ResNet-18 baseline; score their maps; store the table."""
+    from services.localization import run_study
+
+    report = run_study(
+        args.study,
+        data_dir=args.data,
+        counts=tuple(args.counts) if args.counts else None,
+        size=args.size,
+        channels=args.channels,
+        epochs=args.epochs,
+        seed=args.seed,
+        bootstrap=args.bootstrap,
+    )
+
+    def shown(value: float | None) -> str:
+        return "  -  " if value is None else f"{value:.3f}"
+
+    for table in report["tables"]:
+        print(f"\n{report['title']}: {table['mask_set']} masks, threshold {table['threshold']:g}")
+        print(f"{'':<32} " + " ".join(f"{h:>6}" for h in _STUDY_HEADERS))
+        for row in table["rows"]:
+            print(f"{row['row'][:32]:<32} " + " ".join(f"{shown(row[k]):>6}" for k in _STUDY_COLUMNS))
+    print(f"\nstored as evaluation {report['evaluation_id']} of {report['models']['main']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, allow_nan=False))
+        print(f"report -> {args.out}")
     return 0
 
 
@@ -391,6 +457,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--pretrained-file", help="a local ImageNet checkpoint to start from (nothing is downloaded)")
+    train.add_argument(
+        "--data", help="a localisation set (python -m core synth): train from its image-level labels instead"
+    )
+    train.add_argument("--recipe", choices=sorted(RECIPES), help="default: the architecture's paper's recipe")
     train.set_defaults(run=_cmd_train)
 
     models = sub.add_parser("models", help="list the registered models")
@@ -474,6 +544,30 @@ def _parser() -> argparse.ArgumentParser:
     localize.add_argument("--seed", type=int, default=0)
     localize.add_argument("--out", required=True, help="report.json")
     localize.set_defaults(run=_cmd_evaluate_localization)
+
+    synth = sub.add_parser("synth", help="write a synthetic localisation set: CLE frames or spectral spots with masks")
+    synth.add_argument("kind", choices=sorted(KINDS))
+    synth.add_argument("--out", required=True, help="the folder to create")
+    synth.add_argument("--counts", type=int, nargs=3, default=(400, 100, 200), metavar=("TRAIN", "VAL", "TEST"))
+    synth.add_argument("--size", type=int, default=128, help="image side in px")
+    synth.add_argument("--channels", type=int, default=128, help="spectral channels (spectral sets)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true")
+    synth.set_defaults(run=_cmd_synth)
+
+    study = sub.add_parser(
+        "localization-study", help="a seed paper's localisation table: seed model, ablations, baseline, stored"
+    )
+    study.add_argument("study", choices=sorted(STUDIES))
+    study.add_argument("--data", help="reuse (or create) the set in this folder")
+    study.add_argument("--counts", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="images per split")
+    study.add_argument("--size", type=int, help="image side in px")
+    study.add_argument("--channels", type=int, help="spectral channels")
+    study.add_argument("--epochs", type=int, help="override every model's epochs")
+    study.add_argument("--seed", type=int, default=0)
+    study.add_argument("--bootstrap", type=int, default=500, help="image resamples for the pixel-AUC CIs")
+    study.add_argument("--out", help="also write the report as JSON")
+    study.set_defaults(run=_cmd_localization_study)
     return parser
 
 

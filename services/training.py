@@ -115,7 +115,7 @@ def register_trained(
     metrics["history"] = result.history
     checkpoint_config = {
         **config.to_dict(),
-        "in_chans": channels_for(config.modality),
+        "in_chans": config.in_chans or channels_for(config.modality),
         "name": name,
         "trained_on": result.device,
         **(extra_config or {}),

@@ -7,7 +7,7 @@ image it returns one map per image (``HeatmapResult``). Registered: ``cam``, ``g
 ``register_model_map``. Whole mosaics are stitched from windows by :mod:`core.heatmaps.mosaic`.
 """
 
-from core.heatmaps import cam, celm, gradcam, guided, scorecam  # noqa: F401  (registers the methods)
+from core.heatmaps import cam, celm, compsegnet_map, gradcam, guided, mlcam_map, scorecam  # noqa: F401  (registers the methods)
 from core.heatmaps.base import (
     Explainer,
     HeatmapResult,

@@ -157,8 +157,9 @@ def register_model_map(name: str, title: str, attribute: str, doc: str) -> type[
     """Register a model's own localisation map as a heatmap method.
 
     Weakly supervised localisation models (MLCAM-LICI's final diagnostic feature map, seed 000 eq. 5; CompSegNet's
-    activation map, seed 004) compute their map themselves: the model implements ``attribute(x) -> (maps, logits)``
-    with maps ``(B, h, w)``, and the method applies only to models that have it. The maps are min-max normalised
+    activation map, seed 004) compute their map themselves: the model implements a method named ``attribute``,
+    ``(x) -> (maps, logits)`` with maps ``(B, h, w)`` (``fdfm``, ``activation_map``), and the heatmap method applies
+    only to models that have it, so each model's name must be its own. The maps are min-max normalised
     and upsampled with the shared conventions, so pages, CLI and evaluation treat them like any other method.
     """
 

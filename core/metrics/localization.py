@@ -43,8 +43,10 @@ __all__ = [
     "load_map",
     "load_mask",
     "localization_scores",
+    "mask_labels",
     "match_files",
     "pixel_auc",
+    "score_maps",
     "segmentation_scores",
 ]
 
@@ -114,11 +116,17 @@ def load_mask(path: str | Path) -> np.ndarray:
             pixels = np.asarray(pil.convert("L"))
     except (OSError, EOFError) as error:
         raise ValueError(f"{path}: unreadable mask ({error})") from None
+    labels = mask_labels(pixels)
+    if not (labels >= 0).any():
+        raise ValueError(f"{path}: the mask has no labeled pixels (0 = negative, 255 = positive)")
+    return labels
+
+
+def mask_labels(pixels: np.ndarray) -> np.ndarray:
+    """int8 labels of a uint8 mask: 1 where 255, 0 where 0, -1 (unlabeled) elsewhere."""
     labels = np.full(pixels.shape, UNLABELED, dtype=np.int8)
     labels[pixels == 0] = 0
     labels[pixels == 255] = 1
-    if not (labels >= 0).any():
-        raise ValueError(f"{path}: the mask has no labeled pixels (0 = negative, 255 = positive)")
     return labels
 
 
@@ -349,10 +357,23 @@ def evaluate_localization(
     maps = [load_map(p.map) for p in pairs]
     masks = [load_mask(p.mask) for p in pairs]
     _check(maps, masks, [p.map.name for p in pairs])
+    files = [{"stem": p.stem, "map": str(p.map), "mask": str(p.mask)} for p in pairs]
+    return {**score_maps(maps, masks, threshold=threshold, bootstrap=bootstrap, seed=seed), "files": files}
+
+
+def score_maps(
+    maps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    *,
+    threshold: float = 0.5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The report of :func:`evaluate_localization` for maps and int8 masks (1 / 0 / -1) already in memory."""
+    _check(maps, masks)
     return {
-        "n_images": len(pairs),
-        "n_labeled_pixels": int(sum(int((k >= 0).sum()) for k in masks)),
-        "files": [{"stem": p.stem, "map": str(p.map), "mask": str(p.mask)} for p in pairs],
+        "n_images": len(maps),
+        "n_labeled_pixels": int(sum(int((np.asarray(k) >= 0).sum()) for k in masks)),
         "pixel_auc": pixel_auc(maps, masks, bootstrap=bootstrap, seed=seed),
         "dice": dice_sweep(maps, masks),
         "at_threshold": segmentation_scores(maps, masks, threshold),

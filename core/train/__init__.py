@@ -1,25 +1,35 @@
-"""Training loops and recipes (the FL-CNN recipe first)."""
+"""Training loops and recipes (the FL-CNN recipe, and the weakly supervised papers' own)."""
 
 from core.train.recipe import (
+    DATASET_TASKS,
     DECISIONS,
+    RECIPES,
     TASKS,
     Progress,
+    Recipe,
     TrainConfig,
     TrainResult,
     class_weights,
+    default_recipe,
     fit,
     predict_logits,
+    recipe_for,
     task_label,
 )
 
 __all__ = [
+    "DATASET_TASKS",
     "DECISIONS",
+    "RECIPES",
     "TASKS",
     "Progress",
+    "Recipe",
     "TrainConfig",
     "TrainResult",
     "class_weights",
+    "default_recipe",
     "fit",
     "predict_logits",
+    "recipe_for",
     "task_label",
 ]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from core.train import TrainConfig, class_weights, fit, task_label
-from core.train.recipe import cosine_with_warmup, weighted_bce
+from core.train.recipe import _validation_loss, cosine_with_warmup, recipe_for, weighted_bce
 
 
 def test_class_weights_follow_eq_2():
@@ -80,3 +80,43 @@ def test_fit_refuses_wrong_channel_count():
     x, y = torch.zeros(4, 1, 32, 32), torch.tensor([0, 1, 0, 1.0])
     with pytest.raises(ValueError, match="WL images must be"):
         fit(config, x, y, x, y)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "recipe", "optimizer"),
+    [
+        ("mlcam_lici", "mlcam", torch.optim.SGD),
+        ("celnet", "celnet", torch.optim.SGD),
+        ("compsegnet", "compsegnet", torch.optim.RMSprop),
+        ("resnet18", "flcnn", torch.optim.Adam),
+    ],
+)
+def test_each_architecture_trains_by_its_papers_recipe(architecture, recipe, optimizer):
+    config = TrainConfig(architecture=architecture, lr=0.01)
+    chosen = recipe_for(config)
+    assert chosen.name == recipe
+    built = chosen.optimizer(torch.nn.Linear(2, 1), config)
+    assert isinstance(built, optimizer) and built.param_groups[0]["lr"] == 0.01
+    if architecture == "celnet":  # seed 001: Nesterov momentum 0.9, L2 1e-5
+        group = built.param_groups[0]
+        assert group["nesterov"] and group["momentum"] == 0.9 and group["weight_decay"] == 1e-5
+    assert recipe_for(TrainConfig(architecture=architecture, recipe="flcnn")).name == "flcnn"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe_for(TrainConfig(architecture=architecture, recipe="nope"))
+
+
+def test_a_best_validation_loss_recipe_keeps_that_epochs_weights():
+    generator = torch.Generator().manual_seed(1)
+    y = (torch.arange(48) % 2).float()
+    x = torch.randn(48, 1, 32, 32, generator=generator) * 0.3
+    x[y == 1, :, 8:20, 8:20] += 1.0
+    config = TrainConfig(
+        architecture="mlcam_lici", task="diagnostic", modality="CLE", image_size=32, epochs=4, batch_size=8, lr=0.05,
+        model_kwargs={"width": 4},
+    )  # fmt: skip
+    result = fit(config, x[:32], y[:32], x[32:], y[32:])
+    losses = [h["val_loss"] for h in result.history]
+    assert result.metrics["recipe"] == "mlcam"
+    assert result.metrics["kept_epoch"] == 1 + int(np.argmin(losses))
+    kept = _validation_loss(result.model, x[32:], y[32:], 1.0, 1.0)
+    assert kept == pytest.approx(min(losses), rel=1e-5)

@@ -1,0 +1,212 @@
+"""Localisation data sets, training from image-level labels, the seed studies and their stored tables, the CLI
+commands and the Models page. Tiny sets (64 px CLE frames, 32 px 16-channel spots) and one or two epochs: these
+tests check the plumbing and the scoring, not how well the models localise (bench/README.md has those figures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core.data.localization_set import generate_set, read_set
+from core.heatmaps import get_method, list_methods
+from core.metrics.localization import mask_labels, score_maps
+from core.models import create_model, get_spec
+from core.models.mlcam import ABLATIONS
+from core.train import TrainConfig
+from db import repo
+from db.session import init_db, session_scope
+from services.cli import main as cli
+from services.localization import STUDIES, MapSpec, compute_maps, run_study, train_on_set
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS_PAGE = str(ROOT / "pages" / "models.py")
+
+
+@pytest.fixture(scope="module")
+def cle_set(tmp_path_factory: pytest.TempPathFactory):
+    return generate_set("cle", tmp_path_factory.mktemp("sets") / "cle", counts=(16, 8, 8), size=64, seed=3)
+
+
+def test_a_cle_set_holds_images_labels_from_masks_and_both_mask_scales(cle_set):
+    assert cle_set.modality == "CLE" and cle_set.channels == 1 and cle_set.mask_sets == ("intermediate", "restrictive")
+    for split, n in (("train", 16), ("val", 8), ("test", 8)):
+        x, y = cle_set.tensors(split)
+        assert x.shape == (n, 1, 64, 64) and x.dtype == torch.float32
+        intermediate = cle_set.masks(split, "intermediate")
+        # seed 000's labelling: a frame is diagnostic when any diagnostic region is present
+        assert np.array_equal(y.numpy().astype(bool), (intermediate == 255).any(axis=(1, 2)))
+        assert 0 < y.sum() < n
+    assert not list(cle_set.root.parent.glob("*.partial"))
+    with pytest.raises(ValueError, match="already exists"):
+        generate_set("cle", cle_set.root, counts=(2, 2, 2), size=64)
+    with pytest.raises(ValueError, match="no 'tumor' masks"):
+        cle_set.masks("test", "tumor")
+
+
+def test_a_broken_set_is_refused_with_the_problem_named(tmp_path, cle_set):
+    with pytest.raises(ValueError, match="dataset.json is missing"):
+        read_set(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "dataset.json").write_text((cle_set.root / "dataset.json").read_text())
+    (broken / "labels.csv").write_text("image_id,split,label,path\na,train,1,images/a.png\nb,training,2,images/b.png\n")
+    with pytest.raises(ValueError, match="line 3: split must be"):
+        read_set(broken)
+    (broken / "labels.csv").write_text("image_id,split,label,path\na,train,1,images/a.png\n")
+    with pytest.raises(ValueError, match="missing, e.g. images/a.png"):
+        read_set(broken)
+
+
+def test_spectral_sets_are_standardised_by_training_tissue_statistics(tmp_path):
+    data = generate_set("spectral", tmp_path / "ir", counts=(6, 2, 2), size=32, channels=16, seed=1)
+    assert data.modality == "IR" and data.channels == 16 and data.mask_sets == ("tumor",)
+    x, y = data.tensors("train")
+    assert x.shape == (6, 16, 32, 32)
+    tissue = torch.from_numpy(data.masks("train", "tumor") != 128)
+    pixels = x.permute(1, 0, 2, 3)[:, tissue]
+    assert torch.allclose(pixels.mean(dim=1), torch.zeros(16), atol=0.05)
+    assert torch.allclose(pixels.std(dim=1), torch.ones(16), atol=0.05)
+    assert np.array_equal(y.numpy().astype(bool), (data.masks("train", "tumor") == 255).any(axis=(1, 2)))
+
+
+def test_training_on_a_set_registers_the_model_with_its_recipe_and_data(workspace, cle_set):
+    config = TrainConfig(architecture="mlcam_lici", epochs=2, batch_size=8, lr=0.01, model_kwargs={"width": 8})
+    info, model = train_on_set(config, cle_set, name="cle-mlcam", log=lambda _: None)
+    assert (info.task, info.modality, info.image_size) == ("diagnostic", "CLE", 64)
+    assert info.metrics["recipe"] == "mlcam" and 1 <= info.metrics["kept_epoch"] <= 2
+    assert "val_loss" in info.metrics["history"][0] and info.metrics["test_n"] == 8
+    assert info.config["dataset"]["kind"] == "cle" and info.config["model_kwargs"] == {"width": 8}
+    with pytest.raises(ValueError, match="already registered"):
+        train_on_set(config, cle_set, name="cle-mlcam", log=lambda _: None)
+    with pytest.raises(ValueError, match="may only contain"):
+        train_on_set(config, cle_set, name="a b", log=lambda _: None)
+
+
+def test_maps_of_each_kind_are_what_the_model_and_method_give():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 64, 64)
+    mlcam = create_model("mlcam_lici", in_chans=1, width=8).eval()
+    for name, kwargs in ABLATIONS.items():
+        expected, _ = mlcam.fdfm(x, **kwargs)
+        got = compute_maps(mlcam, "mlcam_lici", MapSpec(name, "main", fdfm=name), x, batch=2)
+        assert np.allclose(got, expected.detach().numpy(), atol=1e-6)
+    resnet = create_model("resnet18", in_chans=1).eval()
+    with get_method("gradcam")(resnet, get_spec("resnet18").layers(resnet)) as explainer:
+        expected = explainer(x).maps
+    assert np.allclose(compute_maps(resnet, "resnet18", MapSpec("g", "b", method="gradcam"), x), expected, atol=1e-5)
+    unet = create_model("compsegnet", in_chans=1, base=4, depth=2).eval()
+    got = compute_maps(unet, "compsegnet", MapSpec("s", "m", segment=True), x)
+    assert np.allclose(got, unet.segment(x).detach().numpy(), atol=1e-6)  # the raw map: its threshold is absolute
+    # each model's own map is offered for that model only
+    assert "mlcam-lici" in list_methods(mlcam) and "compsegnet" not in list_methods(mlcam)
+    assert "compsegnet" in list_methods(unet) and "mlcam-lici" not in list_methods(unet)
+
+
+def _tiny(study: str) -> dict:
+    """Small seed models and tiny_cnn in place of ResNet-18: plumbing, not performance."""
+    small = {"model_kwargs": {"width": 8}} if study in ("mlcam", "celnet") else {"model_kwargs": {"base": 8}}
+    return {key: (small if key != "baseline" else {"architecture": "tiny_cnn"}) for key in STUDIES[study].models}
+
+
+@pytest.mark.parametrize("study", ["mlcam", "celnet", "compsegnet"])
+def test_a_study_trains_scores_and_stores_its_table_with_examples(workspace, study):
+    overrides = _tiny(study)
+    if study == "celnet":
+        for key, extra in (("no_mam", {"attention": False}), ("no_ds", {"deep_supervision": False})):
+            overrides[key] = {"model_kwargs": {"width": 8, **extra}}
+    sizes = {"size": 32, "channels": 16} if study == "compsegnet" else {"size": 64}
+    report = run_study(
+        study, counts=(12, 6, 6), epochs=1, bootstrap=20, progress=None, log=lambda _: None, overrides=overrides,
+        **sizes,
+    )  # fmt: skip
+    spec = STUDIES[study]
+    assert set(report["models"]) == set(spec.models)
+    assert [t["mask_set"] for t in report["tables"]] == [t.mask_set for t in spec.tables]
+    for table, table_spec in zip(report["tables"], spec.tables, strict=True):
+        assert [r["row"] for r in table["rows"]] == [r.label for r in table_spec.rows]
+        for row in table["rows"]:
+            assert row["threshold"] == table_spec.threshold
+            for key in ("image_auc", "pixel_auc", "best_dice", "mean_acc", "mean_iu", "fw_iu"):
+                assert row[key] is None or 0.0 <= row[key] <= 1.0
+        assert table["examples"] and all((workspace / p).is_file() for p in table["examples"][0]["maps"].values())
+    with session_scope() as session:
+        main = repo.find_model(session, report["models"]["main"])
+        stored = repo.model_evaluations(session, main.id)
+    assert len(stored) == 1 and stored[0]["report"]["tables"][0]["rows"] == report["tables"][0]["rows"]
+    assert stored[0]["dataset"]["kind"] == spec.kind
+
+
+def test_a_stored_row_is_the_score_of_its_maps(workspace, cle_set):
+    """Recompute one row of a stored table from the registered checkpoint: the stored figures are the maps' scores."""
+    from core.models import load_checkpoint
+
+    report = run_study(
+        "mlcam", data_dir=cle_set.root, epochs=1, bootstrap=0, progress=None, log=lambda _: None,
+        overrides=_tiny("mlcam"),
+    )  # fmt: skip
+    with session_scope() as session:
+        info = repo.find_model(session, report["models"]["main"])
+    model, _ = load_checkpoint(workspace / info.checkpoint_path, expected_sha256=info.checkpoint_sha256)
+    x, y = cle_set.tensors("test")
+    positive = y.numpy() == 1
+    maps, _ = model.fdfm(x[positive], **ABLATIONS["M2 (LI+CI)"])
+    masks = [mask_labels(m) for m in cle_set.masks("test", "restrictive")[positive]]
+    expected = score_maps(list(maps.detach().numpy()), masks, threshold=0.2, bootstrap=0)
+    row = report["tables"][1]["rows"][0]
+    assert row["pixel_auc"] == pytest.approx(expected["pixel_auc"]["estimate"], abs=1e-6)
+    assert row["mean_iu"] == pytest.approx(expected["at_threshold"]["mean_iu"], abs=1e-6)
+
+
+def test_cli_writes_a_set_trains_from_it_and_refuses_bad_input(workspace, tmp_path, capsys):
+    out = tmp_path / "cli-set"
+    assert cli(["synth", "cle", "--out", str(out), "--counts", "8", "4", "4", "--size", "64"]) == 0
+    assert "train 8" in capsys.readouterr().out
+    assert cli(["synth", "cle", "--out", str(out), "--counts", "8", "4", "4"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    args = ["train", "--data", str(out), "--architecture", "celnet", "--epochs", "1", "--batch-size", "4"]
+    assert cli([*args, "--name", "cli-celnet"]) == 0
+    with session_scope() as session:
+        info = repo.find_model(session, "cli-celnet")
+    assert info.metrics["recipe"] == "celnet" and info.task == "diagnostic"
+    assert cli(["train", "--data", str(tmp_path / "nothing"), "--architecture", "celnet"]) == 2
+    assert "not a localisation data set" in capsys.readouterr().err
+
+
+def test_cli_study_prints_the_table_and_writes_json(workspace, cle_set, tmp_path, capsys):
+    out = tmp_path / "study.json"
+    code = cli(
+        ["localization-study", "celnet", "--data", str(cle_set.root), "--epochs", "1", "--bootstrap", "0",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "CELNet + CELM (ours)" in printed and "ResNet-18 + Backprop" in printed
+    assert json.loads(out.read_text())["study"] == "celnet"
+
+
+def test_models_page_shows_the_stored_table_and_example_maps(workspace, cle_set):
+    run_study(
+        "mlcam", data_dir=cle_set.root, epochs=1, bootstrap=0, progress=None, log=lambda _: None,
+        overrides=_tiny("mlcam"),
+    )  # fmt: skip
+    init_db()
+    with session_scope() as session:
+        pi = repo.create_user(session, "pi-models", "pw-pi-123", "pi").id
+        reader = repo.create_user(session, "reader-models", "pw-reader-1", "reader").id
+    at = AppTest.from_file(MODELS_PAGE, default_timeout=60)
+    at.session_state["auth_user_id"] = pi
+    at.run()
+    assert not at.exception
+    assert any("seed 000, Table 2" in s.value for s in at.subheader)
+    tables = [d.value for d in at.dataframe if "Method" in d.value.columns]
+    assert len(tables) == 2 and tables[0]["Method"].tolist()[:2] == ["M2 (LI+CI)", "M3 (no LI)"]
+    assert len(at.get("image")) >= 3  # image, mask and the maps of the first example
+    refused = AppTest.from_file(MODELS_PAGE, default_timeout=60)
+    refused.session_state["auth_user_id"] = reader
+    refused.run()
+    assert not any("Table 2" in s.value for s in refused.subheader)
