@@ -40,11 +40,20 @@ class UsageError(Exception):
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from services.demo import DEMO_USERS, DemoConfig, build_demo, demo_ready, ensure_demo_study, workspace_has_data
+    from services.demo import (
+        DEMO_USERS,
+        DemoConfig,
+        build_demo,
+        demo_ready,
+        ensure_demo_localization,
+        ensure_demo_study,
+        workspace_has_data,
+    )
 
     if args.if_missing and (demo_ready() or workspace_has_data()):
         if demo_ready():
             ensure_demo_study()  # demo workspaces built before reader studies existed get theirs
+            ensure_demo_localization()  # ... and before the localisation models, their MLCAM-LICI table
         print(f"workspace {workspace_dir()} is ready")
     else:
         build_demo(DemoConfig(patients=args.patients, epochs=args.epochs, image_size=args.image_size, seed=args.seed))

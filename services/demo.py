@@ -26,6 +26,7 @@ from db.models import Read, Specimen, Study, StudyCase, User, utcnow
 from db.session import init_db, session_scope
 from services import studies
 from services.importer import import_manifest
+from services.localization import run_study
 from services.mosaic import train_patch_classifier
 from services.training import print_progress, train_and_register
 
@@ -61,6 +62,7 @@ _DEMO_CONTENT = (
     "models",
     "heatmaps",
     "mosaics",
+    "datasets",
     "study.db",
     "study.db-wal",
     "study.db-shm",
@@ -84,6 +86,9 @@ class DemoConfig:
     rcm_patches: int = 240  # per mosaic
     rcm_epochs: int = 8
     sample_mosaic_side: int = 2048  # written to cohort/mosaics/ for people to upload
+    cle_counts: tuple[int, int, int] = (240, 60, 100)  # the MLCAM-LICI study at demo size (Models page)
+    cle_size: int = 96
+    cle_epochs: int = 8
 
 
 def demo_ready() -> bool:
@@ -156,6 +161,7 @@ def build_demo(
         )
     _rcm_demo(config, cohort / "mosaics", log)
     ensure_demo_study(log)
+    ensure_demo_localization(config, log)
     (root / _MARKER).write_text(f"built in {time.perf_counter() - started:.0f} s\n")
     (root / _BUILDING).unlink()
     log(f"demo workspace ready in {time.perf_counter() - started:.0f} s")
@@ -189,6 +195,30 @@ def _rcm_demo(config: DemoConfig, folder: Path, log: Callable[[str], None]) -> N
         PILImage.fromarray(image).save(folder / f"mosaic-{i + 1}.png")
         PILImage.fromarray(mask).save(folder / f"mosaic-{i + 1}-mask.png")
     log(f"sample mosaics to upload on the Diagnose page: {folder}")
+
+
+DEMO_LOCALIZATION_PREFIX = "CLE-MLCAM-LICI-demo"
+
+
+def ensure_demo_localization(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> None:
+    """The MLCAM-LICI localisation study (seed 000's Table 2) at demo size, stored with its model, so the Models page
+    has a table and example maps to show; run if missing (also upgrades older demo workspaces). About a minute."""
+    init_db()
+    with session_scope() as session:
+        if repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-main") is not None:
+            return
+    log("training MLCAM-LICI and a ResNet-18 baseline on synthetic CLE frames (seed 000's Table 2, demo size)")
+    run_study(
+        "mlcam",
+        counts=config.cle_counts,
+        size=config.cle_size,
+        epochs=config.cle_epochs,
+        seed=config.seed,
+        bootstrap=200,
+        prefix=DEMO_LOCALIZATION_PREFIX,
+        log=log,
+        progress=None,
+    )
 
 
 def ensure_demo_study(log: Callable[[str], None] = print) -> None:

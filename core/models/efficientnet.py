@@ -13,7 +13,7 @@ from torch import nn
 
 from core.models.registry import register_model
 
-__all__ = ["efficientnet_b0", "efficientnet_b2", "flcnn_head"]
+__all__ = ["efficientnet_b0", "efficientnet_b2", "flcnn_head", "timm_flcnn"]
 
 
 def flcnn_head(model: nn.Module) -> nn.Module:
@@ -24,9 +24,10 @@ def flcnn_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def _build(
+def timm_flcnn(
     variant: str, in_chans: int, num_classes: int, pretrained_file: str | None, drop_rate: float = 0.5
 ) -> nn.Module:
+    """A timm architecture with the FL-CNN head; weights from ``pretrained_file`` (a local file) or random."""
     overlay = {"file": pretrained_file} if pretrained_file else None
     model = timm.create_model(
         variant,
@@ -55,7 +56,7 @@ def efficientnet_b0(
     in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
 ) -> nn.Module:
     """EfficientNet-B0 with the FL-CNN head (5.3 M parameters, 0.39 GFLOPs at 224 px)."""
-    return _build("efficientnet_b0", in_chans, num_classes, pretrained_file, drop_rate)
+    return timm_flcnn("efficientnet_b0", in_chans, num_classes, pretrained_file, drop_rate)
 
 
 @register_model("efficientnet_b2", target_layer=_last_stage, cam_layers=_two_scales)
@@ -63,4 +64,4 @@ def efficientnet_b2(
     in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
 ) -> nn.Module:
     """EfficientNet-B2 with the FL-CNN head (the RCM paper's patch classifier backbone)."""
-    return _build("efficientnet_b2", in_chans, num_classes, pretrained_file, drop_rate)
+    return timm_flcnn("efficientnet_b2", in_chans, num_classes, pretrained_file, drop_rate)

@@ -7,10 +7,9 @@ and the saliency methods all apply. Random weights unless a local checkpoint fil
 
 from __future__ import annotations
 
-import timm
 from torch import nn
 
-from core.models.efficientnet import flcnn_head
+from core.models.efficientnet import timm_flcnn
 from core.models.registry import register_model
 
 __all__ = ["resnet18"]
@@ -25,13 +24,4 @@ def resnet18(
     in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
 ) -> nn.Module:
     """ResNet-18 with the FL-CNN head (11.2 M parameters), the seeds' standard-backbone baseline."""
-    overlay = {"file": pretrained_file} if pretrained_file else None
-    model = timm.create_model(
-        "resnet18",
-        pretrained=bool(pretrained_file),
-        pretrained_cfg_overlay=overlay,
-        in_chans=in_chans,
-        num_classes=num_classes,
-        drop_rate=drop_rate,
-    )
-    return flcnn_head(model)
+    return timm_flcnn("resnet18", in_chans, num_classes, pretrained_file, drop_rate)

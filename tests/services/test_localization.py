@@ -210,3 +210,16 @@ def test_models_page_shows_the_stored_table_and_example_maps(workspace, cle_set)
     refused.session_state["auth_user_id"] = reader
     refused.run()
     assert not any("Table 2" in s.value for s in refused.subheader)
+
+
+def test_the_demo_gets_its_mlcam_table_once(workspace):
+    from services.demo import DEMO_LOCALIZATION_PREFIX, DemoConfig, ensure_demo_localization
+
+    config = DemoConfig(cle_counts=(12, 6, 6), cle_size=64, cle_epochs=1)
+    ensure_demo_localization(config, log=lambda _: None)
+    ensure_demo_localization(config, log=lambda _: None)  # an upgraded workspace is not trained twice
+    with session_scope() as session:
+        main = repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-main")
+        assert main.architecture == "mlcam_lici"
+        assert len(repo.model_evaluations(session, main.id)) == 1
+        assert repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-baseline").architecture == "resnet18"
