@@ -6,12 +6,12 @@ No database and no Streamlit here; ``services.studies`` puts them together.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image as PILImage
 
+from core.data.store import png_bytes
 from core.heatmaps.render import COLORMAPS, lut, to_uint8
 
 __all__ = ["COLORMAPS", "DEFAULT_COLORMAP", "blind_png", "fit_side", "reader_order", "windowed"]
@@ -60,6 +60,4 @@ def blind_png(picture: np.ndarray, compress_level: int = 1) -> bytes:
     profile, no time stamp. Level 1 compression: pixels reach the browser sooner than the bytes saved would."""
     if picture.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, not {picture.dtype}")
-    buffer = io.BytesIO()
-    PILImage.fromarray(picture).save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+    return png_bytes(picture, compress_level)

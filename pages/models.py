@@ -35,6 +35,7 @@ _COLUMNS = {
 
 with session_scope() as session:
     models = repo.list_models(session)
+    evaluations = {m.id: repo.model_evaluations(session, m.id) for m in models}
 if not models:
     st.info("No models yet. Train one with `python -m core train`, or run a seed study (below).")
     st.stop()
@@ -43,8 +44,6 @@ summary = pd.DataFrame([{**m.summary(), "recipe": m.metrics.get("recipe", "flcnn
 filterable_table(summary.drop(columns=["checkpoint_sha256"]), key="models_table", file_name="models.csv")
 
 by_id = {m.id: m for m in models}
-with session_scope() as session:
-    evaluations = {m.id: repo.model_evaluations(session, m.id) for m in models}
 evaluated = {mid for mid, rows in evaluations.items() if rows}
 first = next((m.id for m in models if m.id in evaluated), models[0].id)
 chosen = st.selectbox(

@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +77,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from services.training import default_name, print_progress, train_and_register
+    from services.training import print_progress, train_and_register
 
     config = TrainConfig(
         architecture=args.architecture,
@@ -98,9 +97,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from core.data.localization_set import read_set
         from services.localization import train_on_set
 
-        data = read_set(args.data)
-        name = args.name or default_name(replace(config, modality=data.modality, task="wsl"))
-        train_on_set(config, data, name=name, progress=print_progress)
+        train_on_set(config, read_set(args.data), name=args.name, progress=print_progress)
         return 0
     train_and_register(config, name=args.name, progress=print_progress)
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from core.data.io import Image, ImageError, read_image
-from core.data.store import StoredImage, store_image, write_atomic
+from core.data.store import StoredImage, npy_bytes, store_image, write_atomic
 from core.predict import Diagnosis, Predictor
 from core.settings import workspace_dir
 from db import repo
@@ -27,7 +27,6 @@ __all__ = [
     "extras_path",
     "heatmap_path",
     "load_predictor",
-    "npy_bytes",
     "record_prediction",
 ]
 
@@ -103,7 +102,7 @@ def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | No
     map_path = None
     if result.heatmap is not None and result.method:
         map_path = heatmap_path(stored.sha256, model, result.method)
-        write_atomic(root / map_path, npy_bytes(result.heatmap))
+        write_atomic(root / map_path, npy_bytes(result.heatmap.astype(np.float32)))
         if result.extras:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **{k: v.astype(np.float16) for k, v in result.extras.items()})
@@ -172,9 +171,3 @@ def record_prediction(
             seconds=seconds,
         )
     return upload_id, prediction_id
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array.astype(np.float32))
-    return buffer.getvalue()

@@ -23,8 +23,6 @@ diagnostic or cancer images); image-level AUCs use every held-out image.
 
 from __future__ import annotations
 
-import io
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -33,24 +31,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image as PILImage
-from scipy.special import expit
 from torch import nn
 
 from core.data.localization_set import KINDS, LocalizationSet, generate_set, read_set
-from core.data.store import write_atomic
+from core.data.store import png_bytes, write_atomic
 from core.heatmaps import get_method, method_title, overlay
-from core.metrics.classification import auc
 from core.metrics.localization import mask_labels, score_maps
 from core.models import get_spec
 from core.models.mlcam import ABLATIONS
 from core.settings import workspace_dir
 from core.stats.report import jsonable
-from core.train import DATASET_TASKS, Progress, TrainConfig, fit, predict_logits
+from core.train import DATASET_TASKS, Progress, TrainConfig, fit
 from db import repo
 from db.repo import ModelInfo
 from db.session import init_db, session_scope
-from services.training import print_progress, register_trained
+from services.training import check_model_name, default_name, print_progress, register_trained
 
 __all__ = [
     "STUDIES",
@@ -67,25 +62,21 @@ __all__ = [
 _EXAMPLES = 4
 
 
-def _check_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
-        raise ValueError(f"model name {name!r} may only contain letters, digits, '.', '_' and '-'")
-
-
 def train_on_set(
     config: TrainConfig,
     data: LocalizationSet,
     *,
-    name: str,
+    name: str | None = None,
     database: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = None,
 ) -> tuple[ModelInfo, nn.Module]:
     """Train on the set's train split by the architecture's recipe, keep the threshold chosen on val, score the test
     split's image-level AUC, save and register. The config's task, modality, channels and size follow the set."""
-    _check_name(name)
     task = next(t for t, kind in DATASET_TASKS.items() if kind == data.kind)
     config = replace(config, task=task, modality=data.modality, in_chans=data.channels, image_size=data.size)
+    name = name or default_name(config)
+    check_model_name(name)
     init_db(database)
     with session_scope(database) as session:
         if repo.find_model(session, name) is not None:
@@ -243,18 +234,15 @@ def score_rows(
     data: LocalizationSet,
     table: TableSpec,
     *,
-    split: str = "test",
     bootstrap: int = 500,
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """One table: a row per map spec with image AUC, pixel AUC (CI over images), best Dice and its threshold, the FCN
-    scores, Dice and region precision/recall at the table's threshold; and the maps, for the examples."""
-    rows_frame = data.rows(split)
-    positive = rows_frame["label"].to_numpy() == 1
-    x, y = data.tensors(split)
-    masks = [mask_labels(m) for m in data.masks(split, table.mask_set)[positive]]
-    truth = y.numpy().astype(int)
-    image_auc = {key: auc(truth, expit(predict_logits(model, x))) for key, (_, model) in trained.items()}
+    """One table on the test split: a row per map spec with image AUC (the model's registered test AUC), pixel AUC
+    (CI over images), best Dice and its threshold, the FCN scores, Dice and region precision/recall at the table's
+    threshold; and the maps, for the examples."""
+    positive = data.rows("test")["label"].to_numpy() == 1
+    x, _ = data.tensors("test")
+    masks = [mask_labels(m) for m in data.masks("test", table.mask_set)[positive]]
     rows, all_maps = [], {}
     for spec in table.rows:
         info, model = trained[spec.model]
@@ -268,7 +256,7 @@ def score_rows(
                 "model": info.name,
                 "architecture": info.architecture,
                 "map": spec.describe(),
-                "image_auc": image_auc[spec.model],
+                "image_auc": info.metrics.get("test_auc"),
                 "pixel_auc": report["pixel_auc"]["estimate"],
                 "pixel_auc_ci": report["pixel_auc"]["ci"],
                 "best_dice": report["dice"]["dice"],
@@ -285,12 +273,6 @@ def score_rows(
     return rows, all_maps
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _display(data: LocalizationSet, raw: np.ndarray) -> np.ndarray:
     """What a person sees of a stored image: grey levels in [0, 1] (spectra: the mean absorbance, stretched)."""
     if data.kind == "cle":
@@ -301,21 +283,22 @@ def _display(data: LocalizationSet, raw: np.ndarray) -> np.ndarray:
 
 
 def _write_examples(
-    data: LocalizationSet, table: TableSpec, maps: dict[str, np.ndarray], folder: Path, split: str = "test"
+    data: LocalizationSet, table: TableSpec, maps: dict[str, np.ndarray], folder: Path
 ) -> list[dict[str, Any]]:
-    """Overlays of each row's map on the first positive held-out images, with the image and its mask."""
-    rows_frame = data.rows(split)
+    """Overlays of each row's map (``maps``: one stack per row, over the positive test images in order) on the first
+    positive test images, with the image and its mask."""
+    rows_frame = data.rows("test")
     positive = np.flatnonzero(rows_frame["label"].to_numpy() == 1)[:_EXAMPLES]
-    raw = data.raw(split)
-    masks = data.masks(split, table.mask_set)
+    raw = data.raw("test")
+    masks = data.masks("test", table.mask_set)
     root = workspace_dir()
     examples = []
     for order, index in enumerate(positive):
         image_id = str(rows_frame["image_id"][index])
         shown = _display(data, raw[index])
         base = folder / table.mask_set / image_id
-        write_atomic(base / "image.png", _png(np.round(shown * 255).astype(np.uint8)))
-        write_atomic(base / "mask.png", _png(masks[index]))
+        write_atomic(base / "image.png", png_bytes(np.round(shown * 255).astype(np.uint8)))
+        write_atomic(base / "mask.png", png_bytes(masks[index]))
         entry = {
             "image_id": image_id,
             "image": (base / "image.png").relative_to(root).as_posix(),
@@ -324,7 +307,7 @@ def _write_examples(
         }
         for number, (label, stack) in enumerate(maps.items()):
             path = base / f"map-{number:02d}.png"
-            write_atomic(path, _png(overlay(shown, stack[order], alpha=0.5)))
+            write_atomic(path, png_bytes(overlay(shown, stack[order], alpha=0.5)))
             entry["maps"][label] = path.relative_to(root).as_posix()
         examples.append(entry)
     return examples
@@ -379,7 +362,6 @@ def run_study(
             augment=plan.augment,
             seed=seed,
             model_kwargs=dict(plan.model_kwargs),
-            device="cpu" if plan.architecture == "compsegnet" and not torch.cuda.is_available() else "auto",
         )
         trained[key] = train_on_set(config, data, name=f"{stamp}-{key}", database=database, log=log, progress=progress)
     main_info = trained[spec.main][0]

@@ -9,7 +9,6 @@ the highest window probability: a mosaic is called aspecific when any window is.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from core.data.io import MOSAIC_MAX_PIXELS, Image, ImageError, read_image
 from core.data.preprocess import channels_for, standardize, to_model_array
-from core.data.store import store_image, write_atomic
+from core.data.store import npy_bytes, store_image, write_atomic
 from core.data.synth_rcm import sample_patches
 from core.predict import Predictor
 from core.settings import workspace_dir
@@ -144,9 +143,7 @@ def diagnose_mosaic(
     root = workspace_dir()
     stored = store_image(image, root)
     map_path = f"mosaics/{stored.sha256[:2]}/{stored.sha256}-{model.checkpoint_sha256[:16]}-{method}-{step}.npy"
-    buffer = io.BytesIO()
-    np.save(buffer, _reduced(result.map))
-    write_atomic(root / map_path, buffer.getvalue())
+    write_atomic(root / map_path, npy_bytes(_reduced(result.map)))
     upload_id, prediction_id = record_prediction(
         stored,
         image.name,

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from sqlalchemy import select
 
 from core.data.io import read_image
-from core.data.store import write_atomic
+from core.data.store import npy_bytes, write_atomic
 from core.predict import Predictor
 from core.settings import workspace_dir
 from db import repo
 from db.models import Prediction, SpecimenImage, StudyArm, StudyCase
 from db.session import session_scope
-from services.diagnose import heatmap_path, load_predictor, npy_bytes
+from services.diagnose import heatmap_path, load_predictor
 
 __all__ = ["ensure_case_ai", "missing_ai", "predict_images", "prepare_study_ai"]
 
@@ -125,7 +126,7 @@ def _predict_one(
     map_path = None
     if method and result.heatmap is not None:
         map_path = heatmap_path(sha, model, method)
-        write_atomic(root / map_path, npy_bytes(result.heatmap))
+        write_atomic(root / map_path, npy_bytes(result.heatmap.astype(np.float32)))
     with session_scope(database) as session:
         repo.add_prediction(
             session,

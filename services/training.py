@@ -7,7 +7,6 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from scipy.special import expit
@@ -17,12 +16,13 @@ from core.data.preprocess import channels_for, prepare
 from core.metrics.classification import auc, binary_metrics
 from core.models import save_checkpoint
 from core.settings import workspace_dir
-from core.train import Progress, TrainConfig, TrainResult, fit, predict_logits, task_label
+from core.stats.report import jsonable
+from core.train import DATASET_TASKS, Progress, TrainConfig, TrainResult, fit, predict_logits, task_label
 from db import repo
 from db.repo import ModelInfo
 from db.session import init_db, session_scope
 
-__all__ = ["default_name", "load_split", "print_progress", "register_trained", "train_and_register"]
+__all__ = ["check_model_name", "default_name", "load_split", "print_progress", "register_trained", "train_and_register"]
 
 
 def default_name(config: TrainConfig) -> str:
@@ -57,6 +57,12 @@ def load_split(
     return torch.stack(images), torch.tensor([targets[i] for i in keep], dtype=torch.float32)
 
 
+def check_model_name(name: str) -> None:
+    """Registry names become folder names: letters, digits, '.', '_' and '-' only."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
+        raise ValueError(f"model name {name!r} may only contain letters, digits, '.', '_' and '-'")
+
+
 def train_and_register(
     config: TrainConfig,
     *,
@@ -71,9 +77,10 @@ def train_and_register(
             "aspecific (RCM patch) models learn from mosaic pixel labels, not specimen labels; "
             "see services.mosaic.train_patch_classifier"
         )
+    if config.task in DATASET_TASKS:
+        raise ValueError(f"{config.task} models learn from a localisation set; train them with --data DIR")
     name = name or default_name(config)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
-        raise ValueError(f"model name {name!r} may only contain letters, digits, '.', '_' and '-'")
+    check_model_name(name)
     init_db(database)
     with session_scope(database) as session:
         frame = repo.specimen_images(session, config.modality)
@@ -133,7 +140,7 @@ def register_trained(
             checkpoint_sha256=checkpoint.sha256,
             threshold=result.threshold,
             threshold_policy=result.threshold_policy,
-            metrics=_finite(metrics),
+            metrics=jsonable(metrics),
             config=checkpoint_config,
         )
     log(
@@ -142,14 +149,3 @@ def register_trained(
         + f", threshold {result.threshold:.3f} ({result.threshold_policy})"
     )
     return info
-
-
-def _finite(value: object) -> object:
-    """JSON-safe copy: NaN/inf become None (PostgreSQL's JSON rejects NaN)."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value

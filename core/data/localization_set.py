@@ -21,7 +21,6 @@ training and at scoring time.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import torch
 from PIL import Image as PILImage
 
 from core.data.preprocess import standardize
-from core.data.store import write_atomic
+from core.data.store import npy_bytes, png_bytes, write_atomic
 
 __all__ = ["KINDS", "LocalizationSet", "generate_set", "read_set"]
 
@@ -113,18 +112,6 @@ def _read_png(path: Path) -> np.ndarray:
             return np.asarray(image.convert("L"))
     except (OSError, EOFError) as error:
         raise ValueError(f"{path}: unreadable PNG ({error})") from None
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def read_set(root: str | Path) -> LocalizationSet:
@@ -219,9 +206,9 @@ def generate_set(
             image_id = f"{split}-{index:05d}"
             suffix = ".png" if kind == "cle" else ".npy"
             path = f"images/{image_id}{suffix}"
-            write_atomic(partial / path, _png_bytes(image) if kind == "cle" else _npy_bytes(image))
+            write_atomic(partial / path, png_bytes(image) if kind == "cle" else npy_bytes(image))
             for name, mask in masks.items():
-                write_atomic(partial / "masks" / name / f"{image_id}.png", _png_bytes(mask))
+                write_atomic(partial / "masks" / name / f"{image_id}.png", png_bytes(mask))
                 mask_sets.add(name)
             rows.append({"image_id": image_id, "split": split, "label": int(label), "path": path})
             if kind == "spectral" and split == "train":

@@ -8,14 +8,18 @@ renamed, so a crash never leaves a half-written image under its final name.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image as PILImage
+
 from core.data.io import Image, encode_clean, sha256_hex
 
-__all__ = ["StoredImage", "store_image", "write_atomic"]
+__all__ = ["StoredImage", "npy_bytes", "png_bytes", "store_image", "write_atomic"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,20 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG bytes of a uint8 (H, W) or (H, W, 3) array, pixels only (Pillow writes no metadata it is not given)."""
+    buffer = io.BytesIO()
+    PILImage.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``.npy`` bytes of an array as it is (dtype kept; no pickled objects)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def store_image(image: Image, root: str | os.PathLike[str], folder: str = "images") -> StoredImage:

@@ -362,7 +362,7 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     labels = train_labels.float()
     history: list[dict[str, float]] = []
-    best: tuple[float, dict[str, torch.Tensor], np.ndarray] | None = None
+    best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None  # val loss, epoch, weights, val probs
     started = time.perf_counter()
     step = 0
     for epoch in range(1, config.epochs + 1):
@@ -396,15 +396,16 @@ def fit(
             record["val_loss"] = _validation_loss(model, val_images, val_labels.float(), alpha_p, alpha_n)
             if best is None or record["val_loss"] < best[0]:
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = (record["val_loss"], state, val_probs)
+                best = (record["val_loss"], epoch, state, val_probs)
         history.append(record)
         if progress:
             progress(
                 Progress(epoch, config.epochs, step, total, history[-1]["loss"], val_auc, time.perf_counter() - started)
             )
+    kept_epoch = config.epochs
     if best is not None:
-        model.load_state_dict(best[1])
-        val_probs = best[2]
+        _, kept_epoch, state, val_probs = best
+        model.load_state_dict(state)
     truth = val_labels.numpy().astype(int)
     threshold = choose_threshold(truth, val_probs, config.threshold_policy)
     metrics = {
@@ -416,7 +417,7 @@ def fit(
         "alpha_p": alpha_p,
         "alpha_n": alpha_n,
         "recipe": recipe.name,
-        "kept_epoch": int(history[-1]["epoch"] if best is None else min(history, key=lambda h: h["val_loss"])["epoch"]),
+        "kept_epoch": kept_epoch,
         "train_seconds": time.perf_counter() - started,
         **{f"val_{k}": v for k, v in binary_metrics(truth, val_probs, threshold.value).items()},
     }
