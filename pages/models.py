@@ -12,7 +12,7 @@ from app.widgets import filterable_table
 from core.settings import workspace_dir
 from db import repo
 from db.session import session_scope
-from services.localization import STUDIES
+from services.localization import study_titles
 
 require_role("pi")
 st.title("Models")
@@ -30,6 +30,8 @@ _COLUMNS = {
     "dice": "Dice",
     "precision": "Region precision",
     "recall": "Region recall",
+    "windows": "Windows / mosaic",
+    "seconds": "s / mosaic",
     "model": "Model",
 }
 
@@ -124,4 +126,4 @@ st.markdown(
     "synthetic set with known masks, scores every map against the masks, and stores the table here. From a shell "
     "in the repository (minutes on a CPU):"
 )
-st.code("\n".join(f"python -m core localization-study {name}   # {spec.title}" for name, spec in STUDIES.items()))
+st.code("\n".join(f"python -m core localization-study {name}   # {title}" for name, title in study_titles().items()))

@@ -29,7 +29,7 @@ from core.train import DECISIONS, RECIPES, TASKS, TrainConfig
 from db import repo
 from db.models import MODALITIES, ROLES
 from db.session import init_db, session_scope
-from services.localization import STUDIES
+from services.localization import MOSAIC_STUDIES, study_titles
 
 __all__ = ["main"]
 
@@ -128,27 +128,38 @@ _STUDY_HEADERS = ("imgAUC", "pxAUC", "Dice*", "mAcc", "mIU", "fwIU", "prec", "re
 
 def _cmd_localization_study(args: argparse.Namespace) -> int:
     """Train a seed model, its ablations and a ResNet-18 baseline; score their maps; store the table."""
-    from services.localization import run_study
+    from services.localization import run_mosaic_study, run_study
 
-    report = run_study(
-        args.study,
-        data_dir=args.data,
-        counts=tuple(args.counts) if args.counts else None,
-        size=args.size,
-        channels=args.channels,
-        epochs=args.epochs,
-        seed=args.seed,
-        bootstrap=args.bootstrap,
-    )
+    counts = tuple(args.counts) if args.counts else None
+    common = {
+        "counts": counts,
+        "size": args.size,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "bootstrap": args.bootstrap,
+    }
+    if args.study in MOSAIC_STUDIES:
+        if args.data or args.channels:
+            raise UsageError(
+                f"the {args.study} study draws its mosaics from --seed; --data and --channels do not apply"
+            )
+        report = run_mosaic_study(
+            args.study, window=args.window, patches=args.patches, slow_step=args.scorecam_step, **common
+        )
+    else:
+        if args.window or args.patches or args.scorecam_step:
+            raise UsageError("--window, --patches and --scorecam-step apply to the rcm study only")
+        report = run_study(args.study, data_dir=args.data, channels=args.channels, **common)
 
     def shown(value: float | None) -> str:
         return "  -  " if value is None else f"{value:.3f}"
 
     for table in report["tables"]:
         print(f"\n{report['title']}: {table['mask_set']} masks, threshold {table['threshold']:g}")
-        print(f"{'':<32} " + " ".join(f"{h:>6}" for h in _STUDY_HEADERS))
+        width = max(32, *(len(row["row"]) for row in table["rows"]))
+        print(f"{'':<{width}} " + " ".join(f"{h:>6}" for h in _STUDY_HEADERS))
         for row in table["rows"]:
-            print(f"{row['row'][:32]:<32} " + " ".join(f"{shown(row[k]):>6}" for k in _STUDY_COLUMNS))
+            print(f"{row['row']:<{width}} " + " ".join(f"{shown(row[k]):>6}" for k in _STUDY_COLUMNS))
     print(f"\nstored as evaluation {report['evaluation_id']} of {report['models']['main']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -564,10 +575,17 @@ def _parser() -> argparse.ArgumentParser:
     study = sub.add_parser(
         "localization-study", help="a seed paper's localisation table: seed model, ablations, baseline, stored"
     )
-    study.add_argument("study", choices=sorted(STUDIES))
+    study.add_argument("study", choices=sorted(study_titles()))
     study.add_argument("--data", help="reuse (or create) the set in this folder")
-    study.add_argument("--counts", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="images per split")
-    study.add_argument("--size", type=int, help="image side in px")
+    study.add_argument(
+        "--counts", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="images (rcm: mosaics) per split"
+    )
+    study.add_argument("--size", type=int, help="image (rcm: mosaic) side in px")
+    study.add_argument("--window", type=int, help="rcm: patch and sliding-window side in px (default 128)")
+    study.add_argument("--patches", type=int, help="rcm: training patches per mosaic (default 400)")
+    study.add_argument(
+        "--scorecam-step", type=int, help="rcm: step in px of the Score-CAM rows and their CAM twin (default: window)"
+    )
     study.add_argument("--channels", type=int, help="spectral channels")
     study.add_argument("--epochs", type=int, help="override every model's epochs")
     study.add_argument("--seed", type=int, default=0)

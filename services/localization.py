@@ -16,6 +16,12 @@ on a standard backbone trained on the same images. The rows report whatever come
   "large nucleus and hypercellularity" evidence), region precision and recall by the 75 % rule at threshold 0.5.
 - ``compsegnet`` (seed 004): the U-Net's activation map thresholded at 0.35 against CAM on ResNet-18 with the same
   many-channel input, on spectral spots; the sample-level ROC is over the tumor fraction.
+- ``rcm`` (seed 002, Table 2): an EfficientNet-B2 patch classifier trained on patches labelled by their centre pixel,
+  slid over whole held-out mosaics (:mod:`core.heatmaps.mosaic`): CAM at several steps, with and without the
+  Gaussian weighting, Score-CAM, CAM by the fast mode the Diagnose page runs, the windows' probabilities alone (no
+  CAM: what a CAM must beat to add localisation), and CAM of a ResNet-18 trained on the same patches. Mosaics are
+  drawn from the seed (:func:`core.data.synth_rcm.make_rcm_mosaic`), not kept as a set; every scored mosaic is held
+  out from training, and the image-level AUC is the patch AUC on one of them.
 
 Segmentation scores are computed on the positive held-out images (the papers' segmentation sets are annotated
 diagnostic or cancer images); image-level AUCs use every held-out image.
@@ -35,7 +41,9 @@ from torch import nn
 
 from core.data.localization_set import KINDS, LocalizationSet, generate_set, read_set
 from core.data.store import png_bytes, write_atomic
+from core.data.synth_rcm import POSITIVE, make_rcm_mosaic
 from core.heatmaps import get_method, method_title, overlay
+from core.heatmaps.mosaic import MosaicResult, stitch_mosaic, window_probability_map
 from core.metrics.localization import mask_labels, score_maps
 from core.models import get_spec
 from core.models.mlcam import ABLATIONS
@@ -48,14 +56,19 @@ from db.session import init_db, session_scope
 from services.training import check_model_name, default_name, print_progress, register_trained
 
 __all__ = [
+    "MOSAIC_STUDIES",
     "STUDIES",
     "MapSpec",
     "ModelPlan",
+    "MosaicMapSpec",
+    "MosaicStudySpec",
     "StudySpec",
     "TableSpec",
     "compute_maps",
+    "run_mosaic_study",
     "run_study",
     "score_rows",
+    "study_titles",
     "train_on_set",
 ]
 
@@ -128,6 +141,23 @@ class ModelPlan:
     epochs: int = 12
     batch_size: int = 16
     augment: bool = False
+    recipe: str | None = None  # None: the architecture's own
+    weight_decay: float = 1e-4
+
+    def config(self, *, epochs: int | None, seed: int, **fields: Any) -> TrainConfig:
+        """The training config of this plan (``epochs`` overrides the plan's; ``fields`` set the data's task etc.)."""
+        return TrainConfig(
+            architecture=self.architecture,
+            epochs=epochs or self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            recipe=self.recipe,
+            augment=self.augment,
+            seed=seed,
+            model_kwargs=dict(self.model_kwargs),
+            **fields,
+        )
 
 
 @dataclass(frozen=True)
@@ -291,26 +321,33 @@ def _write_examples(
     positive = np.flatnonzero(rows_frame["label"].to_numpy() == 1)[:_EXAMPLES]
     raw = data.raw("test")
     masks = data.masks("test", table.mask_set)
+    return [
+        _write_example(
+            folder / table.mask_set / str(rows_frame["image_id"][index]),
+            _display(data, raw[index]),
+            masks[index],
+            {label: stack[order] for label, stack in maps.items()},
+        )
+        for order, index in enumerate(positive)
+    ]
+
+
+def _write_example(base: Path, shown: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One example under ``base``: the image as seen (floats in [0, 1]), its mask, and an overlay per map."""
     root = workspace_dir()
-    examples = []
-    for order, index in enumerate(positive):
-        image_id = str(rows_frame["image_id"][index])
-        shown = _display(data, raw[index])
-        base = folder / table.mask_set / image_id
-        write_atomic(base / "image.png", png_bytes(np.round(shown * 255).astype(np.uint8)))
-        write_atomic(base / "mask.png", png_bytes(masks[index]))
-        entry = {
-            "image_id": image_id,
-            "image": (base / "image.png").relative_to(root).as_posix(),
-            "mask": (base / "mask.png").relative_to(root).as_posix(),
-            "maps": {},
-        }
-        for number, (label, stack) in enumerate(maps.items()):
-            path = base / f"map-{number:02d}.png"
-            write_atomic(path, png_bytes(overlay(shown, stack[order], alpha=0.5)))
-            entry["maps"][label] = path.relative_to(root).as_posix()
-        examples.append(entry)
-    return examples
+    write_atomic(base / "image.png", png_bytes(np.round(shown * 255).astype(np.uint8)))
+    write_atomic(base / "mask.png", png_bytes(mask))
+    entry = {
+        "image_id": base.name,
+        "image": (base / "image.png").relative_to(root).as_posix(),
+        "mask": (base / "mask.png").relative_to(root).as_posix(),
+        "maps": {},
+    }
+    for number, (label, heatmap) in enumerate(maps.items()):
+        path = base / f"map-{number:02d}.png"
+        write_atomic(path, png_bytes(overlay(shown, heatmap, alpha=0.5)))
+        entry["maps"][label] = path.relative_to(root).as_posix()
+    return entry
 
 
 def run_study(
@@ -353,16 +390,7 @@ def run_study(
     stamp = prefix or f"{KINDS[spec.kind]}-{study}-{datetime.now():%Y%m%d-%H%M%S}"
     trained: dict[str, tuple[ModelInfo, nn.Module]] = {}
     for key, plan in spec.models.items():
-        plan = replace(plan, **(overrides or {}).get(key, {}))
-        config = TrainConfig(
-            architecture=plan.architecture,
-            epochs=epochs or plan.epochs,
-            batch_size=plan.batch_size,
-            lr=plan.lr,
-            augment=plan.augment,
-            seed=seed,
-            model_kwargs=dict(plan.model_kwargs),
-        )
+        config = replace(plan, **(overrides or {}).get(key, {})).config(epochs=epochs, seed=seed)
         trained[key] = train_on_set(config, data, name=f"{stamp}-{key}", database=database, log=log, progress=progress)
     main_info = trained[spec.main][0]
     folder = workspace_dir() / "models" / main_info.name / "examples"
@@ -390,3 +418,263 @@ def run_study(
             session, main_info.id, title=spec.title, dataset=data.describe(), report=jsonable(report)
         )
     return report
+
+
+_ARCHITECTURE_TITLES = {"efficientnet_b2": "EfficientNet-B2", "resnet18": "ResNet-18", "tiny_cnn": "tiny CNN"}
+
+
+@dataclass(frozen=True)
+class MosaicMapSpec:
+    """One row of the mosaic table: a trained patch classifier's map stitched over each held-out mosaic.
+
+    ``method`` is a heatmap method, or ``probability`` for the windows' probabilities alone (no CAM,
+    :func:`core.heatmaps.mosaic.window_probability_map`); ``step`` is a fraction of the window, or None for the
+    study's slow step (the one Score-CAM affords; its CAM twin uses it too, so the two compare like for like)."""
+
+    model: str
+    method: str = "cam"
+    mode: str = "exact"
+    step: float | None = 0.25
+    sigma: float | None = 5.0
+
+    def step_px(self, window: int, slow_step: int) -> int:
+        return slow_step if self.step is None else max(1, round(self.step * window))
+
+    def label(self, architecture: str, step: int) -> str:
+        title = _ARCHITECTURE_TITLES.get(architecture, architecture)
+        what = "window probability (no CAM)" if self.method == "probability" else method_title(self.method)
+        sigma = "no Gaussian" if self.sigma is None else f"σ {self.sigma:g}"
+        fast = ", fast" if self.mode == "fast" else ""
+        return f"{title} + {what}, step {step}, {sigma}{fast}"
+
+
+@dataclass(frozen=True)
+class MosaicStudySpec:
+    """A study on whole mosaics: patch classifiers trained on patches of ``counts[0]`` mosaics (validation patches
+    from ``counts[1]``), their maps scored on ``counts[2]`` other mosaics of ``size`` px against the masks."""
+
+    title: str
+    main: str
+    models: dict[str, ModelPlan]
+    rows: tuple[MosaicMapSpec, ...]
+    counts: tuple[int, int, int]
+    size: int
+    window: int
+    patches: int  # per training mosaic
+    threshold: float = 0.5
+    mask_set: str = "aspecific"
+
+
+MOSAIC_STUDIES: dict[str, MosaicStudySpec] = {
+    "rcm": MosaicStudySpec(
+        title="EfficientNet-B2 CAM and Score-CAM stitched over synthetic RCM mosaics (seed 002, Table 2)",
+        main="main",
+        models={
+            "main": ModelPlan(
+                "efficientnet_b2",
+                {"drop_rate": 0.75},
+                lr=0.02,
+                epochs=8,
+                batch_size=32,
+                augment=True,
+                recipe="rcm",
+                weight_decay=5e-4,
+            ),
+            "baseline": ModelPlan("resnet18", lr=1e-3, epochs=8, batch_size=32, augment=True),
+        },
+        rows=(
+            MosaicMapSpec("main", "cam", step=0.25, sigma=None),
+            MosaicMapSpec("main", "cam", step=0.25, sigma=5.0),
+            MosaicMapSpec("main", "cam", step=0.5, sigma=5.0),
+            MosaicMapSpec("main", "cam", step=None, sigma=5.0),
+            MosaicMapSpec("main", "scorecam", step=None, sigma=5.0),
+            MosaicMapSpec("main", "cam", mode="fast", step=0.25, sigma=5.0),
+            MosaicMapSpec("main", "probability", step=0.25, sigma=5.0),
+            MosaicMapSpec("baseline", "cam", step=0.25, sigma=5.0),
+        ),
+        counts=(6, 1, 4),
+        size=512,
+        window=128,
+        patches=400,
+    ),
+}
+
+
+def study_titles() -> dict[str, str]:
+    """Every study's name and title, for menus and help."""
+    return {**{k: v.title for k, v in STUDIES.items()}, **{k: v.title for k, v in MOSAIC_STUDIES.items()}}
+
+
+def _mosaics(count: int, size: int, first_seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [make_rcm_mosaic(size, size, seed=first_seed + i) for i in range(count)]
+
+
+def _split_counts(masks: list[np.ndarray]) -> dict[str, int]:
+    return {"images": len(masks), "positive": int(sum(bool((m == POSITIVE).any()) for m in masks))}
+
+
+def run_mosaic_study(
+    study: str = "rcm",
+    *,
+    counts: tuple[int, int, int] | None = None,
+    size: int | None = None,
+    window: int | None = None,
+    patches: int | None = None,
+    slow_step: int | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    bootstrap: int = 500,
+    prefix: str | None = None,
+    database: str | None = None,
+    log: Callable[[str], None] = print,
+    progress: Callable[[Progress], None] | None = print_progress,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run a mosaic study end to end (module docstring, ``rcm``) and store its table with the seed model; returns
+    the stored report. ``counts`` (train, val, test mosaics), ``size`` (mosaic side), ``window`` (patch and window
+    side), ``patches`` (per training mosaic) and ``epochs`` shrink it; ``slow_step`` is the Score-CAM rows' step in
+    px (default: one window, no overlap: Score-CAM runs one masked pass per channel, 1,408 for EfficientNet-B2, per
+    window). Mosaic seeds: ``7000 + 100 * seed`` onwards, training first, then validation, then test."""
+    from services.mosaic import train_patch_classifier  # services.mosaic imports the training service too
+
+    if study not in MOSAIC_STUDIES:
+        raise ValueError(f"unknown mosaic study {study!r}; expected one of {', '.join(MOSAIC_STUDIES)}")
+    spec = MOSAIC_STUDIES[study]
+    n_train, n_val, n_test = counts or spec.counts
+    if n_train < 1 or n_val < 1 or n_test < 1:
+        raise ValueError("a mosaic study needs at least one training, one validation and one test mosaic")
+    size, window = size or spec.size, window or spec.window
+    if window > size:
+        raise ValueError(f"a {window} px window does not fit a {size} px mosaic; give a smaller --window")
+    slow_step = slow_step or window
+    init_db(database)
+    first_seed = 7000 + 100 * seed
+    log(f"drawing {n_train + n_val + n_test} synthetic RCM mosaics of {size} px (seeds from {first_seed})")
+    drawn = _mosaics(n_train + n_val + n_test, size, first_seed)
+    train, val, test = drawn[:n_train], drawn[n_train : n_train + n_val], drawn[n_train + n_val :]
+    stamp = prefix or f"RCM-{study}-{datetime.now():%Y%m%d-%H%M%S}"
+    trained: dict[str, tuple[ModelInfo, nn.Module]] = {}
+    for key, plan in spec.models.items():
+        config = replace(plan, **(overrides or {}).get(key, {})).config(
+            epochs=epochs, seed=seed, task="aspecific", modality="RCM", image_size=window
+        )
+        # train_patch_classifier takes validation patches from the last n_val mosaics, test patches from the one before
+        trained[key] = train_patch_classifier(
+            config,
+            [*train, test[0], *val],
+            name=f"{stamp}-{key}",
+            patches_per_mosaic=patches or spec.patches,
+            seed=seed,
+            val_mosaics=n_val,
+            database=database,
+            log=log,
+            progress=progress,
+        )
+    masks = [mask_labels(mask) for _, mask in test]
+    stitched: dict[tuple[str, str, str, int, float | None], list[MosaicResult]] = {}
+    rows, maps = [], {}
+    for row in spec.rows:
+        info, model = trained[row.model]
+        step = row.step_px(window, slow_step)
+        label = row.label(info.architecture, step)
+        if label in maps:  # two models of one architecture (a test's tiny stand-ins)
+            label = f"{label} [{row.model}]"
+        method = "cam" if row.method == "probability" else row.method
+        key = (row.model, method, row.mode, step, row.sigma)
+        if key not in stitched:
+            log(f"stitching {label} over {len(test)} mosaics")
+            stitched[key] = [
+                stitch_mosaic(
+                    model,
+                    image,
+                    window=window,
+                    step=step,
+                    sigma=row.sigma,
+                    mode=row.mode,
+                    method=method,
+                    batch_size=4 if method == "scorecam" else 32,
+                )
+                for image, _ in test
+            ]
+        results = stitched[key]
+        stack = [
+            window_probability_map(result, size, size) if row.method == "probability" else result.map
+            for result in results
+        ]
+        maps[label] = stack
+        report = score_maps(stack, masks, threshold=spec.threshold, bootstrap=bootstrap, seed=seed)
+        at, loc = report["at_threshold"], report["localization"]
+        rows.append(
+            {
+                "row": label,
+                "model": info.name,
+                "architecture": info.architecture,
+                "map": label,
+                "step": step,
+                "sigma": row.sigma,
+                "mode": row.mode,
+                "windows": int(results[0].window_probabilities.size),
+                "seconds": float(np.mean([r.seconds for r in results])),
+                "image_auc": info.metrics.get("test_auc"),
+                "pixel_auc": report["pixel_auc"]["estimate"],
+                "pixel_auc_ci": report["pixel_auc"]["ci"],
+                "best_dice": report["dice"]["dice"],
+                "best_dice_threshold": report["dice"]["best_threshold"],
+                "threshold": spec.threshold,
+                "mean_acc": at["mean_acc"],
+                "mean_iu": at["mean_iu"],
+                "fw_iu": at["fw_iu"],
+                "dice": at["dice"],
+                "precision": loc["precision"],
+                "recall": loc["recall"],
+            }
+        )
+    main_info = trained[spec.main][0]
+    folder = workspace_dir() / "models" / main_info.name / "examples" / spec.mask_set
+    examples = _mosaic_examples(test, maps, folder, first_seed + n_train + n_val)
+    dataset = {
+        "kind": "rcm",
+        "modality": "RCM",
+        "size": size,
+        "window": window,
+        "patches_per_mosaic": patches or spec.patches,
+        "mask_sets": [spec.mask_set],
+        "mosaic_seeds": {
+            "train": [first_seed + i for i in range(n_train)],
+            "val": [first_seed + n_train + i for i in range(n_val)],
+            "test": [first_seed + n_train + n_val + i for i in range(n_test)],
+        },
+        "splits": {
+            "train": _split_counts([m for _, m in train]),
+            "val": _split_counts([m for _, m in val]),
+            "test": _split_counts([m for _, m in test]),
+        },
+    }
+    report = {
+        "study": study,
+        "title": spec.title,
+        "models": {key: info.name for key, (info, _) in trained.items()},
+        "tables": [{"mask_set": spec.mask_set, "threshold": spec.threshold, "rows": rows, "examples": examples}],
+        "scored_on": f"{n_test} held-out mosaics, every labeled pixel (pixel AUC CI: bootstrap over mosaics); image "
+        "AUC: patches of the first test mosaic",
+    }
+    with session_scope(database) as session:
+        report["evaluation_id"] = repo.add_evaluation(
+            session, main_info.id, title=spec.title, dataset=dataset, report=jsonable(report)
+        )
+    return report
+
+
+def _mosaic_examples(
+    test: list[tuple[np.ndarray, np.ndarray]], maps: dict[str, list[np.ndarray]], folder: Path, first_seed: int
+) -> list[dict[str, Any]]:
+    """Each row's stitched map over the first two held-out mosaics, with the mosaic and its mask."""
+    return [
+        _write_example(
+            folder / f"mosaic-{first_seed + index}",
+            image.astype(np.float32) / 255.0,
+            mask,
+            {label: stack[index] for label, stack in maps.items()},
+        )
+        for index, (image, mask) in enumerate(test[:2])
+    ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from core.data.io import MOSAIC_MAX_PIXELS, Image, ImageError, read_image
 from core.data.preprocess import channels_for, standardize, to_model_array
@@ -23,11 +24,12 @@ from core.data.store import npy_bytes, store_image, write_atomic
 from core.data.synth_rcm import sample_patches
 from core.predict import Predictor
 from core.settings import workspace_dir
-from core.train import TrainConfig, fit
+from core.train import Progress, TrainConfig, fit
+from db import repo
 from db.repo import ModelInfo
-from db.session import init_db
+from db.session import init_db, session_scope
 from services.diagnose import record_prediction
-from services.training import register_trained
+from services.training import check_model_name, register_trained
 
 __all__ = ["MAP_SIDE", "MosaicOutcome", "diagnose_mosaic", "mosaic_array", "patch_tensors", "train_patch_classifier"]
 
@@ -73,20 +75,29 @@ def train_patch_classifier(
     name: str,
     patches_per_mosaic: int = 200,
     seed: int = 0,
+    val_mosaics: int = 1,
+    database: str | None = None,
     log: Callable[[str], None] = print,
-) -> ModelInfo:
-    """Train and register a patch classifier (task ``aspecific``) on uint8 mosaics with 0/128/255 masks.
+    progress: Callable[[Progress], None] | None = None,
+) -> tuple[ModelInfo, nn.Module]:
+    """Train and register a patch classifier (task ``aspecific``) on uint8 mosaics with 0/128/255 masks; returns
+    the registered model and the trained network.
 
-    The mosaics are split by mosaic, never by patch: the last one gives the validation patches (operating
-    threshold), the one before it the test patches, the rest the training patches.
+    The mosaics are split by mosaic, never by patch: the last ``val_mosaics`` give the validation patches
+    (operating threshold), the one before them the test patches, the rest the training patches.
     """
-    if len(mosaics) < 3:
+    if val_mosaics < 1 or len(mosaics) < val_mosaics + 2:
         raise ValueError("give at least three mosaics: training, validation and test patches come from different ones")
-    init_db()
+    check_model_name(name)
+    init_db(database)
+    with session_scope(database) as session:
+        if repo.find_model(session, name) is not None:
+            raise ValueError(f"a model named {name!r} is already registered; choose another name")
     size = config.image_size
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": [], "val": []}
     for index, (image, mask) in enumerate(mosaics):
-        split = "val" if index == len(mosaics) - 1 else "test" if index == len(mosaics) - 2 else "train"
+        position = len(mosaics) - index  # 1 for the last mosaic
+        split = "val" if position <= val_mosaics else "test" if position == val_mosaics + 1 else "train"
         parts[split].append(sample_patches(image, mask, patches_per_mosaic, size=size, seed=seed + index))
     tensors = {
         split: (
@@ -96,8 +107,11 @@ def train_patch_classifier(
         for split, items in parts.items()
     }
     log(f"training {config.architecture} on {len(tensors['train'][1])} {size} px {config.modality} patches")
-    result = fit(config, *tensors["train"], *tensors["val"])
-    return register_trained(config, result, name, tensors["test"], log=log, extra_config={"window": size})
+    result = fit(config, *tensors["train"], *tensors["val"], progress=progress)
+    info = register_trained(
+        config, result, name, tensors["test"], database=database, log=log, extra_config={"window": size}
+    )
+    return info, result.model
 
 
 def _reduced(heatmap: np.ndarray, side: int = MAP_SIDE) -> np.ndarray:

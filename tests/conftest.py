@@ -108,7 +108,7 @@ def rcm_workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("rcm_ws")
     with pointing_at(root):
         mosaics = [make_rcm_mosaic(256, 256, seed=50 + i, blobs=3) for i in range(4)]
-        info = train_patch_classifier(
+        info, _ = train_patch_classifier(
             TrainConfig(
                 architecture="tiny_cnn", task="aspecific", modality="RCM", image_size=32, epochs=3, batch_size=16
             ),

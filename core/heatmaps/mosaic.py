@@ -112,7 +112,15 @@ from torch import nn
 from core.data.preprocess import channels_for, standardize
 from core.heatmaps.base import as_numpy, fuse, get_method
 
-__all__ = ["FAST_METHODS", "MODES", "MosaicResult", "WindowGrid", "gaussian_profile", "stitch_mosaic"]
+__all__ = [
+    "FAST_METHODS",
+    "MODES",
+    "MosaicResult",
+    "WindowGrid",
+    "gaussian_profile",
+    "stitch_mosaic",
+    "window_probability_map",
+]
 
 MODES = ("fast", "exact", "loop")
 FAST_METHODS = ("cam", "gradcam")
@@ -279,6 +287,23 @@ def stitch_mosaic(
         share=share if mode == "fast" else None,
         phases=phases if mode == "fast" else 1,
     )
+
+
+def window_probability_map(result: MosaicResult, height: int, width: int) -> np.ndarray:
+    """The sliding-window classifier's own map, without any CAM: each window's probability spread over the window by
+    the same Gaussian weighting, ``M(x) = sum_w g_w(x) p_w / sum_w g_w(x)`` (0 where no window reaches), (H, W)
+    float32. It is the baseline a CAM must beat to add localisation beyond classifying overlapping windows."""
+    grid = WindowGrid(height, width, result.window, result.step)
+    if result.window_probabilities.shape != grid.shape:
+        raise ValueError(f"{result.window_probabilities.shape} window probabilities for a {grid.shape} window grid")
+    kernel = torch.as_tensor(gaussian_profile(result.window, result.sigma), dtype=torch.float64)
+    down = _placement(grid.tops, grid.window, height, kernel)
+    across = _placement(grid.lefts, grid.window, width, kernel)
+    probabilities = torch.as_tensor(result.window_probabilities, dtype=torch.float64)
+    numerator = down.T @ probabilities @ across
+    denominator = down.sum(dim=0)[:, None] * across.sum(dim=0)[None, :]
+    heatmap = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), 0.0)
+    return heatmap.clamp(0.0, 1.0).float().numpy()
 
 
 class _Source:

@@ -19,7 +19,7 @@ from torch import nn
 
 from core.data.preprocess import standardize
 from core.data.synth_rcm import NEGATIVE, POSITIVE, UNLABELED, make_rcm_mosaic, sample_patches
-from core.heatmaps.mosaic import WindowGrid, gaussian_profile, stitch_mosaic
+from core.heatmaps.mosaic import MosaicResult, WindowGrid, gaussian_profile, stitch_mosaic, window_probability_map
 from core.models import create_model
 from core.train import TrainConfig, fit
 
@@ -204,6 +204,28 @@ def test_overlap_is_a_gaussian_weighted_average():
     np.testing.assert_allclose(result[:, 8:16], overlap, atol=1e-5)
     np.testing.assert_allclose(result[:, :8], p1 * c1[:, :8], atol=1e-5)
     np.testing.assert_allclose(stitch_mosaic(model, image, window=16, step=8, sigma=4.0).map, result, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [None, 3.0])
+def test_window_probability_map_is_the_gaussian_weighted_average_of_window_probabilities(sigma: float | None):
+    height, width, window, step = 25, 30, 8, 5  # a margin narrower than the step stays uncovered
+    grid = WindowGrid(height, width, window, step)
+    probabilities = np.random.default_rng(4).random(grid.shape).astype(np.float32)
+    result = MosaicResult(np.zeros((height, width), np.float32), probabilities, 0.0, "cpu", "exact", "cam",
+                          window, step, sigma)  # fmt: skip
+    weight = np.outer(gaussian_profile(window, sigma), gaussian_profile(window, sigma))
+    numerator, denominator = np.zeros((height, width)), np.zeros((height, width))
+    for index in range(grid.count):
+        top, left = grid.corner(index)
+        numerator[top : top + window, left : left + window] += weight * probabilities.flat[index]
+        denominator[top : top + window, left : left + window] += weight
+    expected = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0)
+    heatmap = window_probability_map(result, height, width)
+    assert heatmap.dtype == np.float32 and heatmap.shape == (height, width)
+    np.testing.assert_allclose(heatmap, expected, atol=1e-6)
+    assert (heatmap[23:] == 0).all() and (heatmap[:, 28:] == 0).all() and (heatmap[:23, :28] > 0).all()
+    with pytest.raises(ValueError, match="window grid"):
+        window_probability_map(result, height + step, width)
 
 
 @pytest.mark.parametrize(("stride", "step", "phases"), [(2, 4, 1), (2, 3, 1), (2, 3, 2), (4, 5, 2), (4, 3, 4)])

@@ -120,3 +120,19 @@ def test_a_best_validation_loss_recipe_keeps_that_epochs_weights():
     assert result.metrics["kept_epoch"] == 1 + int(np.argmin(losses))
     kept = _validation_loss(result.model, x[32:], y[32:], 1.0, 1.0)
     assert kept == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_the_rcm_recipe_is_seed_002s_sgd_decayed_fifty_times_over_the_run():
+    """Seed 002: SGD momentum 0.9 with the config's weight decay (5e-4 in the paper), x0.9 every 10 of 500 epochs."""
+    config = TrainConfig(architecture="efficientnet_b2", recipe="rcm", lr=0.1, weight_decay=5e-4)
+    chosen = recipe_for(config)
+    assert chosen.augment and chosen.keep == "last"
+    optimizer = chosen.optimizer(torch.nn.Linear(2, 1), config)
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.SGD) and group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
+    total = 500
+    schedule = chosen.schedule(optimizer, total, 0)
+    for _ in range(total):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9**50)

@@ -1,6 +1,7 @@
 """Localisation data sets, training from image-level labels, the seed studies and their stored tables, the CLI
-commands and the Models page. Tiny sets (64 px CLE frames, 32 px 16-channel spots) and one or two epochs: these
-tests check the plumbing and the scoring, not how well the models localise (bench/README.md has those figures)."""
+commands and the Models page. Tiny sets (64 px CLE frames, 32 px 16-channel spots, 160 px RCM mosaics) and one or two
+epochs: these tests check the plumbing and the scoring, not how well the models localise (bench/README.md has those
+figures)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core.data.localization_set import generate_set, read_set
+from core.data.synth_rcm import make_rcm_mosaic
 from core.heatmaps import get_method, list_methods
+from core.heatmaps.mosaic import stitch_mosaic, window_probability_map
 from core.metrics.localization import mask_labels, score_maps
 from core.models import create_model, get_spec
 from core.models.mlcam import ABLATIONS
@@ -21,7 +24,15 @@ from core.train import TrainConfig
 from db import repo
 from db.session import init_db, session_scope
 from services.cli import main as cli
-from services.localization import STUDIES, MapSpec, compute_maps, run_study, train_on_set
+from services.localization import (
+    MOSAIC_STUDIES,
+    STUDIES,
+    MapSpec,
+    compute_maps,
+    run_mosaic_study,
+    run_study,
+    train_on_set,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_PAGE = str(ROOT / "pages" / "models.py")
@@ -223,3 +234,84 @@ def test_the_demo_gets_its_mlcam_table_once(workspace):
         assert main.architecture == "mlcam_lici"
         assert len(repo.model_evaluations(session, main.id)) == 1
         assert repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-baseline").architecture == "resnet18"
+
+
+_TINY_RCM = {"main": {"architecture": "tiny_cnn", "model_kwargs": {}}, "baseline": {"architecture": "tiny_cnn"}}
+
+
+def _rcm_study(**options):
+    return run_mosaic_study(
+        "rcm", counts=(2, 1, 2), size=160, window=40, patches=40, epochs=1, progress=None, log=lambda _: None,
+        overrides=_TINY_RCM, **options,
+    )  # fmt: skip
+
+
+def test_the_rcm_study_stitches_every_row_over_held_out_mosaics_and_stores_the_table(workspace):
+    from core.models import load_checkpoint
+
+    report = _rcm_study(bootstrap=10, slow_step=20, prefix="rcm-test")
+    spec = MOSAIC_STUDIES["rcm"]
+    rows = report["tables"][0]["rows"]
+    assert len(rows) == len(spec.rows) and len({r["row"] for r in rows}) == len(rows)
+    # steps are fractions of the 40 px window; the Score-CAM row and its CAM twin take the slow step
+    assert [r["step"] for r in rows] == [10, 10, 20, 20, 20, 10, 10, 10]
+    assert [r["mode"] for r in rows].count("fast") == 1 and "Score-CAM" in rows[4]["row"]
+    assert rows[0]["sigma"] is None and "no Gaussian" in rows[0]["row"]
+    assert all(r["windows"] == ((160 - 40) // r["step"] + 1) ** 2 for r in rows)
+    for row in rows:
+        for key in ("image_auc", "pixel_auc", "best_dice", "mean_acc", "mean_iu", "fw_iu"):
+            assert 0.0 <= row[key] <= 1.0
+    with session_scope() as session:
+        main = repo.find_model(session, report["models"]["main"])
+        stored = repo.model_evaluations(session, main.id)
+    assert main.task == "aspecific" and main.metrics["recipe"] == "rcm"
+    assert len(stored) == 1 and stored[0]["report"]["tables"][0]["rows"] == rows
+    seeds = stored[0]["dataset"]["mosaic_seeds"]
+    assert not set(seeds["test"]) & set(seeds["train"] + seeds["val"])  # scored mosaics never trained on
+    example = report["tables"][0]["examples"][0]
+    assert example["image_id"] == f"mosaic-{seeds['test'][0]}"
+    assert all((workspace / p).is_file() for p in (example["image"], example["mask"], *example["maps"].values()))
+
+    # recompute two rows from the registered checkpoint and the seeds: the stored figures are the maps' scores
+    model, _ = load_checkpoint(workspace / main.checkpoint_path, expected_sha256=main.checkpoint_sha256)
+    test = [make_rcm_mosaic(160, 160, seed=seed) for seed in seeds["test"]]
+    results = [stitch_mosaic(model, image, window=40, step=10, sigma=5.0, mode="exact") for image, _ in test]
+    masks = [mask_labels(mask) for _, mask in test]
+    for row, maps in (
+        (rows[1], [r.map for r in results]),
+        (rows[6], [window_probability_map(r, 160, 160) for r in results]),
+    ):
+        expected = score_maps(maps, masks, threshold=0.5, bootstrap=0)
+        assert row["pixel_auc"] == pytest.approx(expected["pixel_auc"]["estimate"], abs=1e-6)
+        assert row["best_dice"] == pytest.approx(expected["dice"]["dice"], abs=1e-6)
+
+    with pytest.raises(ValueError, match="already registered"):
+        _rcm_study(bootstrap=0, prefix="rcm-test")
+    with pytest.raises(ValueError, match="does not fit"):
+        run_mosaic_study("rcm", size=64, window=128)
+
+
+def test_cli_rcm_study_and_its_refusals(workspace, monkeypatch, capsys):
+    from dataclasses import replace
+
+    spec = MOSAIC_STUDIES["rcm"]
+    tiny = {key: replace(plan, **_TINY_RCM[key]) for key, plan in spec.models.items()}
+    monkeypatch.setitem(MOSAIC_STUDIES, "rcm", replace(spec, models=tiny))
+    args = ["--counts", "2", "1", "1", "--size", "128", "--window", "32", "--patches", "32", "--epochs", "1"]
+    assert cli(["localization-study", "rcm", *args, "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny CNN + Score-CAM, step 32" in printed and "window probability (no CAM)" in printed
+    assert cli(["localization-study", "rcm", "--data", str(workspace)]) == 2
+    assert "--data and --channels do not apply" in capsys.readouterr().err
+    assert cli(["localization-study", "mlcam", "--window", "64"]) == 2
+    assert "rcm study only" in capsys.readouterr().err
+    init_db()
+    with session_scope() as session:
+        pi = repo.create_user(session, "pi-rcm", "pw-pi-123", "pi").id
+    at = AppTest.from_file(MODELS_PAGE, default_timeout=60)
+    at.session_state["auth_user_id"] = pi
+    at.run()
+    assert not at.exception
+    assert any("seed 002, Table 2" in s.value for s in at.subheader)
+    table = next(d.value for d in at.dataframe if "Method" in d.value.columns)
+    assert "Windows / mosaic" in table.columns and len(table) == len(spec.rows)
