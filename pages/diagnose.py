@@ -22,7 +22,16 @@ user = require_role("pi", "clinician")
 st.title("Diagnose")
 
 with session_scope() as session:
-    models = repo.list_models(session)
+    registered = repo.list_models(session)
+# Models of data without an upload path here (many-channel spectral spots) are named, not offered.
+models = [m for m in registered if m.modality in MODALITIES]
+elsewhere = [m for m in registered if m.modality not in MODALITIES]
+if elsewhere:
+    st.caption(
+        "Not offered here, as their images cannot be uploaded on this page: "
+        + ", ".join(f"{m.name} ({m.modality})" for m in elsewhere)
+        + ". Their localisation tables are on the Models page."
+    )
 if not models:
     st.warning(
         "No model is registered yet. Build the demo workspace with `make run`, or train one with "

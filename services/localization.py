@@ -470,16 +470,11 @@ MOSAIC_STUDIES: dict[str, MosaicStudySpec] = {
         title="EfficientNet-B2 CAM and Score-CAM stitched over synthetic RCM mosaics (seed 002, Table 2)",
         main="main",
         models={
-            "main": ModelPlan(
-                "efficientnet_b2",
-                {"drop_rate": 0.75},
-                lr=0.02,
-                epochs=8,
-                batch_size=32,
-                augment=True,
-                recipe="rcm",
-                weight_decay=5e-4,
-            ),
+            # The paper's own recipe ("rcm": SGD, momentum 0.9, decay 0.9 per 10 of 500 epochs) does not train B2
+            # from scratch in a CPU budget: validation AUC 0.46-0.61 after 4 epochs at rates 0.02-0.1 and 0.83
+            # after 8, against 0.975 after 4 with Adam (1,200 patches of 128 px from 4 mosaics). So Adam (the
+            # default recipe) with the paper's dropout and augmentation; the baseline trains the same way.
+            "main": ModelPlan("efficientnet_b2", {"drop_rate": 0.75}, lr=1e-3, epochs=8, batch_size=32, augment=True),
             "baseline": ModelPlan("resnet18", lr=1e-3, epochs=8, batch_size=32, augment=True),
         },
         rows=(

@@ -264,7 +264,7 @@ def test_the_rcm_study_stitches_every_row_over_held_out_mosaics_and_stores_the_t
     with session_scope() as session:
         main = repo.find_model(session, report["models"]["main"])
         stored = repo.model_evaluations(session, main.id)
-    assert main.task == "aspecific" and main.metrics["recipe"] == "rcm"
+    assert main.task == "aspecific" and main.metrics["recipe"] == "flcnn"
     assert len(stored) == 1 and stored[0]["report"]["tables"][0]["rows"] == rows
     seeds = stored[0]["dataset"]["mosaic_seeds"]
     assert not set(seeds["test"]) & set(seeds["train"] + seeds["val"])  # scored mosaics never trained on
@@ -315,3 +315,31 @@ def test_cli_rcm_study_and_its_refusals(workspace, monkeypatch, capsys):
     assert any("seed 002, Table 2" in s.value for s in at.subheader)
     table = next(d.value for d in at.dataframe if "Method" in d.value.columns)
     assert "Windows / mosaic" in table.columns and len(table) == len(spec.rows)
+
+
+def test_diagnose_takes_cle_frames_with_the_cle_models_own_map_and_keeps_spectral_models_off(
+    workspace, cle_set, tmp_path
+):
+    """A CLE model trained on a set diagnoses uploaded frames with its own map; a spectral (IR) model, which has
+    no upload path, is listed as such instead of breaking the page."""
+    from services.diagnose import diagnose_files, load_predictor
+
+    config = TrainConfig(architecture="mlcam_lici", epochs=1, batch_size=8, lr=0.01, model_kwargs={"width": 8})
+    cle, _ = train_on_set(config, cle_set, name="cle-diag", log=lambda _: None)
+    spectral = generate_set("spectral", tmp_path / "ir", counts=(4, 2, 2), size=32, channels=16, seed=1)
+    ir_config = TrainConfig(architecture="compsegnet", epochs=1, batch_size=4, model_kwargs={"base": 8})
+    train_on_set(ir_config, spectral, name="ir-spots", log=lambda _: None)
+    predictor = load_predictor(cle)
+    assert "mlcam-lici" in predictor.methods
+    frame = cle_set.root / cle_set.rows("test")["path"].iloc[0]
+    (outcome,) = diagnose_files(predictor, cle, [(frame.name, frame.read_bytes())], user_id=None, heatmap="mlcam-lici")
+    assert outcome.error is None and 0.0 <= outcome.probability <= 1.0 and outcome.heatmap
+    init_db()
+    with session_scope() as session:
+        pi = repo.create_user(session, "pi-diag", "pw-pi-123", "pi").id
+    at = AppTest.from_file(str(ROOT / "pages" / "diagnose.py"), default_timeout=60)
+    at.session_state["auth_user_id"] = pi
+    at.run()
+    assert not at.exception
+    assert at.radio(key="diagnose_modality").options == ["CLE"]
+    assert any("ir-spots" in c.value for c in at.caption)
