@@ -11,9 +11,10 @@ on a standard backbone trained on the same images. The rows report whatever come
 - ``mlcam`` (seed 000, Table 2): MLCAM-LICI's final map and its inference-time ablations (no LI, no CI with one
   layer, single layers), against CAM and Grad-CAM on ResNet-18 (the M10 row: plain CAM of a GAP network), on CLE
   frames, intermediate masks at threshold 0.03 and restrictive masks at 0.2 (the paper's thresholds).
-- ``celnet`` (seed 001, Table 3): CELNet + CELM, without the attention module, without deep supervision, CELNet +
-  Grad-CAM, against ResNet-18 + Grad-CAM and ResNet-18 + backprop saliency, on the same CLE frames (the paper's
-  "large nucleus and hypercellularity" evidence), region precision and recall by the 75 % rule at threshold 0.5.
+- ``celnet`` (seed 001, Table 3): CELNet + CELM, without the attention module, with CBAM in its place (Table 1),
+  without deep supervision, CELNet + Grad-CAM, against ResNet-18 + Grad-CAM and ResNet-18 + backprop saliency, on
+  the same CLE frames (the paper's "large nucleus and hypercellularity" evidence), region precision and recall by
+  the 75 % rule at threshold 0.5.
 - ``compsegnet`` (seed 004): the U-Net's activation map thresholded at 0.35 against CAM on ResNet-18 with the same
   many-channel input, on spectral spots; the sample-level ROC is over the tumor fraction.
 - ``rcm`` (seed 002, Table 2): an EfficientNet-B2 patch classifier trained on patches labelled by their centre pixel,
@@ -181,6 +182,7 @@ _MLCAM_ROWS = (
 _CELNET_ROWS = (
     MapSpec("CELNet + CELM (ours)", "main", method="celm"),
     MapSpec("CELNet w/o MAM + CELM", "no_mam", method="celm"),
+    MapSpec("CELNet w/o MAM + CBAM + CELM", "cbam", method="celm"),
     MapSpec("CELNet w/o DS + CELM", "no_ds", method="celm"),
     MapSpec("CELNet + Grad-CAM", "main", method="gradcam"),
     MapSpec("ResNet-18 + Grad-CAM", "baseline", method="gradcam"),
@@ -206,6 +208,7 @@ STUDIES: dict[str, StudySpec] = {
         models={
             "main": ModelPlan("celnet", lr=0.01, epochs=12, batch_size=32),
             "no_mam": ModelPlan("celnet", {"attention": False}, lr=0.01, epochs=12, batch_size=32),
+            "cbam": ModelPlan("celnet", {"attention": "cbam"}, lr=0.01, epochs=12, batch_size=32),
             "no_ds": ModelPlan("celnet", {"deep_supervision": False}, lr=0.01, epochs=12, batch_size=32),
             "baseline": _CLE_BASELINE,
         },

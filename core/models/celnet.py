@@ -23,10 +23,12 @@ declare themselves unsupported on CELNet instead of returning a wrong map. Grad-
 ``cam_layers`` (CAM2 and CAM3) and CELM (section 2.2) apply.
 
 Ablations of Tables 1 and 3: ``attention=False`` is "CELNet without MAM" (plain residual blocks, no attention
-parameters); ``deep_supervision=False`` feeds only module 3's GAP and GMP to the classifier.
+parameters); ``attention="cbam"`` is Table 1's "CELNet without MAM + CBAM" (the same module with CBAM's single
+7 x 7 spatial branch); ``deep_supervision=False`` feeds only module 3's GAP and GMP to the classifier.
 
 Parameters at ``width=16``, ``reduction=16``, three input channels: 296,391 (Table 1: 297K); 292,497 without MAM
-(Table 1: 292K); 296,327 without deep supervision (the classifier sees 128 instead of 192 pooled features).
+(Table 1: 292K); 295,761 with CBAM instead (Table 1: 296K); 296,327 without deep supervision (the classifier sees
+128 instead of 192 pooled features).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ regularisation 1e-5 (weight decay), SGD with Nesterov momentum 0.9, batch size 6
 halved at 50 % and 75 % of the epochs; weights of minimum validation loss kept. PCam augmentation: random 90-degree
 rotations and horizontal flips."""
 
-_SPATIAL_KERNELS = (3, 5, 7)  # MAM's branches, k' in {3, 5, 7}
+_SPATIAL_KERNELS = {"mam": (3, 5, 7), "cbam": (7,)}  # MAM's branches, k' in {3, 5, 7}; CBAM's one 7 x 7
 _BLOCKS = 3  # building blocks per MA-ResModule
 
 
@@ -66,13 +68,13 @@ def _avg_max_pool(features: torch.Tensor) -> torch.Tensor:
 
 class MAM(nn.Module):
     """Multi-branch attention module (seed 001, section 2.1): CBAM channel attention, then spatial attention from
-    three convolution branches (3 x 3, 5 x 5, 7 x 7) summed before the sigmoid."""
+    convolution branches (``kernels``: MAM's 3 x 3, 5 x 5 and 7 x 7; CBAM's 7 x 7 alone) summed before the sigmoid."""
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
+    def __init__(self, channels: int, reduction: int = 16, kernels: tuple[int, ...] = _SPATIAL_KERNELS["mam"]) -> None:
         super().__init__()
         hidden = max(channels // reduction, 1)
         self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, channels, 1))
-        self.branches = nn.ModuleList(nn.Conv2d(2, 1, k, padding=k // 2) for k in _SPATIAL_KERNELS)
+        self.branches = nn.ModuleList(nn.Conv2d(2, 1, k, padding=k // 2) for k in kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.mlp(x.mean(dim=(2, 3), keepdim=True)) + self.mlp(x.amax(dim=(2, 3), keepdim=True))
@@ -82,20 +84,31 @@ class MAM(nn.Module):
         return squeezed * torch.sigmoid(spatial)  # F_sq * A_s
 
 
+def _attention_kind(attention: bool | str) -> str | None:
+    """The attention option as a key of ``_SPATIAL_KERNELS`` (True: MAM) or None (False: no attention)."""
+    if attention is True:
+        return "mam"
+    if attention is False:
+        return None
+    if attention not in _SPATIAL_KERNELS:
+        raise ValueError(f"attention must be True, False or one of {', '.join(_SPATIAL_KERNELS)}, not {attention!r}")
+    return attention
+
+
 class MAResBlock(nn.Module):
     """A building block of an MA-ResModule (seed 001, fig. 1 right): conv3x3-BN-ReLU-conv3x3-BN, MAM, plus the
     residual, ReLU. A block that changes resolution or width takes its residual through a 3 x 3 convolution (stride
     ``stride``) and BN. The ReLUs are separate, non-inplace ``nn.ReLU`` modules so guided backpropagation's hooks
     see every rectifier at its true input."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, attention: bool, reduction: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, attention: str | None, reduction: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.attention = MAM(out_channels, reduction) if attention else nn.Identity()
+        self.attention = MAM(out_channels, reduction, _SPATIAL_KERNELS[attention]) if attention else nn.Identity()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
@@ -109,7 +122,9 @@ class MAResBlock(nn.Module):
         return self.relu2(self.attention(out) + self.shortcut(x))
 
 
-def _ma_res_module(in_channels: int, out_channels: int, stride: int, attention: bool, reduction: int) -> nn.Sequential:
+def _ma_res_module(
+    in_channels: int, out_channels: int, stride: int, attention: str | None, reduction: int
+) -> nn.Sequential:
     """An MA-ResModule: three building blocks, the first carrying the module's stride and change of width."""
     first = MAResBlock(in_channels, out_channels, stride, attention, reduction)
     rest = (MAResBlock(out_channels, out_channels, 1, attention, reduction) for _ in range(_BLOCKS - 1))
@@ -125,12 +140,13 @@ class CELNet(nn.Module):
         num_classes: int = 1,
         width: int = 16,
         reduction: int = 16,
-        attention: bool = True,
+        attention: bool | str = True,
         deep_supervision: bool = True,
     ) -> None:
         super().__init__()
         if width < 1 or reduction < 1:
             raise ValueError(f"width and reduction must be positive, got {width} and {reduction}")
+        attention = _attention_kind(attention)
         self.deep_supervision = deep_supervision
         self.head = nn.Sequential(
             nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
@@ -175,7 +191,7 @@ def celnet(
     pretrained_file: str | None = None,
     width: int = 16,
     reduction: int = 16,
-    attention: bool = True,
+    attention: bool | str = True,
     deep_supervision: bool = True,
 ) -> nn.Module:
     """CELNet with multi-branch attention and deep supervision (seed 001; about 0.3 M parameters at width 16)."""

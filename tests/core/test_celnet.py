@@ -136,6 +136,19 @@ def test_mam_output_is_the_squeezed_map_gated_in_0_1():
     assert mam(x).abs().max() < 1e-6
 
 
+def test_cbam_in_place_of_mam_has_one_7x7_spatial_branch_and_bad_options_are_refused():
+    """Table 1's "CELNet without MAM + CBAM": the same channel attention, CBAM's single 7 x 7 spatial branch."""
+    cbam = create_model("celnet", in_chans=3, attention="cbam")
+    modules = mams(cbam)
+    assert len(modules) == 9 and all([b.kernel_size for b in m.branches] == [(7, 7)] for m in modules)
+    full = create_model("celnet", in_chans=3)
+    per_block = (2 * 9 + 1) + (2 * 25 + 1)  # the 3 x 3 and 5 x 5 branches CBAM lacks
+    assert n_parameters(full) - n_parameters(cbam) == 9 * per_block
+    assert 295_000 <= n_parameters(cbam) <= 297_000  # Table 1: 296K
+    with pytest.raises(ValueError, match="attention must be"):
+        create_model("celnet", in_chans=3, attention="se")
+
+
 def test_attention_false_removes_every_mam():
     model = create_model("celnet", in_chans=3, attention=False)
     assert mams(model) == []

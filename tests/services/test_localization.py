@@ -128,7 +128,11 @@ def _tiny(study: str) -> dict:
 def test_a_study_trains_scores_and_stores_its_table_with_examples(workspace, study):
     overrides = _tiny(study)
     if study == "celnet":
-        for key, extra in (("no_mam", {"attention": False}), ("no_ds", {"deep_supervision": False})):
+        for key, extra in (
+            ("no_mam", {"attention": False}),
+            ("cbam", {"attention": "cbam"}),
+            ("no_ds", {"deep_supervision": False}),
+        ):
             overrides[key] = {"model_kwargs": {"width": 8, **extra}}
     sizes = {"size": 32, "channels": 16} if study == "compsegnet" else {"size": 64}
     report = run_study(
