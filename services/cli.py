@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from services.training import print_progress, train_and_register
+    from services.training import default_name, print_progress, train_and_register
 
     config = TrainConfig(
         architecture=args.architecture,
@@ -93,6 +94,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pretrained_file=args.pretrained_file,
         recipe=args.recipe,
     )
+    if args.data and args.mosaics:
+        raise UsageError("give --data (a localisation set) or --mosaics (RCM mosaics with masks), not both")
+    if args.mosaics:
+        from services.mosaic import read_mosaic_folder, train_patch_classifier
+
+        config = replace(config, task="aspecific", modality="RCM")
+        name = args.name or default_name(config)
+        train_patch_classifier(
+            config,
+            read_mosaic_folder(args.mosaics),
+            name=name,
+            patches_per_mosaic=args.patches,
+            seed=args.seed,
+            progress=print_progress,
+        )
+        return 0
     if args.data:
         from core.data.localization_set import read_set
         from services.localization import train_on_set
@@ -107,11 +124,23 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     """Write a synthetic localisation set (images, image-level labels, masks) for ``train --data``."""
     from core.data.localization_set import generate_set
 
+    if args.kind == "rcm":
+        from core.data.synth_rcm import write_mosaic_folder
+
+        written = write_mosaic_folder(
+            Path(args.out),
+            counts=tuple(args.counts or (6, 1, 2)),
+            size=args.size or 512,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+        print(f"rcm mosaics -> {args.out}: " + ", ".join(f"{k} {len(v)}" for k, v in written.items()))
+        return 0
     data = generate_set(
         args.kind,
         Path(args.out),
-        counts=tuple(args.counts),
-        size=args.size,
+        counts=tuple(args.counts or (400, 100, 200)),
+        size=args.size or 128,
         channels=args.channels,
         seed=args.seed,
         overwrite=args.overwrite,
@@ -477,6 +506,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--data", help="a localisation set (python -m core synth): train from its image-level labels instead"
     )
+    train.add_argument(
+        "--mosaics",
+        help="RCM mosaics with masks in train/, val/ (and test/) (python -m core synth rcm): a patch classifier "
+        "(task aspecific) from patches labelled by their centre pixel; --image-size is the patch side",
+    )
+    train.add_argument("--patches", type=int, default=200, help="patches drawn per mosaic (--mosaics)")
     train.add_argument("--recipe", choices=sorted(RECIPES), help="default: the architecture's paper's recipe")
     train.set_defaults(run=_cmd_train)
 
@@ -562,11 +597,15 @@ def _parser() -> argparse.ArgumentParser:
     localize.add_argument("--out", required=True, help="report.json")
     localize.set_defaults(run=_cmd_evaluate_localization)
 
-    synth = sub.add_parser("synth", help="write a synthetic localisation set: CLE frames or spectral spots with masks")
-    synth.add_argument("kind", choices=sorted(KINDS))
+    synth = sub.add_parser(
+        "synth", help="write synthetic data with masks: a CLE or spectral localisation set, or RCM mosaics"
+    )
+    synth.add_argument("kind", choices=sorted([*KINDS, "rcm"]))
     synth.add_argument("--out", required=True, help="the folder to create")
-    synth.add_argument("--counts", type=int, nargs=3, default=(400, 100, 200), metavar=("TRAIN", "VAL", "TEST"))
-    synth.add_argument("--size", type=int, default=128, help="image side in px")
+    synth.add_argument(
+        "--counts", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="default 400 100 200 (rcm: 6 1 2)"
+    )
+    synth.add_argument("--size", type=int, help="image side in px (default 128; rcm mosaics: 512)")
     synth.add_argument("--channels", type=int, default=128, help="spectral channels (spectral sets)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true")

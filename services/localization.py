@@ -556,14 +556,12 @@ def run_mosaic_study(
         config = replace(plan, **(overrides or {}).get(key, {})).config(
             epochs=epochs, seed=seed, task="aspecific", modality="RCM", image_size=window
         )
-        # train_patch_classifier takes validation patches from the last n_val mosaics, test patches from the one before
         trained[key] = train_patch_classifier(
             config,
-            [*train, test[0], *val],
+            {"train": train, "val": val, "test": test[:1]},  # the patch AUC: patches of the first test mosaic
             name=f"{stamp}-{key}",
             patches_per_mosaic=patches or spec.patches,
             seed=seed,
-            val_mosaics=n_val,
             database=database,
             log=log,
             progress=progress,

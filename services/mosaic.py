@@ -9,7 +9,7 @@ the highest window probability: a mosaic is called aspecific when any window is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from torch import nn
 from core.data.io import MOSAIC_MAX_PIXELS, Image, ImageError, read_image
 from core.data.preprocess import channels_for, standardize, to_model_array
 from core.data.store import npy_bytes, store_image, write_atomic
-from core.data.synth_rcm import sample_patches
+from core.data.synth_rcm import NEGATIVE, POSITIVE, UNLABELED, sample_patches
 from core.predict import Predictor
 from core.settings import workspace_dir
 from core.train import Progress, TrainConfig, fit
@@ -31,9 +31,20 @@ from db.session import init_db, session_scope
 from services.diagnose import record_prediction
 from services.training import check_model_name, register_trained
 
-__all__ = ["MAP_SIDE", "MosaicOutcome", "diagnose_mosaic", "mosaic_array", "patch_tensors", "train_patch_classifier"]
+__all__ = [
+    "MAP_SIDE",
+    "MOSAIC_SPLITS",
+    "MosaicOutcome",
+    "diagnose_mosaic",
+    "mosaic_array",
+    "patch_tensors",
+    "read_mosaic_folder",
+    "train_patch_classifier",
+]
 
 MAP_SIDE = 4096
+MOSAIC_SPLITS = ("train", "val", "test")
+_MOSAIC_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 
 
 @dataclass(frozen=True)
@@ -68,14 +79,51 @@ def patch_tensors(patches: np.ndarray, modality: str = "RCM") -> torch.Tensor:
     return standardize(torch.from_numpy(patches).float().div_(255.0)[:, None], modality)
 
 
+def read_mosaic_folder(folder: str | Path) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Labelled mosaics for :func:`train_patch_classifier` from ``folder/{train,val,test}/``: each ``<name>.png``
+    (or .tif/.tiff/.npy) with its mask ``<name>-mask.png`` (255 aspecific, 0 benign, anything else unlabeled), as
+    ``python -m core synth rcm`` writes them. Mosaics are scaled to uint8 by the RCM preprocessing rule; ``test``
+    may be absent. A problem is refused naming the file and what to do."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder; give one with train/, val/ (and test/) mosaics and their masks")
+    splits: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for split in MOSAIC_SPLITS:
+        files = sorted(
+            p for p in (root / split).glob("*") if p.suffix.lower() in _MOSAIC_SUFFIXES and not p.stem.endswith("-mask")
+        )
+        for path in files:
+            mask_path = path.with_name(f"{path.stem}-mask.png")
+            if not mask_path.is_file():
+                raise ValueError(
+                    f"{path} has no mask {mask_path.name}: draw one (255 aspecific, 0 benign, else unlabeled)"
+                )
+            try:
+                image = mosaic_array(read_image(path, path.name, max_pixels=MOSAIC_MAX_PIXELS), "RCM")
+                mask = read_image(mask_path, mask_path.name, max_pixels=MOSAIC_MAX_PIXELS).array
+            except ImageError as error:
+                raise ValueError(f"{path.parent / error.name}: {error.reason}") from None
+            if mask.ndim != 2 or mask.dtype != np.uint8:
+                raise ValueError(f"{mask_path}: a mask is an 8-bit greyscale PNG")
+            if mask.shape != image.shape:
+                raise ValueError(
+                    f"{mask_path}: mask {mask.shape[::-1]} px does not match mosaic {image.shape[::-1]} px"
+                )
+            labels = np.where(mask == 255, POSITIVE, np.where(mask == 0, NEGATIVE, UNLABELED)).astype(np.uint8)
+            splits.setdefault(split, []).append((np.round(image * 255.0).astype(np.uint8), labels))
+    for split in ("train", "val"):
+        if not splits.get(split):
+            raise ValueError(f"{root / split} holds no mosaics; train and val need at least one each")
+    return splits
+
+
 def train_patch_classifier(
     config: TrainConfig,
-    mosaics: Sequence[tuple[np.ndarray, np.ndarray]],
+    mosaics: Sequence[tuple[np.ndarray, np.ndarray]] | Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
     *,
     name: str,
     patches_per_mosaic: int = 200,
     seed: int = 0,
-    val_mosaics: int = 1,
     database: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = None,
@@ -83,22 +131,32 @@ def train_patch_classifier(
     """Train and register a patch classifier (task ``aspecific``) on uint8 mosaics with 0/128/255 masks; returns
     the registered model and the trained network.
 
-    The mosaics are split by mosaic, never by patch: the last ``val_mosaics`` give the validation patches
-    (operating threshold), the one before them the test patches, the rest the training patches.
+    The mosaics are split by mosaic, never by patch: ``mosaics`` maps ``train``, ``val`` (operating threshold) and
+    optionally ``test`` to their mosaics; a plain sequence is split as the last for validation, the one before it for
+    test, the rest for training. Mosaic ``i`` (counting train, then test, then val) draws its patches with seed
+    ``seed + i``.
     """
-    if val_mosaics < 1 or len(mosaics) < val_mosaics + 2:
-        raise ValueError("give at least three mosaics: training, validation and test patches come from different ones")
+    if not isinstance(mosaics, Mapping):
+        if len(mosaics) < 3:
+            raise ValueError(
+                "give at least three mosaics: training, validation and test patches come from different ones"
+            )
+        mosaics = {"train": mosaics[:-2], "test": mosaics[-2:-1], "val": mosaics[-1:]}
+    if set(mosaics) - set(MOSAIC_SPLITS):
+        raise ValueError(f"mosaic splits must be {', '.join(MOSAIC_SPLITS)}, not {', '.join(sorted(mosaics))}")
+    if not mosaics.get("train") or not mosaics.get("val"):
+        raise ValueError("give at least one training and one validation mosaic: their patches must not mix")
     check_model_name(name)
     init_db(database)
     with session_scope(database) as session:
         if repo.find_model(session, name) is not None:
             raise ValueError(f"a model named {name!r} is already registered; choose another name")
     size = config.image_size
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": [], "val": []}
-    for index, (image, mask) in enumerate(mosaics):
-        position = len(mosaics) - index  # 1 for the last mosaic
-        split = "val" if position <= val_mosaics else "test" if position == val_mosaics + 1 else "train"
-        parts[split].append(sample_patches(image, mask, patches_per_mosaic, size=size, seed=seed + index))
+    ordered = [(split, pair) for split in ("train", "test", "val") for pair in mosaics.get(split) or ()]
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for index, (split, (image, mask)) in enumerate(ordered):
+        patches = sample_patches(image, mask, patches_per_mosaic, size=size, seed=seed + index)
+        parts.setdefault(split, []).append(patches)
     tensors = {
         split: (
             patch_tensors(np.concatenate([p for p, _ in items]), config.modality),
@@ -109,7 +167,7 @@ def train_patch_classifier(
     log(f"training {config.architecture} on {len(tensors['train'][1])} {size} px {config.modality} patches")
     result = fit(config, *tensors["train"], *tensors["val"], progress=progress)
     info = register_trained(
-        config, result, name, tensors["test"], database=database, log=log, extra_config={"window": size}
+        config, result, name, tensors.get("test"), database=database, log=log, extra_config={"window": size}
     )
     return info, result.model
 

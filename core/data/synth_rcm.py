@@ -28,10 +28,15 @@ patch classifier was trained (a patch is "aspecific" or "benign"); unlabeled cen
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["NEGATIVE", "POSITIVE", "UNLABELED", "make_rcm_mosaic", "sample_patches"]
+from core.data.store import png_bytes, write_atomic
+
+__all__ = ["NEGATIVE", "POSITIVE", "UNLABELED", "make_rcm_mosaic", "sample_patches", "write_mosaic_folder"]
 
 NEGATIVE = 0
 UNLABELED = 128
@@ -170,3 +175,37 @@ def sample_patches(
     top, left = top[order], left[order]
     patches = np.stack([image[t : t + size, s : s + size] for t, s in zip(top, left, strict=True)])
     return patches, np.concatenate(labels)[order].astype(np.int64)
+
+
+def write_mosaic_folder(
+    out: str | Path,
+    *,
+    counts: tuple[int, int, int] = (6, 1, 2),
+    size: int = 512,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, list[Path]]:
+    """Write ``counts`` (train, val, test) synthetic mosaics with masks as ``out/<split>/mosaic-<seed>.png`` and
+    ``mosaic-<seed>-mask.png``, the folder ``python -m core train --mosaics`` reads. Mosaic seeds run from
+    ``7000 + 100 * seed`` (training first), as the ``rcm`` study draws them. The folder is written under a temporary
+    name and renamed when complete; returns the mosaic paths per split."""
+    root = Path(out)
+    if min(counts) < 0 or counts[0] < 1 or counts[1] < 1:
+        raise ValueError(f"counts must give at least one training and one validation mosaic, not {counts}")
+    if root.exists():
+        if not overwrite:
+            raise ValueError(f"{root} already exists; choose another folder or overwrite it")
+        shutil.rmtree(root)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    number = 7000 + 100 * seed
+    names: dict[str, list[str]] = {}
+    for split, count in zip(("train", "val", "test"), counts, strict=True):
+        for _ in range(count):
+            image, mask = make_rcm_mosaic(size, size, seed=number)
+            write_atomic(partial / split / f"mosaic-{number}.png", png_bytes(image))
+            write_atomic(partial / split / f"mosaic-{number}-mask.png", png_bytes(mask))
+            names.setdefault(split, []).append(f"mosaic-{number}.png")
+            number += 1
+    partial.rename(root)
+    return {split: [root / split / name for name in files] for split, files in names.items()}

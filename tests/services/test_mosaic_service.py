@@ -69,3 +69,57 @@ def test_cli_mosaic_writes_map_overlay_and_json(in_rcm, tmp_path, capsys):
     assert PILImage.open(out / "mosaic_overlay.png").size == (SIDE, SIDE)
     assert "81 windows" in capsys.readouterr().out
     assert main(["mosaic", str(root / "mosaic.png"), "--heatmap", "scorecam", "--out", str(out)]) == 2
+
+
+def test_synth_rcm_writes_mosaic_folders_and_train_mosaics_registers_a_patch_classifier(workspace, tmp_path, capsys):
+    out = tmp_path / "mosaics"
+    assert main(["synth", "rcm", "--out", str(out), "--counts", "2", "1", "1", "--size", "96"]) == 0
+    assert "train 2, val 1, test 1" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "val").iterdir()) == ["mosaic-7002-mask.png", "mosaic-7002.png"]
+    assert main(["synth", "rcm", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    args = ["train", "--mosaics", str(out), "--architecture", "tiny_cnn", "--image-size", "32", "--epochs", "1"]
+    assert main([*args, "--patches", "24", "--batch-size", "8", "--name", "cli-rcm"]) == 0
+    with session_scope() as session:
+        info = repo.find_model(session, "cli-rcm")
+    assert (info.task, info.modality, info.image_size) == ("aspecific", "RCM", 32)
+    assert info.metrics["test_n"] == 24 and info.config["window"] == 32
+    assert main([*args, "--data", str(out)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_a_mosaic_folder_is_read_with_its_masks_and_problems_are_named(tmp_path):
+    from core.data.synth_rcm import NEGATIVE, POSITIVE, UNLABELED, write_mosaic_folder
+    from services.mosaic import read_mosaic_folder, train_patch_classifier
+
+    written = write_mosaic_folder(tmp_path / "m", counts=(1, 1, 0), size=64, seed=3)
+    assert set(written) == {"train", "val"}
+    splits = read_mosaic_folder(tmp_path / "m")
+    image, mask = splits["train"][0]
+    assert image.dtype == np.uint8 and image.shape == mask.shape == (64, 64)
+    assert set(np.unique(mask)) <= {NEGATIVE, UNLABELED, POSITIVE}
+    np.testing.assert_array_equal(image, np.asarray(PILImage.open(written["train"][0])))
+    # a hand-drawn mask: 255 aspecific, 0 benign, any other grey unlabeled
+    drawn = np.zeros((64, 64), np.uint8)
+    drawn[:10], drawn[10:20] = 255, 77
+    PILImage.fromarray(drawn).save(tmp_path / "m" / "train" / "mosaic-7300-mask.png")
+    labels = read_mosaic_folder(tmp_path / "m")["train"][0][1]
+    assert (labels[:10] == POSITIVE).all() and (labels[10:20] == UNLABELED).all() and (labels[20:] == NEGATIVE).all()
+    PILImage.fromarray(drawn[:32]).save(tmp_path / "m" / "train" / "mosaic-7300-mask.png")
+    with pytest.raises(ValueError, match=r"mosaic-7300-mask.png: mask \(64, 32\) px does not match"):
+        read_mosaic_folder(tmp_path / "m")
+    (tmp_path / "m" / "train" / "mosaic-7300-mask.png").unlink()
+    with pytest.raises(ValueError, match="has no mask mosaic-7300-mask.png"):
+        read_mosaic_folder(tmp_path / "m")
+    (tmp_path / "m" / "train" / "mosaic-7300.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    PILImage.fromarray(drawn).save(tmp_path / "m" / "train" / "mosaic-7300-mask.png")
+    with pytest.raises(ValueError, match="mosaic-7300.png"):
+        read_mosaic_folder(tmp_path / "m")
+    for path in (tmp_path / "m" / "train").glob("mosaic-7300*"):  # the only training mosaic (seed 3)
+        path.unlink()
+    with pytest.raises(ValueError, match="train holds no mosaics"):
+        read_mosaic_folder(tmp_path / "m")
+    with pytest.raises(ValueError, match="not a folder"):
+        read_mosaic_folder(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="splits must be"):
+        train_patch_classifier(None, {"train": [], "validation": []}, name="x")
