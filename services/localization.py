@@ -282,28 +282,35 @@ def score_rows(
         maps = compute_maps(model, info.architecture, spec, x[positive])
         all_maps[spec.label] = maps
         report = score_maps(list(maps), masks, threshold=table.threshold, bootstrap=bootstrap, seed=seed)
-        at, loc = report["at_threshold"], report["localization"]
-        rows.append(
-            {
-                "row": spec.label,
-                "model": info.name,
-                "architecture": info.architecture,
-                "map": spec.describe(),
-                "image_auc": info.metrics.get("test_auc"),
-                "pixel_auc": report["pixel_auc"]["estimate"],
-                "pixel_auc_ci": report["pixel_auc"]["ci"],
-                "best_dice": report["dice"]["dice"],
-                "best_dice_threshold": report["dice"]["best_threshold"],
-                "threshold": table.threshold,
-                "mean_acc": at["mean_acc"],
-                "mean_iu": at["mean_iu"],
-                "fw_iu": at["fw_iu"],
-                "dice": at["dice"],
-                "precision": loc["precision"],
-                "recall": loc["recall"],
-            }
-        )
+        rows.append(_table_row(spec.label, spec.describe(), info, table.threshold, report))
     return rows, all_maps
+
+
+def _table_row(
+    label: str, described: str, info: ModelInfo, threshold: float, report: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """One stored table row: which model and map, the model's image AUC (its registered test AUC), and the
+    :func:`core.metrics.localization.score_maps` figures of its maps; ``extra`` columns go after the map's name."""
+    at, loc = report["at_threshold"], report["localization"]
+    return {
+        "row": label,
+        "model": info.name,
+        "architecture": info.architecture,
+        "map": described,
+        **extra,
+        "image_auc": info.metrics.get("test_auc"),
+        "pixel_auc": report["pixel_auc"]["estimate"],
+        "pixel_auc_ci": report["pixel_auc"]["ci"],
+        "best_dice": report["dice"]["dice"],
+        "best_dice_threshold": report["dice"]["best_threshold"],
+        "threshold": threshold,
+        "mean_acc": at["mean_acc"],
+        "mean_iu": at["mean_iu"],
+        "fw_iu": at["fw_iu"],
+        "dice": at["dice"],
+        "precision": loc["precision"],
+        "recall": loc["recall"],
+    }
 
 
 def _display(data: LocalizationSet, raw: np.ndarray) -> np.ndarray:
@@ -599,31 +606,19 @@ def run_mosaic_study(
         ]
         maps[label] = stack
         report = score_maps(stack, masks, threshold=spec.threshold, bootstrap=bootstrap, seed=seed)
-        at, loc = report["at_threshold"], report["localization"]
         rows.append(
-            {
-                "row": label,
-                "model": info.name,
-                "architecture": info.architecture,
-                "map": label,
-                "step": step,
-                "sigma": row.sigma,
-                "mode": row.mode,
-                "windows": int(results[0].window_probabilities.size),
-                "seconds": float(np.mean([r.seconds for r in results])),
-                "image_auc": info.metrics.get("test_auc"),
-                "pixel_auc": report["pixel_auc"]["estimate"],
-                "pixel_auc_ci": report["pixel_auc"]["ci"],
-                "best_dice": report["dice"]["dice"],
-                "best_dice_threshold": report["dice"]["best_threshold"],
-                "threshold": spec.threshold,
-                "mean_acc": at["mean_acc"],
-                "mean_iu": at["mean_iu"],
-                "fw_iu": at["fw_iu"],
-                "dice": at["dice"],
-                "precision": loc["precision"],
-                "recall": loc["recall"],
-            }
+            _table_row(
+                label,
+                label,
+                info,
+                spec.threshold,
+                report,
+                step=step,
+                sigma=row.sigma,
+                mode=row.mode,
+                windows=int(results[0].window_probabilities.size),
+                seconds=float(np.mean([r.seconds for r in results])),
+            )
         )
     main_info = trained[spec.main][0]
     folder = workspace_dir() / "models" / main_info.name / "examples" / spec.mask_set

@@ -38,6 +38,16 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS_PAGE = str(ROOT / "pages" / "models.py")
 
 
+def _signed_in(page: str, role: str) -> AppTest:
+    """``page`` run once for a new user with ``role``."""
+    init_db()
+    with session_scope() as session:
+        user_id = repo.create_user(session, f"{role}-{len(repo.list_users(session))}", "pw-long-enough-1", role).id
+    at = AppTest.from_file(page, default_timeout=60)
+    at.session_state["auth_user_id"] = user_id
+    return at.run()
+
+
 @pytest.fixture(scope="module")
 def cle_set(tmp_path_factory: pytest.TempPathFactory):
     return generate_set("cle", tmp_path_factory.mktemp("sets") / "cle", counts=(16, 8, 8), size=64, seed=3)
@@ -209,21 +219,13 @@ def test_models_page_shows_the_stored_table_and_example_maps(workspace, cle_set)
         "mlcam", data_dir=cle_set.root, epochs=1, bootstrap=0, progress=None, log=lambda _: None,
         overrides=_tiny("mlcam"),
     )  # fmt: skip
-    init_db()
-    with session_scope() as session:
-        pi = repo.create_user(session, "pi-models", "pw-pi-123", "pi").id
-        reader = repo.create_user(session, "reader-models", "pw-reader-1", "reader").id
-    at = AppTest.from_file(MODELS_PAGE, default_timeout=60)
-    at.session_state["auth_user_id"] = pi
-    at.run()
+    at = _signed_in(MODELS_PAGE, "pi")
     assert not at.exception
     assert any("seed 000, Table 2" in s.value for s in at.subheader)
     tables = [d.value for d in at.dataframe if "Method" in d.value.columns]
     assert len(tables) == 2 and tables[0]["Method"].tolist()[:2] == ["M2 (LI+CI)", "M3 (no LI)"]
     assert len(at.get("image")) >= 3  # image, mask and the maps of the first example
-    refused = AppTest.from_file(MODELS_PAGE, default_timeout=60)
-    refused.session_state["auth_user_id"] = reader
-    refused.run()
+    refused = _signed_in(MODELS_PAGE, "reader")
     assert not any("Table 2" in s.value for s in refused.subheader)
 
 
@@ -309,12 +311,7 @@ def test_cli_rcm_study_and_its_refusals(workspace, monkeypatch, capsys):
     assert "--data and --channels do not apply" in capsys.readouterr().err
     assert cli(["localization-study", "mlcam", "--window", "64"]) == 2
     assert "rcm study only" in capsys.readouterr().err
-    init_db()
-    with session_scope() as session:
-        pi = repo.create_user(session, "pi-rcm", "pw-pi-123", "pi").id
-    at = AppTest.from_file(MODELS_PAGE, default_timeout=60)
-    at.session_state["auth_user_id"] = pi
-    at.run()
+    at = _signed_in(MODELS_PAGE, "pi")
     assert not at.exception
     assert any("seed 002, Table 2" in s.value for s in at.subheader)
     table = next(d.value for d in at.dataframe if "Method" in d.value.columns)
@@ -338,12 +335,7 @@ def test_diagnose_takes_cle_frames_with_the_cle_models_own_map_and_keeps_spectra
     frame = cle_set.root / cle_set.rows("test")["path"].iloc[0]
     (outcome,) = diagnose_files(predictor, cle, [(frame.name, frame.read_bytes())], user_id=None, heatmap="mlcam-lici")
     assert outcome.error is None and 0.0 <= outcome.probability <= 1.0 and outcome.heatmap
-    init_db()
-    with session_scope() as session:
-        pi = repo.create_user(session, "pi-diag", "pw-pi-123", "pi").id
-    at = AppTest.from_file(str(ROOT / "pages" / "diagnose.py"), default_timeout=60)
-    at.session_state["auth_user_id"] = pi
-    at.run()
+    at = _signed_in(str(ROOT / "pages" / "diagnose.py"), "pi")
     assert not at.exception
     assert at.radio(key="diagnose_modality").options == ["CLE"]
     assert any("ir-spots" in c.value for c in at.caption)
