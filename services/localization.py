@@ -42,7 +42,7 @@ from torch import nn
 
 from core.data.localization_set import KINDS, LocalizationSet, generate_set, read_set
 from core.data.store import png_bytes, write_atomic
-from core.data.synth_rcm import POSITIVE, make_rcm_mosaic
+from core.data.synth_rcm import POSITIVE, make_rcm_mosaic, mosaic_seeds
 from core.heatmaps import get_method, method_title, overlay
 from core.heatmaps.mosaic import MosaicResult, stitch_mosaic, window_probability_map
 from core.metrics.localization import mask_labels, score_maps
@@ -90,11 +90,7 @@ def train_on_set(
     task = next(t for t, kind in DATASET_TASKS.items() if kind == data.kind)
     config = replace(config, task=task, modality=data.modality, in_chans=data.channels, image_size=data.size)
     name = name or default_name(config)
-    check_model_name(name)
-    init_db(database)
-    with session_scope(database) as session:
-        if repo.find_model(session, name) is not None:
-            raise ValueError(f"a model named {name!r} is already registered; choose another --name")
+    check_model_name(name, database)
     train, val = data.tensors("train"), data.tensors("val")
     log(f"training {config.architecture} ({name}) on {len(train[1])} {data.modality} images of {data.size} px")
     result = fit(config, *train, *val, progress=progress)
@@ -510,10 +506,6 @@ def study_titles() -> dict[str, str]:
     return {**{k: v.title for k, v in STUDIES.items()}, **{k: v.title for k, v in MOSAIC_STUDIES.items()}}
 
 
-def _mosaics(count: int, size: int, first_seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [make_rcm_mosaic(size, size, seed=first_seed + i) for i in range(count)]
-
-
 def _split_counts(masks: list[np.ndarray]) -> dict[str, int]:
     return {"images": len(masks), "positive": int(sum(bool((m == POSITIVE).any()) for m in masks))}
 
@@ -539,7 +531,7 @@ def run_mosaic_study(
     the stored report. ``counts`` (train, val, test mosaics), ``size`` (mosaic side), ``window`` (patch and window
     side), ``patches`` (per training mosaic) and ``epochs`` shrink it; ``slow_step`` is the Score-CAM rows' step in
     px (default: one window, no overlap: Score-CAM runs one masked pass per channel, 1,408 for EfficientNet-B2, per
-    window). Mosaic seeds: ``7000 + 100 * seed`` onwards, training first, then validation, then test."""
+    window). Mosaic seeds: :func:`core.data.synth_rcm.mosaic_seeds`."""
     from services.mosaic import train_patch_classifier  # services.mosaic imports the training service too
 
     if study not in MOSAIC_STUDIES:
@@ -553,10 +545,11 @@ def run_mosaic_study(
         raise ValueError(f"a {window} px window does not fit a {size} px mosaic; give a smaller --window")
     slow_step = slow_step or window
     init_db(database)
-    first_seed = 7000 + 100 * seed
-    log(f"drawing {n_train + n_val + n_test} synthetic RCM mosaics of {size} px (seeds from {first_seed})")
-    drawn = _mosaics(n_train + n_val + n_test, size, first_seed)
-    train, val, test = drawn[:n_train], drawn[n_train : n_train + n_val], drawn[n_train + n_val :]
+    seeds = mosaic_seeds((n_train, n_val, n_test), seed)
+    log(f"drawing {n_train + n_val + n_test} synthetic RCM mosaics of {size} px (seeds from {seeds['train'][0]})")
+    train, val, test = (
+        [make_rcm_mosaic(size, size, seed=s) for s in seeds[split]] for split in ("train", "val", "test")
+    )
     stamp = prefix or f"RCM-{study}-{datetime.now():%Y%m%d-%H%M%S}"
     trained: dict[str, tuple[ModelInfo, nn.Module]] = {}
     for key, plan in spec.models.items():
@@ -622,7 +615,7 @@ def run_mosaic_study(
         )
     main_info = trained[spec.main][0]
     folder = workspace_dir() / "models" / main_info.name / "examples" / spec.mask_set
-    examples = _mosaic_examples(test, maps, folder, first_seed + n_train + n_val)
+    examples = _mosaic_examples(test, maps, folder, seeds["test"])
     dataset = {
         "kind": "rcm",
         "modality": "RCM",
@@ -630,11 +623,7 @@ def run_mosaic_study(
         "window": window,
         "patches_per_mosaic": patches or spec.patches,
         "mask_sets": [spec.mask_set],
-        "mosaic_seeds": {
-            "train": [first_seed + i for i in range(n_train)],
-            "val": [first_seed + n_train + i for i in range(n_val)],
-            "test": [first_seed + n_train + n_val + i for i in range(n_test)],
-        },
+        "mosaic_seeds": seeds,
         "splits": {
             "train": _split_counts([m for _, m in train]),
             "val": _split_counts([m for _, m in val]),
@@ -657,12 +646,12 @@ def run_mosaic_study(
 
 
 def _mosaic_examples(
-    test: list[tuple[np.ndarray, np.ndarray]], maps: dict[str, list[np.ndarray]], folder: Path, first_seed: int
+    test: list[tuple[np.ndarray, np.ndarray]], maps: dict[str, list[np.ndarray]], folder: Path, seeds: list[int]
 ) -> list[dict[str, Any]]:
-    """Each row's stitched map over the first two held-out mosaics, with the mosaic and its mask."""
+    """Each row's stitched map over the first two held-out mosaics (named by seed), with the mosaic and its mask."""
     return [
         _write_example(
-            folder / f"mosaic-{first_seed + index}",
+            folder / f"mosaic-{seeds[index]}",
             image.astype(np.float32) / 255.0,
             mask,
             {label: stack[index] for label, stack in maps.items()},

@@ -25,9 +25,7 @@ from core.data.synth_rcm import NEGATIVE, POSITIVE, UNLABELED, sample_patches
 from core.predict import Predictor
 from core.settings import workspace_dir
 from core.train import Progress, TrainConfig, fit
-from db import repo
 from db.repo import ModelInfo
-from db.session import init_db, session_scope
 from services.diagnose import record_prediction
 from services.training import check_model_name, register_trained
 
@@ -146,11 +144,7 @@ def train_patch_classifier(
         raise ValueError(f"mosaic splits must be {', '.join(MOSAIC_SPLITS)}, not {', '.join(sorted(mosaics))}")
     if not mosaics.get("train") or not mosaics.get("val"):
         raise ValueError("give at least one training and one validation mosaic: their patches must not mix")
-    check_model_name(name)
-    init_db(database)
-    with session_scope(database) as session:
-        if repo.find_model(session, name) is not None:
-            raise ValueError(f"a model named {name!r} is already registered; choose another name")
+    check_model_name(name, database)
     size = config.image_size
     ordered = [(split, pair) for split in ("train", "test", "val") for pair in mosaics.get(split) or ()]
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}

@@ -57,10 +57,15 @@ def load_split(
     return torch.stack(images), torch.tensor([targets[i] for i in keep], dtype=torch.float32)
 
 
-def check_model_name(name: str) -> None:
-    """Registry names become folder names: letters, digits, '.', '_' and '-' only."""
+def check_model_name(name: str, database: str | None = None) -> None:
+    """Before any training: registry names become folder names (letters, digits, '.', '_' and '-' only) and must
+    not be taken yet. Creates the tables if need be."""
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
         raise ValueError(f"model name {name!r} may only contain letters, digits, '.', '_' and '-'")
+    init_db(database)
+    with session_scope(database) as session:
+        if repo.find_model(session, name) is not None:
+            raise ValueError(f"a model named {name!r} is already registered; choose another --name")
 
 
 def train_and_register(
@@ -80,12 +85,9 @@ def train_and_register(
     if config.task in DATASET_TASKS:
         raise ValueError(f"{config.task} models learn from a localisation set; train them with --data DIR")
     name = name or default_name(config)
-    check_model_name(name)
-    init_db(database)
+    check_model_name(name, database)
     with session_scope(database) as session:
         frame = repo.specimen_images(session, config.modality)
-        if repo.find_model(session, name) is not None:
-            raise ValueError(f"a model named {name!r} is already registered; choose another --name")
     if frame.empty:
         raise ValueError(f"the workspace has no {config.modality} images; run `python -m core import` first")
     splits = {}

@@ -36,7 +36,15 @@ from scipy import ndimage as ndi
 
 from core.data.store import png_bytes, write_atomic
 
-__all__ = ["NEGATIVE", "POSITIVE", "UNLABELED", "make_rcm_mosaic", "sample_patches", "write_mosaic_folder"]
+__all__ = [
+    "NEGATIVE",
+    "POSITIVE",
+    "UNLABELED",
+    "make_rcm_mosaic",
+    "mosaic_seeds",
+    "sample_patches",
+    "write_mosaic_folder",
+]
 
 NEGATIVE = 0
 UNLABELED = 128
@@ -177,6 +185,17 @@ def sample_patches(
     return patches, np.concatenate(labels)[order].astype(np.int64)
 
 
+def mosaic_seeds(counts: tuple[int, int, int], seed: int = 0) -> dict[str, list[int]]:
+    """The mosaic seeds of ``counts`` (train, val, test) mosaics drawn with ``seed``: consecutive from
+    ``7000 + 100 * seed``, training first, then validation, then test (the ``rcm`` study and ``synth rcm`` alike)."""
+    first = 7000 + 100 * seed
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    return {
+        split: list(range(first + int(start), first + int(start) + count))
+        for split, start, count in zip(("train", "val", "test"), starts, counts, strict=False)
+    }
+
+
 def write_mosaic_folder(
     out: str | Path,
     *,
@@ -186,9 +205,9 @@ def write_mosaic_folder(
     overwrite: bool = False,
 ) -> dict[str, list[Path]]:
     """Write ``counts`` (train, val, test) synthetic mosaics with masks as ``out/<split>/mosaic-<seed>.png`` and
-    ``mosaic-<seed>-mask.png``, the folder ``python -m core train --mosaics`` reads. Mosaic seeds run from
-    ``7000 + 100 * seed`` (training first), as the ``rcm`` study draws them. The folder is written under a temporary
-    name and renamed when complete; returns the mosaic paths per split."""
+    ``mosaic-<seed>-mask.png``, the folder ``python -m core train --mosaics`` reads, seeded by :func:`mosaic_seeds`
+    as the ``rcm`` study draws them. The folder is written under a temporary name and renamed when complete; returns
+    the mosaic paths per split."""
     root = Path(out)
     if min(counts) < 0 or counts[0] < 1 or counts[1] < 1:
         raise ValueError(f"counts must give at least one training and one validation mosaic, not {counts}")
@@ -198,14 +217,11 @@ def write_mosaic_folder(
         shutil.rmtree(root)
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    number = 7000 + 100 * seed
-    names: dict[str, list[str]] = {}
-    for split, count in zip(("train", "val", "test"), counts, strict=True):
-        for _ in range(count):
+    seeds = {split: numbers for split, numbers in mosaic_seeds(counts, seed).items() if numbers}
+    for split, numbers in seeds.items():
+        for number in numbers:
             image, mask = make_rcm_mosaic(size, size, seed=number)
             write_atomic(partial / split / f"mosaic-{number}.png", png_bytes(image))
             write_atomic(partial / split / f"mosaic-{number}-mask.png", png_bytes(mask))
-            names.setdefault(split, []).append(f"mosaic-{number}.png")
-            number += 1
     partial.rename(root)
-    return {split: [root / split / name for name in files] for split, files in names.items()}
+    return {split: [root / split / f"mosaic-{number}.png" for number in numbers] for split, numbers in seeds.items()}
