@@ -14,7 +14,8 @@ if str(_ROOT) not in sys.path:  # `streamlit run` puts only app/ on sys.path
 
 import streamlit as st  # noqa: E402
 
-from app.auth import current_user, sign_in_page, sign_out  # noqa: E402
+from app.auth import current_user, needs_new_password, password_change_page, sign_in_page, sign_out  # noqa: E402
+from core.text import md_escape  # noqa: E402
 
 st.set_page_config(page_title="Intraoperative imaging AI", page_icon=":material/biotech:", layout="wide")
 
@@ -26,11 +27,13 @@ _PAGES = {  # name -> (script, title, icon)
     "results": ("../pages/results.py", "Results", ":material/monitoring:"),
     "models": ("../pages/models.py", "Models", ":material/model_training:"),
     "read": ("../pages/read.py", "Read", ":material/visibility:"),
+    "users": ("../pages/users.py", "Users", ":material/manage_accounts:"),
+    "account": ("../pages/account.py", "Account", ":material/account_circle:"),
 }
 _ROLE_PAGES = {
-    "clinician": ["home", "diagnose"],
-    "pi": ["home", "diagnose", "data", "studies", "results", "models"],
-    "reader": ["home", "read"],
+    "clinician": ["home", "diagnose", "account"],
+    "pi": ["home", "diagnose", "data", "studies", "results", "models", "users", "account"],
+    "reader": ["home", "read", "account"],
 }
 
 
@@ -46,9 +49,15 @@ if user is None:
     pages = [st.Page(sign_in_page, title="Sign in", icon=":material/login:", default=True)]
     st.navigation(pages + [_page(name) for name in _PAGES], position="hidden")
     sign_in_page()
+elif needs_new_password(user):
+    # A password reset by a principal investigator: nothing else until the user has set their own (same routing).
+    pages = [st.Page(password_change_page, title="Set a new password", icon=":material/key:", default=True)]
+    st.navigation(pages + [_page(name) for name in _PAGES], position="hidden")
+    password_change_page()
 else:
     with st.sidebar:
-        st.markdown(f"**{user.display_name}**  \n{user.role} · `{user.username}`")
+        st.markdown(f"**{md_escape(user.display_name)}**")
+        st.text(f"{user.role} · {user.username}")  # plain text: a username is never markdown
         if st.button("Sign out", key="main_sign_out"):
             sign_out()
             st.rerun()

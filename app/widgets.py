@@ -1,6 +1,9 @@
-"""Shared UI pieces: the heatmap viewer and filterable, downloadable tables."""
+"""Shared UI pieces: pictures embedded in the page, the heatmap viewer and filterable, downloadable tables."""
 
 from __future__ import annotations
+
+import base64
+import html
 
 import numpy as np
 import pandas as pd
@@ -8,17 +11,20 @@ import plotly.express as px
 import streamlit as st
 from PIL import Image as PILImage
 
+from app.auth import current_user
 from core.data.io import MOSAIC_MAX_PIXELS, read_image
 from core.data.preprocess import display_image
 from core.heatmaps import five_views, method_title, overlay
 from core.heatmaps.render import resize_map, to_uint8
+from core.reading import blind_png
 from core.settings import workspace_dir
+from core.text import md_escape
 from core.train import DECISIONS
 from db import repo
-from db.session import session_scope
+from services import exports
 from services.diagnose import extras_path
 
-__all__ = ["filterable_table", "heatmap_viewer", "open_prediction"]
+__all__ = ["filterable_table", "heatmap_viewer", "open_prediction", "picture"]
 
 _VIEW_SIDE = 900
 _ZOOM_SIDE = 2048  # the most pixels per side sent to the browser for pan/zoom (mosaics reach 12,000)
@@ -39,6 +45,20 @@ def _displayed(path: str, modality: str) -> np.ndarray:
     if max(shown.shape[:2]) <= _ZOOM_SIDE:
         return shown
     return _fit(to_uint8(shown), _ZOOM_SIDE).astype(np.float32) / 255.0
+
+
+def picture(image: np.ndarray | bytes, caption: str = "") -> None:
+    """An image inside the page itself, as a ``data:`` URI in what Streamlit sends over the signed-in session's
+    websocket, and its caption as plain text. Never ``st.image``: Streamlit keeps those files at ``/media/...`` URLs
+    that answer anyone, signed in or not, for as long as the server holds them (after a tab is closed, or for an idle
+    session, indefinitely); patient images must not outlive the session or be reachable signed out."""
+    png = image if isinstance(image, bytes) else blind_png(image)
+    source = "data:image/png;base64," + base64.b64encode(png).decode()
+    text = f'<figcaption style="text-align:center;opacity:0.7;font-size:0.875rem">{html.escape(caption)}</figcaption>'
+    st.html(
+        f'<figure style="margin:0"><img src="{source}" alt="" style="width:100%;height:auto">'
+        f"{text if caption else ''}</figure>"
+    )
 
 
 def zoomable_overlay(shown: np.ndarray, heatmap: np.ndarray, alpha: float, title: str, key: str) -> None:
@@ -62,11 +82,11 @@ def heatmap_viewer(view: dict, key: str) -> None:
     shown = _displayed(str(root / view["image_path"]), view["modality"])
     verdict = DECISIONS[view["task"]][int(view["decision"])]
     st.markdown(
-        f"**{view['name']}** · model `{view['model']}` · probability **{view['probability']:.3f}** "
+        f"**{md_escape(view['name'])}** · model {md_escape(view['model'])} · probability **{view['probability']:.3f}** "
         f"(threshold {view['threshold']:.3f}) · **{verdict}**"
     )
     if not view.get("heatmap_path"):
-        st.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
+        picture(_fit(to_uint8(shown)), "Original")
         return
     heatmap = resize_map(np.load(root / view["heatmap_path"]), shown.shape[:2])
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key=f"{key}_opacity")
@@ -78,13 +98,14 @@ def heatmap_viewer(view: dict, key: str) -> None:
             st.caption(f"Computed on {view['device'].upper()} in {view.get('seconds') or 0:.1f} s.")
         return
     left, right = st.columns(2)
-    left.image(_fit(to_uint8(shown)), caption="Original", width="stretch")
-    right.image(
-        _fit(overlay(shown, heatmap, alpha)),
-        caption=f"{method_title(view['heatmap_method'])}: warm colours = strongest evidence for "
-        f"{DECISIONS[view['task']][1]}",
-        width="stretch",
-    )
+    with left:
+        picture(_fit(to_uint8(shown)), "Original")
+    with right:
+        picture(
+            _fit(overlay(shown, heatmap, alpha)),
+            f"{method_title(view['heatmap_method'])}: warm colours = strongest evidence for "
+            f"{DECISIONS[view['task']][1]}",
+        )
     if view.get("device"):
         st.caption(f"Computed on {view['device'].upper()} in {1000 * (view.get('seconds') or 0):.0f} ms.")
     extras_file = root / extras_path(view["heatmap_path"])
@@ -94,12 +115,19 @@ def heatmap_viewer(view: dict, key: str) -> None:
         pictures = five_views(shown, extras["gradcam"], extras["guided"]) if "guided" in extras else {}
         if pictures:
             st.markdown("**The five Grad-CAM views** (as in the FL-CNN paper, fig. 3)")
-            for column, (title, picture) in zip(st.columns(len(pictures)), pictures.items(), strict=True):
-                column.image(_fit(picture), caption=title, width="stretch")
+            for column, (title, view_picture) in zip(st.columns(len(pictures)), pictures.items(), strict=True):
+                with column:
+                    picture(_fit(view_picture), title)
 
 
-def filterable_table(frame: pd.DataFrame, key: str, file_name: str) -> None:
-    """A table with a free-text filter, per-column choice filters for small categorical columns, and CSV export."""
+def filterable_table(
+    frame: pd.DataFrame, key: str, file_name: str, *, what: str | None = None, study_id: int | None = None
+) -> None:
+    """A table with a free-text filter, per-column choice filters for small categorical columns, and CSV export.
+
+    The CSV (the rows as filtered) is built only when downloaded, escaped against spreadsheet formulas and audited
+    with the signed-in user, ``what`` the table is (default: the file name) and the ``study_id`` it belongs to
+    (``services.exports.table_csv``)."""
     if frame.empty:
         st.info("Nothing here yet.")
         return
@@ -118,12 +146,15 @@ def filterable_table(frame: pd.DataFrame, key: str, file_name: str) -> None:
                 filtered = filtered[filtered[column].astype(str).isin(chosen)]
     st.caption(f"{len(filtered)} of {len(frame)} rows")
     st.dataframe(filtered, hide_index=True)
+    user = current_user()
+    user_id, table = (user.id if user else None), what or file_name.removesuffix(".csv")
     st.download_button(
         "Download CSV",
-        filtered.to_csv(index=False).encode(),
+        lambda: exports.table_csv(filtered, what=table, user_id=user_id, study_id=study_id),
         file_name=file_name,
         mime="text/csv",
         key=f"{key}_download",
+        on_click="ignore",
     )
 
 
@@ -134,7 +165,6 @@ def open_prediction(frame: pd.DataFrame, label: str, key: str, user_id: int | No
     """
     names = dict(zip(frame["id"], frame["image"], strict=True))
     chosen = st.selectbox(label, list(names), format_func=lambda pid: f"#{pid} · {names[pid]}", key=f"{key}_pick")
-    with session_scope() as session:
-        view = repo.prediction_view(session, int(chosen))
+    view = repo.prediction_view(int(chosen))
     if view and (user_id is None or view["user_id"] == user_id):
         heatmap_viewer(view, key=f"{key}_view")

@@ -57,7 +57,8 @@ from core.data.io import read_image
 from core.data.store import store_image
 from core.data.synth import CohortConfig, make_specimen
 from core.reading import reader_order
-from db.models import AuditEvent, Label, Patient, Read, Specimen, SpecimenImage, Study, StudyCase, User, utcnow
+from db.chain import link_rows
+from db.models import ArmCase, AuditEvent, Label, Patient, Read, Specimen, SpecimenImage, Study, StudyCase, User, utcnow
 from db.session import get_engine, init_db, session_scope
 from services.studies import ArmSpec, case_png, create_study, reader_state, record_read
 
@@ -266,14 +267,17 @@ def _build(url: str, settings: Settings, images: dict[str, list[str]], first: tu
             created_by=pi,
         )
         case_ids = list(session.scalars(select(StudyCase.id).where(StudyCase.study_id == study.id)))
-        tokens = dict(
-            session.execute(select(StudyCase.id, StudyCase.token).where(StudyCase.study_id == study.id)).all()
-        )
+        tokens = {
+            (arm_id, case_id): token
+            for arm_id, case_id, token in session.execute(
+                select(ArmCase.arm_id, ArmCase.case_id, ArmCase.token).where(ArmCase.case_id.in_(case_ids))
+            )
+        }
         reads, audit, first_read = _prefill(rng, study.id, [a.id for a in study.arms], readers, case_ids, tokens)
-        for chunk in _chunks(reads):
-            session.execute(insert(Read), chunk)
+        for chunk in _chunks(reads):  # Core inserts skip mapper events: link the rows into their chains here
+            session.execute(insert(Read), link_rows(session.connection(), Read, chunk))
         for chunk in _chunks(audit):
-            session.execute(insert(AuditEvent), chunk)
+            session.execute(insert(AuditEvent), link_rows(session.connection(), AuditEvent, chunk))
         if first_read is not None:
             session.execute(update(Study).where(Study.id == study.id).values(frozen_at=first_read))
     return {"study_id": study.id, "readers": readers, "reads": len(reads), "audit_events": len(audit) + 1}
@@ -285,7 +289,7 @@ def _prefill(
     arm_ids: list[int],
     readers: list[int],
     case_ids: list[int],
-    tokens: dict[int, str],
+    tokens: dict[tuple[int, int], str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Any]:
     """Reads (and their audit entries) as readers at random progress would have left them: a prefix of each
     reader's order in arm 1, then in arm 2, at least one case still to read."""
@@ -320,7 +324,7 @@ def _prefill(
                         "source": "browser",
                     }
                 )
-                detail = {"arm": ARMS[position].name, "case": tokens[case_id], "version": 1}
+                detail = {"arm": ARMS[position].name, "case": tokens[(arm_id, case_id)], "version": 1}
                 audit.append(
                     {
                         "at": moment,
@@ -386,7 +390,6 @@ def _record(url: str, study_id: int, reader_id: int, case: Any, chooser: random.
         label=chooser.randrange(2),
         rating=chooser.randint(1, 5),
         shown_at=shown_at,
-        database=url,
     )
     elapsed = (time.perf_counter() - began) * 1000.0
     if result.status != "recorded":
@@ -488,21 +491,25 @@ def _postgres_missing() -> str | None:
 
 @contextlib.contextmanager
 def _database(backend: str, folder: Path) -> Iterator[str]:
-    """A fresh, empty database of ``backend``: a SQLite file in ``folder`` or a throwaway PostgreSQL server."""
-    if backend == "sqlite":
-        url = f"sqlite:///{folder / 'study.db'}"
-        try:
-            yield url
-        finally:
-            get_engine(url).dispose()
-        return
-    from tests.postgres import postgres_server  # the test suite's throwaway server; PostgreSQL runs only
+    """A fresh, empty database of ``backend``: a SQLite file in ``folder`` or a throwaway PostgreSQL server. The
+    settings (``IOAI_DATABASE_URL``) point at it inside the block, as they would in the app."""
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite:///{folder / 'study.db'}"
+        else:
+            from tests.postgres import postgres_server  # the test suite's throwaway server; PostgreSQL runs only
 
-    with postgres_server() as url:
+            url = stack.enter_context(postgres_server())
+        saved = os.environ.get("IOAI_DATABASE_URL")
+        os.environ["IOAI_DATABASE_URL"] = url
         try:
             yield url
         finally:
             get_engine(url).dispose()
+            if saved is None:
+                os.environ.pop("IOAI_DATABASE_URL", None)
+            else:
+                os.environ["IOAI_DATABASE_URL"] = saved
 
 
 def _backend(

@@ -1,30 +1,22 @@
-"""The audit log and write transactions that survive contention.
+"""The audit log: who did what, when.
 
 ``log_event`` appends one row in the caller's transaction, so an action and its audit entry land together or not
-at all. ``run_transaction`` retries a unit of work that lost a race for the database: SQLite's "database is
-locked" (a deferred transaction that read, then wanted to write after another writer committed, gets SQLITE_BUSY at
-once, whatever the busy timeout) and PostgreSQL's serialization failures and deadlocks.
+at all. The log is append-only and hash-chained (``db.chain``). ``run_transaction`` (the one way the app writes,
+``db.session``) is importable from here too, since most writes are an action plus its audit row.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pandas as pd
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, User
-from db.session import session_scope
+from db.session import reads, run_transaction
 
 __all__ = ["audit_table", "log_event", "run_transaction"]
-
-T = TypeVar("T")
-_PG_RETRY_STATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 
 
 def log_event(
@@ -40,27 +32,7 @@ def log_event(
     session.add(AuditEvent(user_id=user_id, username=username, action=action, study_id=study_id, detail=detail))
 
 
-def _transient(error: OperationalError) -> bool:
-    state = getattr(error.orig, "sqlstate", None)
-    if state in _PG_RETRY_STATES:
-        return True
-    text = str(error.orig).lower()
-    return "database is locked" in text or "database table is locked" in text or "busy" in text
-
-
-def run_transaction(work: Callable[[Session], T], database: str | None = None, attempts: int = 10) -> T:
-    """Run ``work(session)`` in its own transaction, retrying (with jittered backoff) when it lost a race."""
-    for attempt in range(attempts):
-        try:
-            with session_scope(database) as session:
-                return work(session)
-        except OperationalError as error:
-            if attempt == attempts - 1 or not _transient(error):
-                raise
-            time.sleep(random.uniform(0.0, min(0.02 * 2**attempt, 1.0)))
-    raise AssertionError("unreachable")
-
-
+@reads
 def audit_table(session: Session, study_id: int | None = None, limit: int = 5000) -> pd.DataFrame:
     """The newest audit entries (optionally one study's), with the account name, for the PI's pages."""
     stmt = (

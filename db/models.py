@@ -10,7 +10,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
@@ -19,6 +31,7 @@ __all__ = [
     "ROLES",
     "SPLITS",
     "STUDY_STATUSES",
+    "ArmCase",
     "AuditEvent",
     "Base",
     "Label",
@@ -27,6 +40,7 @@ __all__ = [
     "Patient",
     "Prediction",
     "Read",
+    "SignInAttempt",
     "Specimen",
     "SpecimenImage",
     "Study",
@@ -35,6 +49,7 @@ __all__ = [
     "StudyReader",
     "Upload",
     "User",
+    "UtcDateTime",
     "utcnow",
 ]
 
@@ -50,8 +65,28 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """A moment, stored in UTC and read back timezone-aware in UTC on every backend.
+
+    SQLite has no time zones: SQLAlchemy would store an aware time's wall clock and drop its offset (10:00+02:00
+    would read back as 10:00, two hours off). Here it is converted to UTC first; a naive time is taken as UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UtcDateTime()}
 
 
 class User(Base):
@@ -65,6 +100,26 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(256))
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the next sign-in must set a new password first (reset by an administrator, published demo passwords)
+    must_change_password: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # sessions signed in before this moment end (password changed or reset, role changed, deactivated)
+    credentials_changed_at: Mapped[datetime | None]
+
+
+class SignInAttempt(Base):
+    """One sign-in attempt, kept for throttling (per account and per client) whether or not the name exists."""
+
+    __tablename__ = "sign_in_attempts"
+    __table_args__ = (
+        Index("ix_sign_in_attempts_username_at", "username", "at"),
+        Index("ix_sign_in_attempts_client_at", "client", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    username: Mapped[str] = mapped_column(String(64))  # as typed (lower-cased), known or not
+    client: Mapped[str] = mapped_column(String(64))  # the client address as the server saw it
+    success: Mapped[bool]
 
 
 class Patient(Base):
@@ -262,7 +317,8 @@ class StudyArm(Base):
 
 
 class StudyCase(Base):
-    """A specimen in a study, addressed in readers' browsers only by its random ``token``."""
+    """A specimen in a study. Readers' browsers never see its id: in each arm a case has its own random token
+    (:class:`ArmCase`), so nothing a reader is sent links the same specimen across arms."""
 
     __tablename__ = "study_cases"
     __table_args__ = (UniqueConstraint("study_id", "specimen_id", name="uq_study_cases_specimen"),)
@@ -270,9 +326,20 @@ class StudyCase(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     specimen_id: Mapped[int] = mapped_column(ForeignKey("specimens.id", ondelete="RESTRICT"))
-    token: Mapped[str] = mapped_column(String(32), unique=True)
     position: Mapped[int]
     training: Mapped[bool] = mapped_column(default=False)  # shown with its truth before reading starts
+
+
+class ArmCase(Base):
+    """A study case as one arm addresses it: the opaque ``token`` a reader's browser gets for it in that arm."""
+
+    __tablename__ = "study_arm_cases"
+    __table_args__ = (UniqueConstraint("arm_id", "case_id", name="uq_study_arm_cases_arm_case"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    arm_id: Mapped[int] = mapped_column(ForeignKey("study_arms.id", ondelete="CASCADE"), index=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("study_cases.id", ondelete="CASCADE"), index=True)
+    token: Mapped[str] = mapped_column(String(32), unique=True)
 
 
 class StudyReader(Base):
@@ -308,6 +375,7 @@ class Read(Base):
     answered_at: Mapped[datetime] = mapped_column(default=utcnow)
     duration_s: Mapped[float | None] = mapped_column(Float)
     source: Mapped[str] = mapped_column(String(16), default="browser")  # browser | import | simulated
+    row_hash: Mapped[str] = mapped_column(String(64))  # the hash chain (db.chain), set on insert
 
 
 class AuditEvent(Base):
@@ -322,3 +390,4 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32), index=True)
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    row_hash: Mapped[str] = mapped_column(String(64))  # the hash chain (db.chain), set on insert

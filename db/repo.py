@@ -8,6 +8,7 @@ session, so pages can keep results in ``st.session_state``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
@@ -26,26 +27,33 @@ from db.models import (
     ModelRecord,
     Patient,
     Prediction,
+    SignInAttempt,
     Specimen,
     SpecimenImage,
     Upload,
     User,
 )
+from db.session import reads
 
 __all__ = [
     "TABLES",
+    "Credentials",
     "ModelInfo",
     "UserInfo",
+    "active_pi_ids",
     "add_evaluation",
     "add_inactive_reader",
     "add_prediction",
+    "add_sign_in_attempt",
     "add_specimen",
     "add_specimen_image",
     "add_upload",
     "authenticate",
     "create_user",
+    "find_credentials",
     "find_model",
     "get_user",
+    "hash_password",
     "list_models",
     "list_users",
     "model_evaluations",
@@ -53,8 +61,14 @@ __all__ = [
     "prediction_view",
     "recent_predictions",
     "register_model",
+    "rehash_password",
+    "set_password",
+    "set_user_active",
+    "set_user_role",
+    "sign_in_attempts",
     "specimen_images",
     "table",
+    "verify_password",
 ]
 
 _hasher = PasswordHasher()
@@ -66,6 +80,31 @@ class UserInfo:
     username: str
     display_name: str
     role: str
+    active: bool = True
+    must_change_password: bool = False
+    credentials_changed_at: datetime | None = None  # sessions signed in before this moment end
+    can_sign_in: bool = True  # False for imported or simulated readers (no password, ever)
+
+    @classmethod
+    def of(cls, user: User) -> UserInfo:
+        return cls(
+            id=user.id,
+            username=user.username,
+            display_name=user.display_name,
+            role=user.role,
+            active=user.active,
+            must_change_password=user.must_change_password,
+            credentials_changed_at=user.credentials_changed_at,
+            can_sign_in=user.password_hash.startswith("$argon2"),
+        )
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An account (active or not) and its stored hash, read for a password check outside any write transaction."""
+
+    user: UserInfo
+    password_hash: str
 
 
 @dataclass(frozen=True)
@@ -117,18 +156,31 @@ class ModelInfo:
         }
 
 
-def create_user(session: Session, username: str, password: str, role: str, display_name: str = "") -> UserInfo:
-    """Add an account; the password is stored only as an Argon2id hash."""
+def create_user(
+    session: Session,
+    username: str,
+    password: str,
+    role: str,
+    display_name: str = "",
+    *,
+    must_change_password: bool = False,
+) -> UserInfo:
+    """Add an account; the password is stored only as an Argon2id hash. No password policy here (tests and the
+    demo build use short passwords); people's accounts are added through ``services.accounts``."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     if not username or not password:
         raise ValueError("username and password must not be empty")
     user = User(
-        username=username, display_name=display_name or username, role=role, password_hash=_hasher.hash(password)
+        username=username,
+        display_name=display_name or username,
+        role=role,
+        password_hash=_hasher.hash(password),
+        must_change_password=must_change_password,
     )
     session.add(user)
     session.flush()
-    return UserInfo(user.id, user.username, user.display_name, user.role)
+    return UserInfo.of(user)
 
 
 def add_inactive_reader(session: Session, username: str, display_name: str, why: str) -> int:
@@ -141,27 +193,115 @@ def add_inactive_reader(session: Session, username: str, display_name: str, why:
 
 
 def authenticate(session: Session, username: str, password: str) -> UserInfo | None:
-    """The active user with these credentials, or None. Takes the same time for unknown names (a dummy verify)."""
-    user = session.scalar(select(User).where(User.username == username, User.active.is_(True)))
-    stored = user.password_hash if user else _DUMMY_HASH
-    try:
-        _hasher.verify(stored, password)
-    except (VerificationError, InvalidHashError):
+    """The active user with these credentials, or None. Takes the same time for unknown names (a dummy verify).
+    No throttling: the app signs in through ``services.accounts.sign_in``."""
+    found = find_credentials(session, username)
+    stored = found.password_hash if found is not None and found.user.active else None
+    if not verify_password(stored, password) or found is None:
         return None
-    if user is None:
-        return None
-    if _hasher.check_needs_rehash(user.password_hash):
-        user.password_hash = _hasher.hash(password)
-    return UserInfo(user.id, user.username, user.display_name, user.role)
+    rehash_password(session, found.user.id, found.password_hash, password)
+    return found.user
 
 
 _DUMMY_HASH = _hasher.hash("not-a-real-password")
 
 
+def find_credentials(session: Session, username: str) -> Credentials | None:
+    """The account named ``username`` (or, failing that, its lower-case spelling), active or not, with its hash."""
+    names = [username] if username == username.lower() else [username, username.lower()]
+    for name in names:
+        user = session.scalar(select(User).where(User.username == name))
+        if user is not None:
+            return Credentials(UserInfo.of(user), user.password_hash)
+    return None
+
+
+def verify_password(stored: str | None, password: str) -> bool:
+    """Whether ``password`` matches the Argon2 hash ``stored``. With no usable hash (unknown or imported account)
+    a dummy hash is verified instead, so the answer takes the same time either way."""
+    usable = stored is not None and stored.startswith("$argon2")
+    try:
+        _hasher.verify(stored if usable else _DUMMY_HASH, password)
+    except (VerificationError, InvalidHashError):
+        return False
+    return usable
+
+
+def rehash_password(session: Session, user_id: int, verified_hash: str, password: str) -> None:
+    """Store a fresh hash of ``password`` when ``verified_hash`` (just verified) used older Argon2 parameters and is
+    still the account's hash."""
+    user = session.get(User, user_id)
+    if user is not None and user.password_hash == verified_hash and _hasher.check_needs_rehash(verified_hash):
+        user.password_hash = _hasher.hash(password)
+
+
+def hash_password(password: str) -> str:
+    """The Argon2id hash to store for ``password`` (slow on purpose: compute it outside a write transaction)."""
+    return _hasher.hash(password)
+
+
+def set_password(
+    session: Session, user_id: int, password_hash: str, *, must_change: bool, changed_at: datetime
+) -> None:
+    """Replace the account's password by ``password_hash`` (from :func:`hash_password`); sessions signed in before
+    ``changed_at`` end."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise ValueError(f"no account with id {user_id}")
+    user.password_hash = password_hash
+    user.must_change_password = must_change
+    user.credentials_changed_at = changed_at
+
+
+def set_user_active(session: Session, user_id: int, active: bool, *, changed_at: datetime | None) -> None:
+    """Activate or deactivate the account; with ``changed_at``, its open sessions end."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise ValueError(f"no account with id {user_id}")
+    user.active = active
+    if changed_at is not None:
+        user.credentials_changed_at = changed_at
+
+
+def set_user_role(session: Session, user_id: int, role: str, *, changed_at: datetime) -> None:
+    """Give the account another role; its open sessions end."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    user = session.get(User, user_id)
+    if user is None:
+        raise ValueError(f"no account with id {user_id}")
+    user.role = role
+    user.credentials_changed_at = changed_at
+
+
+def active_pi_ids(session: Session) -> list[int]:
+    """The active principal investigators' ids, rows locked until the transaction ends where the database can
+    (PostgreSQL ``FOR UPDATE``; a SQLite write transaction already holds the whole database)."""
+    stmt = select(User.id).where(User.role == "pi", User.active.is_(True)).order_by(User.id).with_for_update()
+    return list(session.scalars(stmt))
+
+
+def add_sign_in_attempt(session: Session, username: str, client: str, success: bool, at: datetime) -> None:
+    """Record one sign-in attempt (``username`` as typed, lower-cased) for throttling."""
+    session.add(SignInAttempt(at=at, username=username.lower()[:64], client=client[:64], success=success))
+
+
+def sign_in_attempts(
+    session: Session, *, since: datetime, username: str | None = None, client: str | None = None
+) -> list[tuple[datetime, bool]]:
+    """(moment, success) of the attempts for one typed username or from one client since ``since``, oldest first."""
+    stmt = select(SignInAttempt.at, SignInAttempt.success).where(SignInAttempt.at >= since)
+    if username is not None:
+        stmt = stmt.where(SignInAttempt.username == username.lower()[:64])
+    if client is not None:
+        stmt = stmt.where(SignInAttempt.client == client[:64])
+    return [(at, success) for at, success in session.execute(stmt.order_by(SignInAttempt.at, SignInAttempt.id))]
+
+
+@reads
 def list_users(session: Session) -> list[UserInfo]:
     """All accounts, by username."""
-    users = session.scalars(select(User).order_by(User.username))
-    return [UserInfo(u.id, u.username, u.display_name, u.role) for u in users]
+    return [UserInfo.of(u) for u in session.scalars(select(User).order_by(User.username))]
 
 
 def add_specimen(
@@ -226,6 +366,7 @@ def add_specimen_image(
     return image.id
 
 
+@reads
 def specimen_images(session: Session, modality: str, splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
     """Images of one modality with their specimen, patient, split and labels (one row per image)."""
     stmt = (
@@ -284,6 +425,7 @@ def register_model(
     return ModelInfo.of(row)
 
 
+@reads
 def list_models(session: Session, task: str | None = None, modality: str | None = None) -> list[ModelInfo]:
     """Registered models, newest first, optionally filtered."""
     stmt = select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id.desc())
@@ -294,6 +436,7 @@ def list_models(session: Session, task: str | None = None, modality: str | None 
     return [ModelInfo.of(row) for row in session.scalars(stmt)]
 
 
+@reads
 def find_model(session: Session, name_or_id: str | int) -> ModelInfo | None:
     """A model by its name or numeric id."""
     row = session.scalar(select(ModelRecord).where(ModelRecord.name == str(name_or_id)))
@@ -302,6 +445,7 @@ def find_model(session: Session, name_or_id: str | int) -> ModelInfo | None:
     return ModelInfo.of(row) if row else None
 
 
+@reads
 def model_for(session: Session, task: str, modality: str) -> ModelInfo | None:
     """The default model for a task and modality: the newest registered one."""
     models = list_models(session, task=task, modality=modality)
@@ -320,6 +464,7 @@ def add_evaluation(
     return row.id
 
 
+@reads
 def model_evaluations(session: Session, model_id: int) -> list[dict[str, Any]]:
     """A model's stored evaluations, newest first: id, title, created_at, dataset, report."""
     rows = session.scalars(
@@ -392,6 +537,7 @@ def add_prediction(
     return row.id
 
 
+@reads
 def prediction_view(session: Session, prediction_id: int) -> dict[str, Any] | None:
     """Everything needed to show one stored prediction again: image, heatmap, model, decision, who and when."""
     prediction = session.get(Prediction, prediction_id)
@@ -424,6 +570,7 @@ def prediction_view(session: Session, prediction_id: int) -> dict[str, Any] | No
     }
 
 
+@reads
 def recent_predictions(session: Session, user_id: int | None = None, limit: int = 50) -> pd.DataFrame:
     """The newest predictions on uploads, optionally only one user's."""
     stmt = (
@@ -445,12 +592,12 @@ def recent_predictions(session: Session, user_id: int | None = None, limit: int 
     return pd.DataFrame(session.execute(stmt).mappings().all())
 
 
-def get_user(session: Session, user_id: int) -> UserInfo | None:
-    """The active account with this id, read fresh from the database (roles are never taken from the client)."""
+def get_user(session: Session, user_id: int, *, active_only: bool = True) -> UserInfo | None:
+    """The (active) account with this id, read fresh from the database (roles are never taken from the client)."""
     user = session.get(User, user_id)
-    if user is None or not user.active:
+    if user is None or (active_only and not user.active):
         return None
-    return UserInfo(user.id, user.username, user.display_name, user.role)
+    return UserInfo.of(user)
 
 
 def _patients(session: Session) -> pd.DataFrame:
@@ -548,6 +695,7 @@ TABLES = {
 }
 
 
+@reads
 def table(session: Session, name: str) -> pd.DataFrame:
     """One of the browsable tables (``TABLES``) as a DataFrame."""
     if name not in TABLES:

@@ -5,13 +5,11 @@ import streamlit as st
 from app.auth import require_role
 from app.widgets import filterable_table, open_prediction
 from db import repo
-from db.session import session_scope
 
 require_role("pi")
 st.title("Data")
 tabs = st.tabs([name.capitalize() for name in repo.TABLES])
-with session_scope() as session:
-    frames = {name: repo.table(session, name) for name in repo.TABLES}
+frames = {name: repo.table(name) for name in repo.TABLES}
 for tab, (name, frame) in zip(tabs, frames.items(), strict=True):
     with tab:
         filterable_table(frame, key=f"data_{name}", file_name=f"{name}.csv")

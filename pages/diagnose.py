@@ -12,24 +12,23 @@ from core.data.preprocess import MODALITIES
 from core.heatmaps import method_title
 from core.heatmaps.mosaic import FAST_METHODS
 from core.stats.thresholds import POLICY_TEXT
+from core.text import md_escape
 from core.train import DECISIONS
 from db import repo
-from db.session import session_scope
 from services.diagnose import diagnose_files
 from services.mosaic import diagnose_mosaic
 
 user = require_role("pi", "clinician")
 st.title("Diagnose")
 
-with session_scope() as session:
-    registered = repo.list_models(session)
+registered = repo.list_models()
 # Models of data without an upload path here (many-channel spectral spots) are named, not offered.
 models = [m for m in registered if m.modality in MODALITIES]
 elsewhere = [m for m in registered if m.modality not in MODALITIES]
 if elsewhere:
     st.caption(
         "Not offered here, as their images cannot be uploaded on this page: "
-        + ", ".join(f"{m.name} ({m.modality})" for m in elsewhere)
+        + ", ".join(f"{md_escape(m.name)} ({md_escape(m.modality)})" for m in elsewhere)
         + ". Their localisation tables are on the Models page."
     )
 if not models:
@@ -70,8 +69,8 @@ st.caption(
 def mosaic_flow() -> None:
     """One whole mosaic: the patch classifier slid over it, its stitched heatmap with pan and zoom (seed 002)."""
     st.info(
-        f"**{model.name}** is a patch classifier for whole mosaics: it looks at {predictor.image_size} px windows "
-        "slid over the mosaic, and the windows' maps are stitched into one heatmap."
+        f"**{md_escape(model.name)}** is a patch classifier for whole mosaics: it looks at {predictor.image_size} px "
+        "windows slid over the mosaic, and the windows' maps are stitched into one heatmap."
     )
     with st.form("mosaic_form", clear_on_submit=True):
         file = st.file_uploader(
@@ -118,17 +117,17 @@ def mosaic_flow() -> None:
             st.session_state["mosaic_last"] = asdict(outcome)
     last = st.session_state.get("mosaic_last")
     if last and last["error"]:
-        st.error(f"**{last['name']}** was not processed: {last['error']}")
+        st.error(f"**{md_escape(last['name'])}** was not processed: {md_escape(last['error'])}")
     elif last:
         negative, positive = DECISIONS[model.task]
         verdict = positive if last["decision"] else negative
         st.success(
-            f"**{last['name']}**: {last['windows']:,} windows, highest window probability {last['probability']:.3f} "
-            f"→ **{verdict}**; {last['positive_windows']:.1%} of windows at or above {last['threshold']:.3f}. "
-            f"{last['mode'].capitalize()} stitching on {predictor.device_name} in {last['seconds']:.1f} s."
+            f"**{md_escape(last['name'])}**: {last['windows']:,} windows, highest window probability "
+            f"{last['probability']:.3f} → **{verdict}**; {last['positive_windows']:.1%} of windows at or above "
+            f"{last['threshold']:.3f}. {last['mode'].capitalize()} stitching on {predictor.device_name} in "
+            f"{last['seconds']:.1f} s."
         )
-        with session_scope() as session:
-            view = repo.prediction_view(session, int(last["prediction_id"]))
+        view = repo.prediction_view(int(last["prediction_id"]))
         if view:
             heatmap_viewer(view, key="mosaic_view")
 
@@ -177,7 +176,7 @@ else:
         negative, positive = DECISIONS[st.session_state.get("diagnose_last_task", "tumor")]
         for outcome in results:
             if outcome["error"]:
-                st.error(f"**{outcome['name']}** was not diagnosed: {outcome['error']}")
+                st.error(f"**{md_escape(outcome['name'])}** was not diagnosed: {md_escape(outcome['error'])}")
         done = [o for o in results if not o["error"]]
         if done:
             st.subheader("Result" if len(done) == 1 else f"Results for {len(done)} images")
@@ -209,8 +208,7 @@ else:
 
 recent = st.session_state.get("diagnose_last") or st.session_state.get("mosaic_last")
 with st.expander("Your earlier diagnoses", expanded=not recent):
-    with session_scope() as session:
-        history = repo.recent_predictions(session, user_id=user.id)
+    history = repo.recent_predictions(user_id=user.id)
     if history.empty:
         st.caption("None yet.")
     else:

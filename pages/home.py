@@ -3,10 +3,11 @@
 import streamlit as st
 
 from app.auth import require_role
+from core.text import md_escape
 
 user = require_role("pi", "clinician", "reader")
 st.title("Intraoperative imaging AI")
-st.write(f"Signed in as **{user.display_name}** ({user.role}).")
+st.markdown(f"Signed in as **{md_escape(user.display_name)}** ({user.role}).")
 if user.role in ("pi", "clinician"):
     st.markdown(
         "- **Diagnose**: upload fluorescence (FL) or white-light (WL) specimen images and get the model's tumor "

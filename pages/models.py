@@ -8,13 +8,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.auth import require_role
-from app.widgets import filterable_table
+from app.widgets import filterable_table, picture
 from core.settings import workspace_dir
+from core.text import md_escape
 from db import repo
-from db.session import session_scope
+from services import exports
 from services.localization import study_titles
 
-require_role("pi")
+user = require_role("pi")
 st.title("Models")
 
 _COLUMNS = {
@@ -35,9 +36,8 @@ _COLUMNS = {
     "model": "Model",
 }
 
-with session_scope() as session:
-    models = repo.list_models(session)
-    evaluations = {m.id: repo.model_evaluations(session, m.id) for m in models}
+models = repo.list_models()
+evaluations = {m.id: repo.model_evaluations(m.id) for m in models}
 if not models:
     st.info("No models yet. Train one with `python -m core train`, or run a seed study (below).")
     st.stop()
@@ -60,9 +60,10 @@ model = by_id[chosen]
 left, right = st.columns([1, 2])
 with left:
     st.markdown(
-        f"**{model.architecture}** · task **{model.task}** · modality **{model.modality}** · "
-        f"{model.image_size} px  \nthreshold {model.threshold:.3f} ({model.threshold_policy})  \n"
-        f"recipe **{model.metrics.get('recipe', 'flcnn')}** · trained on {model.config.get('trained_on', '?')}"
+        f"**{md_escape(model.architecture)}** · task **{md_escape(model.task)}** · modality "
+        f"**{md_escape(model.modality)}** · {model.image_size} px  \nthreshold {model.threshold:.3f} "
+        f"({md_escape(model.threshold_policy)})  \nrecipe **{md_escape(model.metrics.get('recipe', 'flcnn'))}** · "
+        f"trained on {md_escape(model.config.get('trained_on', '?'))}"
     )
     figures = {k: model.metrics.get(k) for k in ("val_auc", "test_auc", "val_sensitivity", "val_specificity")}
     st.dataframe(
@@ -85,16 +86,16 @@ with right:
 
 for evaluation in evaluations.get(model.id, []):
     report = evaluation["report"]
-    st.subheader(evaluation["title"])
+    st.subheader(md_escape(evaluation["title"]))
     splits = evaluation["dataset"].get("splits", {})
     st.caption(
-        f"Stored {evaluation['created_at']:%Y-%m-%d %H:%M} · {evaluation['dataset'].get('kind', '')} set "
-        f"{evaluation['dataset'].get('size', '')} px · "
-        + ", ".join(f"{k} {v['images']} ({v['positive']} positive)" for k, v in splits.items())
-        + f" · scored on {report.get('scored_on', '')}"
+        f"Stored {evaluation['created_at']:%Y-%m-%d %H:%M} · {md_escape(evaluation['dataset'].get('kind', ''))} set "
+        f"{md_escape(evaluation['dataset'].get('size', ''))} px · "
+        + ", ".join(f"{md_escape(k)} {v['images']} ({v['positive']} positive)" for k, v in splits.items())
+        + f" · scored on {md_escape(report.get('scored_on', ''))}"
     )
     for number, table in enumerate(report.get("tables", [])):
-        st.markdown(f"**{table['mask_set'].capitalize()} masks**, threshold {table['threshold']:g}")
+        st.markdown(f"**{md_escape(table['mask_set'].capitalize())} masks**, threshold {table['threshold']:g}")
         frame = pd.DataFrame(table["rows"])
         frame["pixel_auc_ci"] = frame["pixel_auc_ci"].map(
             lambda ci: f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and None not in ci else ""
@@ -103,10 +104,13 @@ for evaluation in evaluations.get(model.id, []):
         st.dataframe(frame, hide_index=True, key=f"models_eval_{evaluation['id']}_{number}")
         st.download_button(
             "Download CSV",
-            frame.to_csv(index=False).encode(),
+            lambda frame=frame, what=f"evaluation {evaluation['id']} {table['mask_set']}": exports.table_csv(
+                frame, what=what, user_id=user.id
+            ),
             file_name=f"evaluation-{evaluation['id']}-{table['mask_set']}.csv",
             mime="text/csv",
             key=f"models_eval_{evaluation['id']}_{number}_csv",
+            on_click="ignore",
         )
         examples = table.get("examples") or []
         if examples:
@@ -117,7 +121,8 @@ for evaluation in evaluations.get(model.id, []):
                     present = {k: root / v for k, v in pictures.items() if (root / v).is_file()}
                     columns = st.columns(min(6, len(present)) or 1)
                     for index, (title, path) in enumerate(present.items()):
-                        columns[index % len(columns)].image(str(path), caption=title, width="stretch")
+                        with columns[index % len(columns)]:
+                            picture(path.read_bytes(), title)
                     st.divider()
 
 st.subheader("Run a seed study")

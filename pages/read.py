@@ -16,10 +16,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.auth import require_role
+from app.widgets import picture
 from core.reading import COLORMAPS, DEFAULT_COLORMAP
-from db.audit import log_event
+from core.text import md_escape
 from db.models import utcnow
-from db.session import session_scope
 from services import studies
 from services.studies import RATING_RANGES, ReaderCase, StudyError, StudyInfo
 
@@ -102,7 +102,7 @@ def _show_image(case: ReaderCase, window: tuple[float, float], colormap: str, he
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False, scaleanchor="x")
     st.plotly_chart(
-        figure, config={"scrollZoom": True, "displaylogo": False}, width="stretch", key=f"read_image_{case.token}"
+        figure, config={"scrollZoom": True, "displaylogo": False}, width="stretch", key=f"read_image_{_slot(case)}"
     )
     st.caption("Drag to pan, scroll to zoom, double-click to reset.")
 
@@ -123,9 +123,9 @@ def _show_ai(case: ReaderCase, study: StudyInfo) -> None:
         st.warning("The AI output for this case is not ready yet; answer from the image alone or come back later.")
 
 
-def _submit(study_id: int, arm_id: int, token: str, revise: bool) -> None:
-    """Form callback, bound to the case the form was drawn for (its arguments were fixed when it was drawn)."""
-    keys = _keys(arm_id, token)
+def _submit(study_id: int, arm_id: int, token: str, revise: bool, keys: dict[str, str]) -> None:
+    """Form callback, bound to the case the form was drawn for (its arguments were fixed when it was drawn, on the
+    server: the case's token never reaches the browser)."""
     label = st.session_state.get(keys["label"])
     shown = st.session_state.get(SHOWN_KEY, {}).get((arm_id, token))
     try:
@@ -153,14 +153,20 @@ def _submit(study_id: int, arm_id: int, token: str, revise: bool) -> None:
         st.session_state[FLASH_KEY] = ("success", "Answer saved.")
 
 
-def _keys(arm_id: int, token: str) -> dict[str, str]:
-    return {name: f"read_{name}_{arm_id}_{token}" for name in ("label", "rating", "comment")}
+def _slot(case: ReaderCase, revise: bool = False) -> str:
+    """What element keys (visible in the page as CSS classes) say about a case: only what the page shows anyway
+    (study, arm number, "case k of n"), never its token or anything else that could match it across arms."""
+    return f"{case.study_id}_{case.arm_number}_{case.k}_{int(revise)}"
+
+
+def _keys(case: ReaderCase, revise: bool) -> dict[str, str]:
+    return {name: f"read_{name}_{_slot(case, revise)}" for name in ("label", "rating", "comment")}
 
 
 def _answer_form(case: ReaderCase, study: StudyInfo, revise: bool) -> None:
-    keys = _keys(case.arm_id, case.token)
+    keys = _keys(case, revise)
     previous = case.previous
-    with st.form(f"read_form_{case.arm_id}_{case.token}_{int(revise)}", border=True):
+    with st.form(f"read_form_{_slot(case, revise)}", border=True):
         st.radio(
             "Diagnosis",
             (0, 1),
@@ -199,7 +205,7 @@ def _answer_form(case: ReaderCase, study: StudyInfo, revise: bool) -> None:
             type="primary",
             shortcut="Ctrl+Enter",
             on_click=_submit,
-            args=(study.id, case.arm_id, case.token, revise),
+            args=(study.id, case.arm_id, case.token, revise, keys),
         )
     st.caption("Keyboard: Tab and the arrow keys choose; Tab on to the comment box, then Ctrl+Enter (⌘+Enter) submits.")
 
@@ -207,8 +213,7 @@ def _answer_form(case: ReaderCase, study: StudyInfo, revise: bool) -> None:
 def _render_ahead(study_id: int, colormap: str) -> None:
     """Render this reader's next cases in the background (kept in the case cache), so the next one is served from
     disk instead of being decoded, rendered and encoded while the reader waits."""
-    with session_scope() as session:
-        upcoming = studies.upcoming_images(session, study_id, user.id)
+    upcoming = studies.upcoming_images(study_id, user.id)
 
     def work() -> None:
         for path, modality in upcoming:
@@ -224,25 +229,21 @@ def _note_shown(case: ReaderCase) -> None:
     shown = st.session_state.setdefault(SHOWN_KEY, {})
     if (case.arm_id, case.token) not in shown:
         shown[(case.arm_id, case.token)] = utcnow()
-        with session_scope() as session:
-            log_event(
-                session, "case_shown", user_id=user.id, study_id=case.study_id, arm=case.arm_name, case=case.token
-            )
+        studies.note_case_shown(case.study_id, user.id, case.arm_id, case.token)
 
 
 def _training(study: StudyInfo) -> None:
-    with session_scope() as session:
-        cases = studies.training_cases(session, study.id, user.id)
+    cases = studies.training_cases(study.id, user.id)
     st.subheader("Training cases")
     st.write(
         f"Before reading, look at these {len(cases)} cases with their truth; they are not part of the study and "
         "nothing you do here is recorded as an answer."
     )
     for column, (path, modality, truth) in zip(st.columns(min(4, len(cases))) * len(cases), cases, strict=False):
-        column.image(_picture(path, modality, (0.0, 1.0), DEFAULT_COLORMAP, None, 0.0), caption=f"Truth: {truth}")
+        with column:
+            picture(_picture(path, modality, (0.0, 1.0), DEFAULT_COLORMAP, None, 0.0), f"Truth: {truth}")
     if st.button("I have reviewed the training cases: start reading", type="primary"):
-        with session_scope() as session:
-            studies.complete_training(session, study.id, user.id)
+        studies.complete_training(study.id, user.id)
         st.rerun()
 
 
@@ -250,8 +251,7 @@ def _revision_picker(study: StudyInfo) -> tuple[int, str] | None:
     if not study.allow_revisions:
         st.session_state.pop(REVISE_KEY, None)
         return None
-    with session_scope() as session:
-        answered = studies.revisable_cases(session, study.id, user.id)
+    answered = studies.revisable_cases(study.id, user.id)
     if answered:
         with st.expander("Go back to a case you answered"):
             labels = {(arm_id, token): f"{arm} · case {k}: {words}" for arm_id, arm, token, k, words in answered}
@@ -262,8 +262,7 @@ def _revision_picker(study: StudyInfo) -> tuple[int, str] | None:
 
 
 st.title("Read")
-with session_scope() as session:
-    mine = studies.reader_studies(session, user.id)
+mine = studies.reader_studies(user.id)
 if not mine:
     st.info("No reader study is assigned to you yet. Your study coordinator will invite you when one opens.")
     st.stop()
@@ -271,37 +270,40 @@ study = _choose_study(mine)
 if study is None:
     st.stop()
 if study.description:
-    st.caption(study.description)
+    st.caption(md_escape(study.description, multiline=True))
 flash = st.session_state.pop(FLASH_KEY, None)
 if flash:
-    getattr(st, flash[0])(flash[1])
+    getattr(st, flash[0])(md_escape(flash[1]))
 
 revising = _revision_picker(study)
 try:
-    with session_scope() as session:
-        if revising:
-            case = studies.case_for_revision(session, study.id, user.id, *revising)
-            state = studies.ReaderState("case", case=case)
-        else:
-            state = studies.reader_state(session, study.id, user.id)
+    if revising:
+        state = studies.ReaderState("case", case=studies.case_for_revision(study.id, user.id, *revising))
+    else:
+        state = studies.reader_state(study.id, user.id)
 except StudyError as error:
     st.session_state.pop(REVISE_KEY, None)
-    st.error(str(error))
+    st.error(md_escape(error))
     st.stop()
 
 if state.kind == "training":
     _training(study)
 elif state.kind != "case":
-    (st.success if state.kind == "done" else st.info if state.kind == "washout" else st.warning)(state.message)
+    say = st.success if state.kind == "done" else st.info if state.kind == "washout" else st.warning
+    say(md_escape(state.message))
 else:
     case = state.case
     _note_shown(case)
     if revising:
-        st.warning(f"Correcting your answer to case {case.k} of {case.n} ({case.arm_name}). The old answer is kept.")
+        st.warning(
+            f"Correcting your answer to case {case.k} of {case.n} ({md_escape(case.arm_name)}). The old answer is kept."
+        )
         if st.button("Back to reading without changing it", key="read_revise_cancel"):
             st.session_state.pop(REVISE_KEY, None)
             st.rerun()
-    st.markdown(f"**Arm {case.arm_number} of {case.n_arms}: {case.arm_name}** · case **{case.k}** of **{case.n}**")
+    st.markdown(
+        f"**Arm {case.arm_number} of {case.n_arms}: {md_escape(case.arm_name)}** · case **{case.k}** of **{case.n}**"
+    )
     st.progress((case.k - 1) / case.n)
     if case.ai is not None and case.ai.model_name == "":
         from services.study_ai import ensure_case_ai

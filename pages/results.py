@@ -4,6 +4,8 @@ differences and p-values, MRMC, error analysis, per-reader and per-case tables."
 
 from __future__ import annotations
 
+import shlex
+
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -12,11 +14,10 @@ from app.auth import require_role
 from app.widgets import filterable_table
 from core.stats.report import AnalysisError, analyze_reads, read_predictions, read_reads
 from core.stats.thresholds import POLICIES
+from core.text import md_escape, plot_escape
 from db import repo
-from db.audit import log_event
-from db.session import session_scope
+from services import exports, studies
 from services import results as results_service
-from services import studies
 
 user = require_role("pi")
 METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
@@ -73,7 +74,7 @@ def _roc_figure(report: dict, title: str) -> go.Figure:
             label = f"CNN at threshold {report['threshold']['value']:.3f}"
         else:
             marker = {"symbol": "diamond" if name == "readers_mean" else "circle", "size": 11}
-            label = "readers' mean" if name == "readers_mean" else name
+            label = "readers' mean" if name == "readers_mean" else plot_escape(name)
         sens, spec = rater["sensitivity"], rater["specificity"]
         x, y = 1 - spec["estimate"], sens["estimate"]
         figure.add_trace(
@@ -150,23 +151,28 @@ def _per_case(cases: pd.DataFrame, reads: pd.DataFrame, threshold: float) -> pd.
     return table
 
 
-def _arm_panel(name: str, report: dict, cases: pd.DataFrame, reads: pd.DataFrame, key: str) -> None:
+def _arm_panel(
+    name: str, report: dict, cases: pd.DataFrame, reads: pd.DataFrame, key: str, study_id: int | None = None
+) -> None:
     if "raters" not in report:
         st.info("Nothing to analyse in this arm yet (see the notes above).")
         return
     threshold = report["threshold"]
+    model = md_escape(report.get("model") or "model")
     st.caption(
-        f"{report.get('model') or 'model'} at threshold {threshold['value']:.3f} ({threshold['description']}); "
+        f"{model} at threshold {threshold['value']:.3f} ({threshold['description']}); "
         f"{report['n_cases']} cases ({report['n_positive']} positive); CIs: {report['method']['ci']} bootstrap of "
         f"cases ({report['method']['resamples']} resamples); p: {report['method']['permutations']} paired permutations."
     )
     st.plotly_chart(
-        _roc_figure(report, f"{name}: CNN against readers"), config=_figure_config(f"roc-{key}"), key=f"{key}_roc"
+        _roc_figure(report, f"{plot_escape(name)}: CNN against readers"),
+        config=_figure_config(f"roc-{key}"),
+        key=f"{key}_roc",
     )
     st.markdown("**Table 1**: estimates with 95 % CIs")
-    filterable_table(_table_one(report), key=f"{key}_t1", file_name=f"table1-{key}.csv")
+    filterable_table(_table_one(report), key=f"{key}_t1", file_name=f"table1-{key}.csv", study_id=study_id)
     st.markdown("**CNN minus reader**: paired differences")
-    filterable_table(_comparisons(report), key=f"{key}_cmp", file_name=f"comparisons-{key}.csv")
+    filterable_table(_comparisons(report), key=f"{key}_cmp", file_name=f"comparisons-{key}.csv", study_id=study_id)
     if "model_vs_readers" in report:
         mvr = report["model_vs_readers"]
         st.markdown(
@@ -177,7 +183,9 @@ def _arm_panel(name: str, report: dict, cases: pd.DataFrame, reads: pd.DataFrame
     st.markdown("**Error analysis**: of each reader's wrong answers, how many the CNN got right")
     st.dataframe(_errors(report), hide_index=True)
     st.markdown("**Per case**")
-    filterable_table(_per_case(cases, reads, threshold["value"]), key=f"{key}_cases", file_name=f"cases-{key}.csv")
+    filterable_table(
+        _per_case(cases, reads, threshold["value"]), key=f"{key}_cases", file_name=f"cases-{key}.csv", study_id=study_id
+    )
 
 
 def _mrmc_panel(mrmc: dict) -> None:
@@ -192,13 +200,12 @@ def _mrmc_panel(mrmc: dict) -> None:
         rows.append({"analysis": title, "difference": a.get("difference"), "95 % CI": a.get("ci"), "test": stat,
                      "p": a["p_value"]})  # fmt: skip
     st.dataframe(pd.DataFrame(rows), hide_index=True)
-    st.caption("Mean AUC per arm: " + ", ".join(f"{k} {v:.3f}" for k, v in mrmc["mean_auc"].items()))
+    st.caption("Mean AUC per arm: " + ", ".join(f"{md_escape(k)} {v:.3f}" for k, v in mrmc["mean_auc"].items()))
 
 
 def _from_study() -> None:
-    with session_scope() as session:
-        all_studies = studies.list_studies(session)
-        models = [m for m in repo.list_models(session) if m.task in ("tumor", "grade", "ki67")]
+    all_studies = studies.list_studies()
+    models = [m for m in repo.list_models() if m.task in ("tumor", "grade", "ki67")]
     if not all_studies:
         st.info("No study yet: create one on the Studies page, or upload CSV files.")
         return
@@ -216,7 +223,7 @@ def _from_study() -> None:
     for column, arm in zip(columns, study.arms, strict=False):
         names = {m.id: m.name for m in models if m.task == study.task and m.modality == arm.modality}
         pick = column.selectbox(
-            f"Model for arm {arm.name}",
+            f"Model for arm {md_escape(arm.name)}",
             list(names) or [None],
             format_func=lambda i, names=names: names.get(i, "no model registered"),
             key=f"results_model_{study.id}_{arm.name}",
@@ -231,12 +238,11 @@ def _from_study() -> None:
         permutations = st.number_input("Permutations", 100, 100000, 10000, 1000, key="results_permutations")
         seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="results_seed")
         st.radio("Figure download format", ("png", "svg"), horizontal=True, key="results_figure_format")
-    with session_scope() as session:
-        version = results_service.study_version(session, study.id)
-        seen = st.session_state.setdefault("results_audited", set())
-        if study.id not in seen:
-            log_event(session, "results_viewed", user_id=user.id, study_id=study.id)
-            seen.add(study.id)
+    version = results_service.study_version(study.id)
+    seen = st.session_state.setdefault("results_audited", set())
+    if study.id not in seen:
+        results_service.note_results_viewed(study.id, user.id)
+        seen.add(study.id)
     with st.status("Computing the results...", expanded=False) as status:
         result = _study_results(
             study.id,
@@ -249,38 +255,68 @@ def _from_study() -> None:
         )
         status.update(label="Results", state="complete")
     for note in result.notes:
-        (st.warning if "SIMULATED" in note else st.info)(note)
-    tabs = st.tabs([f"Arm {name}" for name in result.arms])
+        (st.warning if "SIMULATED" in note else st.info)(md_escape(note))
+    tabs = st.tabs([f"Arm {md_escape(name)}" for name in result.arms])
     for tab, (name, report) in zip(tabs, result.arms.items(), strict=True):
         with tab:
             if report["unfinished"]:
                 st.caption(
                     "Not yet in this arm's analysis (cases answered): "
-                    + ", ".join(f"{r} ({n})" for r, n in report["unfinished"].items())
+                    + ", ".join(f"{md_escape(r)} ({n})" for r, n in report["unfinished"].items())
                 )
             inputs = report["inputs"]
-            _arm_panel(name, report, inputs.cases, inputs.reads, key=f"results_{study.id}_{name}")
+            _arm_panel(name, report, inputs.cases, inputs.reads, key=f"results_{study.id}_{name}", study_id=study.id)
+            _reproduce(study.id, name, report, None if policy == "registered" else policy, int(seed))
     if result.mrmc:
         _mrmc_panel(result.mrmc)
 
 
+def _reproduce(study_id: int, arm: str, report: dict, policy: str | None, seed: int) -> None:
+    """The arm's model scores as a predictions CSV (built and audited when downloaded), and the command that gives
+    this arm's Table 1 from them and the Studies page's reads export."""
+    if "raters" not in report:
+        return
+    choice = f"--policy {policy}" if policy else f"--threshold {float(report['threshold']['value'])!r}"
+    st.download_button(
+        "Model scores (predictions CSV for python -m core analyze)",
+        lambda: exports.predictions_csv(study_id, arm, model=report["model"], user_id=user.id),
+        f"study-{study_id}-{arm}-predictions.csv",
+        "text/csv",
+        key=f"results_{study_id}_{arm}_predictions",
+        on_click="ignore",
+    )
+    method = report["method"]
+    st.code(
+        f"python -m core analyze --predictions P.csv --reads R.csv --arm {shlex.quote(arm)} {choice} "
+        f"--bootstrap {method['resamples']} --permutations {method['permutations']} --seed {seed} --out report.json",
+        language="bash",
+    )
+
+
 def _from_csv() -> None:
     st.caption(
-        "Predictions: `case_id, truth, score`. Reads: `case_id, reader_id, label` and optionally `rating`, `arm` "
-        "(the Studies page's export works as it is)."
+        "Predictions: `case_id, truth, score`. Reads: `case_id, reader_id, label` and optionally `rating`, "
+        "`rating_scale`, `score`, `arm` (the Studies page's export works as it is: its `score` is what the study's "
+        "Results rank)."
     )
     left, right = st.columns(2)
     p_file = left.file_uploader("Predictions CSV", type=["csv"], key="results_p_csv")
     r_file = right.file_uploader("Reads CSV", type=["csv"], key="results_r_csv")
     threshold = st.number_input("CNN threshold", 0.0, 1.0, 0.5, 0.01, key="results_csv_threshold")
+    scale = st.selectbox(
+        "Ratings of a reads file without `score` or `rating_scale`",
+        (None, "five", "hundred"),
+        format_func={None: "ROC scores as given", "five": "answer + 1-5 confidence", "hundred": "0-100"}.get,
+        key="results_csv_scale",
+    )
     if p_file is None or r_file is None:
         return
     try:
         predictions = read_predictions(p_file.getvalue())
-        reads = read_reads(r_file.getvalue(), predictions["case_id"])
+        reads = read_reads(r_file.getvalue(), predictions["case_id"], rating_scale=scale)
         report = analyze_reads(predictions, reads, threshold=threshold)
     except AnalysisError as error:
-        st.error(f"{error}\n\nFix the file and upload it again.")
+        st.error(f"{md_escape(error, multiline=True)}\n\nFix the file and upload it again.")
         return
     arms = report.get("arms") or {report.get("arm", ""): report}
     for name, arm_report in arms.items():

@@ -3,17 +3,19 @@ and read the audit log."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 import streamlit as st
 
 from app.auth import require_role
 from app.widgets import filterable_table
+from core.text import md_escape
 from core.train import DECISIONS
 from db import repo
 from db.audit import audit_table
 from db.models import MODALITIES
-from db.session import session_scope
-from services import studies
+from services import exports, studies
 from services.studies import ArmSpec, StudyError, StudyInfo
 
 user = require_role("pi")
@@ -24,8 +26,7 @@ _TASKS = ("tumor", "grade", "ki67")
 
 def _arms_editor() -> list[ArmSpec] | None:
     """The arms as an editable table; None (with the reason shown) when a row is incomplete."""
-    with session_scope() as session:
-        models = {m.name: m for m in repo.list_models(session) if m.task in _TASKS}
+    models = {m.name: m for m in repo.list_models() if m.task in _TASKS}
     default = pd.DataFrame(
         [
             {"name": "FL", "modality": "FL", "model": None, "probability": False, "decision": False},
@@ -77,18 +78,13 @@ def _new_study() -> None:
     if arms is None:
         return
     splits = st.multiselect("Cases from the splits", ("test", "val", "train"), default=["test"], key="studies_splits")
-    with session_scope() as session:
-        try:
-            eligible = studies.eligible_specimens(
-                session, task=task, modalities=[a.modality for a in arms], splits=splits
-            )
-            training_pool = studies.eligible_specimens(
-                session, task=task, modalities=[a.modality for a in arms], splits=("train",)
-            )
-        except StudyError as error:
-            st.error(str(error))
-            return
-        readers = [u for u in repo.list_users(session) if u.role == "reader"]
+    try:
+        pools = studies.case_pools(task=task, modalities=[a.modality for a in arms], splits=splits)
+    except StudyError as error:
+        st.error(md_escape(error))
+        return
+    readers = [u for u in repo.list_users() if u.role == "reader"]
+    eligible = pools.eligible
     if eligible.empty:
         st.warning("No specimen in these splits has an image in every arm's modality and a known label.")
         return
@@ -101,9 +97,8 @@ def _new_study() -> None:
     limit = columns[0].number_input(
         "Cases (a random sample; all by default)", 1, len(eligible), len(eligible), key="studies_limit"
     )
-    pool = training_pool[~training_pool["specimen_id"].isin(eligible["specimen_id"])]
     n_training = columns[1].number_input(
-        "Training cases shown with truth first", 0, min(20, len(pool)), 0, key="studies_training"
+        "Training cases shown with truth first", 0, min(20, len(pools.training)), 0, key="studies_training"
     )
     scale = columns[2].radio(
         "Confidence scale",
@@ -120,25 +115,22 @@ def _new_study() -> None:
         key="studies_readers",
     )
     if st.button("Create study", type="primary", key="studies_create"):
-        chosen = eligible.sample(n=int(limit), random_state=0) if limit < len(eligible) else eligible
-        training = pool.sample(n=int(n_training), random_state=0) if n_training else pool.head(0)
         try:
-            with session_scope() as session:
-                study = studies.create_study(
-                    session,
-                    title=title,
-                    description=description,
-                    task=task,
-                    specimen_ids=[int(i) for i in chosen["specimen_id"]],
-                    arms=arms,
-                    rating_scale=scale,
-                    allow_revisions=revisions,
-                    training_specimen_ids=[int(i) for i in training["specimen_id"]],
-                    reader_ids=invited,
-                    created_by=user.id,
-                )
+            chosen, training = studies.sample_cases(pools, int(limit), int(n_training))
+            study = studies.create_study(
+                title=title,
+                description=description,
+                task=task,
+                specimen_ids=chosen,
+                arms=arms,
+                rating_scale=scale,
+                allow_revisions=revisions,
+                training_specimen_ids=training,
+                reader_ids=invited,
+                created_by=user.id,
+            )
         except StudyError as error:
-            st.error(str(error))
+            st.error(md_escape(error))
             return
         if any(a.aided for a in study.arms):
             from services.study_ai import prepare_study_ai
@@ -146,7 +138,7 @@ def _new_study() -> None:
             bar = st.progress(0.0, "Computing the AI output the aided arms show...")
             prepare_study_ai(study.id, progress=lambda done, total: bar.progress(done / total, f"{done} of {total}"))
         st.session_state["studies_open"] = study.id
-        st.session_state["studies_flash"] = f"Study “{study.title}” created with {study.n_cases} cases."
+        st.session_state["studies_flash"] = f"Study “{md_escape(study.title)}” created with {study.n_cases} cases."
         st.rerun()
 
 
@@ -154,18 +146,17 @@ def _study_view(study: StudyInfo) -> None:
     badges = [study.status, "frozen (has reads)" if study.frozen else "editable (no reads yet)"]
     if study.simulated:
         badges.append("SIMULATED reads")
-    st.markdown(f"### {study.title}  \n" + " · ".join(f"`{b}`" for b in badges))
+    st.markdown(f"### {md_escape(study.title)}  \n" + " · ".join(f"`{b}`" for b in badges))
     if study.description:
-        st.caption(study.description)
+        st.caption(md_escape(study.description, multiline=True))
     st.markdown(
         f"{study.n_cases} cases ({study.n_training} training), question {' / '.join(study.labels)}, "
         f"confidence {'1-5' if study.rating_scale == 'five' else '0-100'}, corrections "
         f"{'allowed' if study.allow_revisions else 'not allowed'}.  \n"
-        + "  \n".join(f"Arm {a.position + 1}: {a.describe()}" for a in study.arms)
+        + "  \n".join(f"Arm {a.position + 1}: {md_escape(a.describe())}" for a in study.arms)
     )
-    with session_scope() as session:
-        progress = studies.study_progress(session, study.id)
-        readers = [u for u in repo.list_users(session) if u.role == "reader" and u.id not in study.reader_ids]
+    progress = studies.study_progress(study.id)
+    readers = [u for u in repo.list_users() if u.role == "reader" and u.id not in study.reader_ids]
     if not progress.empty:
         total = progress["answered"].sum() / max(1, len(progress) * study.n_cases)
         st.progress(float(total), f"{total:.0%} of all reads done")
@@ -182,20 +173,21 @@ def _study_view(study: StudyInfo) -> None:
                 key=f"studies_invite_{study.id}",
             )
             if more and st.button("Invite", key=f"studies_invite_go_{study.id}"):
-                with session_scope() as session:
-                    studies.invite_readers(session, study.id, more, user_id=user.id)
+                studies.invite_readers(study.id, more, user_id=user.id)
                 st.rerun()
     with right:
         closing = study.status == "open"
         if st.button("Close the study" if closing else "Reopen the study", key=f"studies_status_{study.id}"):
-            with session_scope() as session:
-                studies.set_status(session, study.id, "closed" if closing else "open", user_id=user.id)
+            studies.set_status(study.id, "closed" if closing else "open", user_id=user.id)
             st.rerun()
     _edit(study)
     _exports(study)
     _import(study)
-    with st.expander("Audit log of this study"), session_scope() as session:
-        filterable_table(audit_table(session, study.id), key=f"studies_audit_{study.id}", file_name="audit.csv")
+    with st.expander("Audit log of this study"):
+        filterable_table(
+            audit_table(study.id), key=f"studies_audit_{study.id}", file_name="audit.csv", what="audit log",
+            study_id=study.id,
+        )  # fmt: skip
 
 
 def _edit(study: StudyInfo) -> None:
@@ -213,29 +205,23 @@ def _edit(study: StudyInfo) -> None:
         st.caption("Cases and arms are fixed when a study is created; for other ones, create a new study.")
     if saved:
         try:
-            with session_scope() as session:
-                studies.update_study(
-                    session, study.id, user_id=user.id, title=title, description=description, allow_revisions=revisions
-                )
+            studies.update_study(
+                study.id, user_id=user.id, title=title, description=description, allow_revisions=revisions
+            )
         except StudyError as error:
-            st.error(str(error))
+            st.error(md_escape(error))
             return
         st.rerun()
 
 
 def _exports(study: StudyInfo) -> None:
-    """Downloads built only when clicked (each is audited), not on every rerun."""
+    """Downloads built only when clicked (each is audited by ``services.exports``), not on every rerun."""
 
-    def reads(history: bool):
-        def build() -> bytes:
-            with session_scope() as session:
-                return studies.export_reads(session, study.id, user_id=user.id, history=history).to_csv(index=False)
-
-        return build
+    def reads(history: bool) -> Callable[[], bytes]:
+        return lambda: exports.reads_csv(study.id, user_id=user.id, history=history)
 
     def cases() -> bytes:
-        with session_scope() as session:
-            return studies.export_cases(session, study.id, user_id=user.id).to_csv(index=False)
+        return exports.cases_csv(study.id, user_id=user.id)
 
     st.markdown(f"**Export** (long format: `case_id, reader_id, arm, label, rating, ...`; label 1 = {study.labels[1]})")
     columns = st.columns(3)
@@ -253,11 +239,15 @@ def _import(study: StudyInfo) -> None:
         create = st.checkbox(
             "Create (inactive) reader accounts for unknown reader ids", key=f"studies_import_create_{study.id}"
         )
+        as_active = st.checkbox(
+            "Allow reads under existing, active reader accounts (only if these are their own answers; the audit log "
+            "names the readers and cases)",
+            key=f"studies_import_active_{study.id}",
+        )
         if upload is not None and st.button("Import", key=f"studies_import_go_{study.id}"):
-            with session_scope() as session:
-                report = studies.import_reads(
-                    session, study.id, upload.getvalue(), user_id=user.id, create_readers=create
-                )
+            report = studies.import_reads(
+                study.id, upload.getvalue(), user_id=user.id, create_readers=create, allow_active_readers=as_active
+            )
             if report.errors:
                 st.error(
                     f"Nothing was imported: {len(report.errors)} problem(s) in {report.rows} row(s). "
@@ -266,7 +256,9 @@ def _import(study: StudyInfo) -> None:
                 st.dataframe(pd.DataFrame({"problem": report.errors}), hide_index=True)
             else:
                 created = (
-                    f"; new reader accounts: {', '.join(report.created_readers)}" if report.created_readers else ""
+                    f"; new reader accounts: {md_escape(', '.join(report.created_readers))}"
+                    if report.created_readers
+                    else ""
                 )
                 st.success(f"Imported {report.imported} reads{created}.")
 
@@ -274,8 +266,7 @@ def _import(study: StudyInfo) -> None:
 st.title("Reader studies")
 if "studies_flash" in st.session_state:
     st.success(st.session_state.pop("studies_flash"))
-with session_scope() as session:
-    all_studies = studies.list_studies(session)
+all_studies = studies.list_studies()
 overview, create = st.tabs(["Studies", "New study"])
 with create:
     _new_study()

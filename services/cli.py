@@ -1,7 +1,7 @@
 """The command line: ``python -m core <command>``.
 
 Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``, ``studies``,
-``analyze``, ``evaluate-localization``, ``synth``, ``localization-study``.
+``analyze``, ``audit``, ``evaluate-localization``, ``synth``, ``localization-study``.
 Errors a
 user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
@@ -25,6 +25,7 @@ from core.heatmaps.mosaic import MODES
 from core.models import list_models as list_architectures
 from core.predict import Predictor, write_heatmap_files
 from core.settings import workspace_dir
+from core.stats.ratings import RATING_SCALES
 from core.stats.thresholds import POLICIES
 from core.train import DECISIONS, RECIPES, TASKS, TrainConfig
 from db import repo
@@ -232,12 +233,19 @@ def _choose_model(name_or_id: str | None, task: str) -> repo.ModelInfo:
 
 
 def _unique_stems(files: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
+    """An output name per input file, never two alike: the file's stem, or ``stem-2``, ``stem-3``... when that name
+    is taken, whether by an earlier file of the same stem or by one whose own stem is ``stem-2``."""
+    taken = {Path(file).stem or "image" for file in files}
+    used: set[str] = set()
     stems = []
     for file in files:
-        stem = Path(file).stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        stem = candidate = Path(file).stem or "image"
+        number = 1
+        while candidate in used or (number > 1 and candidate in taken):
+            number += 1
+            candidate = f"{stem}-{number}"
+        used.add(candidate)
+        stems.append(candidate)
     return stems
 
 
@@ -360,25 +368,63 @@ def _cmd_heatmaps(_args: argparse.Namespace) -> int:
 
 
 def _cmd_users(args: argparse.Namespace) -> int:
+    """List accounts, add one (password policy checked), or deactivate, reactivate, re-role, reset or unlock one;
+    every change is audited (as done from the command line)."""
+    from services import accounts
+
     init_db()
-    with session_scope() as session:
-        if args.action == "add":
-            if not args.username or not args.password:
-                raise UsageError("users add needs --username and --password")
-            try:
-                user = repo.create_user(session, args.username, args.password, args.role, args.display_name or "")
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-            print(f"added {user.role} {user.username} (id {user.id})")
-        else:
-            for row in repo.list_users(session):
-                print(f"{row.id:>4}  {row.username:<20} {row.role:<10} {row.display_name}")
+    if args.action == "list":
+        for row in accounts.list_accounts():
+            user = row.user
+            flags = [
+                text
+                for text, on in (
+                    ("never signs in", not user.can_sign_in),
+                    ("inactive", user.can_sign_in and not user.active),
+                    ("must change password", user.must_change_password),
+                    (f"sign-in locked until {row.locked_until:%H:%M} UTC" if row.locked_until else "", True),
+                )
+                if on and text
+            ]
+            note = f"  [{', '.join(flags)}]" if flags else ""
+            print(f"{user.id:>4}  {user.username:<20} {user.role:<10} {user.display_name}{note}")
+        return 0
+    if args.action == "add":
+        username = args.username or args.target
+        if not username or not args.password:
+            raise UsageError("users add needs --username and --password")
+        user = accounts.add_user(username, args.password, args.role or "reader", args.display_name or "")
+        print(f"added {user.role} {user.username} (id {user.id})")
+        return 0
+    if not args.target:
+        raise UsageError(f"users {args.action} needs the USERNAME (see `python -m core users list`)")
+    if args.action == "deactivate":
+        accounts.deactivate(args.target)
+        print(f"deactivated {args.target}; its open sessions end")
+    elif args.action == "activate":
+        accounts.activate(args.target)
+        print(f"activated {args.target}")
+    elif args.action == "role":
+        if not args.role:
+            raise UsageError(f"users role needs --role ({', '.join(ROLES)})")
+        user = accounts.set_role(args.target, args.role)
+        print(f"{user.username} now has the {user.role} role; its open sessions end")
+    elif args.action == "reset":
+        password = accounts.reset_password(args.target, password=args.password)
+        if args.password is None:
+            print(f"temporary password for {args.target} (shown only now): {password}")
+        print(f"{args.target} must set a new password at the next sign-in; its open sessions end")
+    else:
+        was_locked = accounts.unlock(args.target)
+        print(f"sign-in for {args.target} unlocked" + ("" if was_locked else " (it was not locked)"))
     return 0
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
-    """List reader studies, export their reads (and truth), or import reads collected elsewhere."""
-    from services import studies
+    """List reader studies, export their reads (and truth, and a model's scores), or import reads collected
+    elsewhere. Files are written through ``core.text.csv_bytes`` (escaped against spreadsheet formulas)."""
+    from core.text import csv_bytes
+    from services import exports, studies
 
     init_db()
     if args.action == "list":
@@ -395,20 +441,37 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     if args.action == "export":
         if not args.out:
             raise UsageError("studies export needs --out FILE.csv")
-        with session_scope() as session:
-            reads = studies.export_reads(session, args.study, user_id=None, history=args.history)
-            cases = studies.export_cases(session, args.study, user_id=None) if args.cases else None
-        reads.to_csv(args.out, index=False)
+        if (args.arm or args.model) and not args.predictions:
+            raise UsageError("--arm and --model choose what --predictions FILE.csv writes; add --predictions")
+        reads = exports.reads_export(args.study, user_id=None, history=args.history)
+        cases = exports.cases_export(args.study, user_id=None) if args.cases else None
+        Path(args.out).write_bytes(csv_bytes(reads))
         print(f"{len(reads)} reads -> {args.out}")
         if cases is not None:
-            cases.to_csv(args.cases, index=False)
+            Path(args.cases).write_bytes(csv_bytes(cases))
             print(f"{len(cases)} cases with truth -> {args.cases}")
+        if args.predictions:
+            from services.results import export_predictions
+
+            scores, model = export_predictions(args.study, args.arm, model=args.model, user_id=None)
+            Path(args.predictions).write_bytes(csv_bytes(scores))
+            arm = f" --arm {args.arm}" if args.arm else ""
+            print(
+                f"{len(scores)} {model.name} scores -> {args.predictions}; the Results page's analysis at the model's "
+                f"registered threshold: python -m core analyze --predictions {args.predictions} --reads {args.out}"
+                f"{arm} --threshold {float(model.threshold)!r} --out report.json"
+            )
         return 0
     if not args.file:
         raise UsageError("studies import needs --file READS.csv")
     with session_scope() as session:
         report = studies.import_reads(
-            session, args.study, Path(args.file).read_bytes(), user_id=None, create_readers=args.create_readers
+            session,
+            args.study,
+            Path(args.file).read_bytes(),
+            user_id=None,
+            create_readers=args.create_readers,
+            allow_active_readers=args.as_active_readers,
         )
     if report.errors:
         for error in report.errors:
@@ -431,7 +494,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         if not args.predictions or not args.reads:
             raise UsageError("analyze needs --predictions P.csv and --reads R.csv (or --ratings R.csv --mrmc)")
         predictions = read_predictions(args.predictions)
-        reads = read_reads(args.reads, predictions["case_id"])
+        reads = read_reads(args.reads, predictions["case_id"], rating_scale=args.rating_scale, arm=args.arm)
         report = analyze_reads(
             predictions,
             reads,
@@ -445,6 +508,41 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
     print(f"report -> {args.out}")
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """Walk the hash chains of the audit log and the reads (``db.chain``); check heads recorded earlier."""
+    from db.chain import verify
+    from db.session import read_scope
+
+    init_db()
+    with read_scope() as session:
+        reports = verify(session)
+        known = {args_head: None for args_head in args.head}
+        if known:
+            from db.chain import chain_rows
+
+            connection = session.connection()
+            for table in ("audit_log", "reads"):
+                for row in chain_rows(connection, table):
+                    if row["row_hash"] in known:
+                        known[row["row_hash"]] = (table, row["id"])
+    problems = []
+    for report in reports:
+        if report.ok:
+            print(f"{report.table}: {report.rows} rows, chain intact; head {report.head}")
+        else:
+            problems.append(f"{report.table}: the chain breaks at row id {report.broken_at}: {report.reason}")
+    for head, found in known.items():
+        if found is None:
+            problems.append(f"head {head} recorded earlier is not in either chain: history before it was rewritten")
+        else:
+            print(f"head {head} recorded earlier: still {found[0]} row id {found[1]}")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        print("keep the heads above somewhere outside this machine; `audit verify --head HASH` checks them later")
+    return 2 if problems else 0
 
 
 def _cmd_evaluate_localization(args: argparse.Namespace) -> int:
@@ -551,11 +649,17 @@ def _parser() -> argparse.ArgumentParser:
     heatmaps = sub.add_parser("heatmaps", help="list the registered heatmap methods")
     heatmaps.set_defaults(run=_cmd_heatmaps)
 
-    users = sub.add_parser("users", help="list or add accounts")
-    users.add_argument("action", choices=["list", "add"])
-    users.add_argument("--username")
-    users.add_argument("--password")
-    users.add_argument("--role", choices=ROLES, default="reader")
+    users = sub.add_parser(
+        "users",
+        help="list, add and manage accounts",
+        description="list | add --username U --password P [--role R] [--display-name N] | deactivate U | "
+        "activate U | role U --role R | reset U [--password P] | unlock U",
+    )
+    users.add_argument("action", choices=["list", "add", "deactivate", "activate", "role", "reset", "unlock"])
+    users.add_argument("target", nargs="?", metavar="USERNAME", help="the account to change")
+    users.add_argument("--username", help="the new account's username (add)")
+    users.add_argument("--password", help="add: the password; reset: a temporary one instead of a random one")
+    users.add_argument("--role", choices=ROLES, help="add (default reader), role")
     users.add_argument("--display-name")
     users.set_defaults(run=_cmd_users)
 
@@ -565,13 +669,29 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="export: the reads CSV to write (long format)")
     study.add_argument("--history", action="store_true", help="export every version of corrected answers")
     study.add_argument("--cases", help="export: also write the cases with their truth to this CSV")
+    study.add_argument(
+        "--predictions", help="export: also write one arm's model scores (case_id, truth, score) for analyze"
+    )
+    study.add_argument("--arm", help="export --predictions: the arm (needed when the study has several)")
+    study.add_argument("--model", help="export --predictions: the model, name or id (default: the arm's newest)")
     study.add_argument("--file", help="import: the reads CSV to read")
     study.add_argument("--create-readers", action="store_true", help="import: add unknown readers as inactive")
+    study.add_argument(
+        "--as-active-readers",
+        action="store_true",
+        help="import: allow reads under existing active reader accounts (audited with the readers and cases)",
+    )
     study.set_defaults(run=_cmd_studies)
 
     analyze = sub.add_parser("analyze", help="CNN vs readers with CIs and paired tests, or MRMC, from CSV files")
     analyze.add_argument("--predictions", help="P.csv: case_id, truth (0/1), score in [0, 1]")
-    analyze.add_argument("--reads", help="R.csv: case_id, reader_id, label (0/1) [, rating, arm]")
+    analyze.add_argument("--reads", help="R.csv: case_id, reader_id, label (0/1) [, rating, rating_scale, score, arm]")
+    analyze.add_argument("--arm", help="analyse only this arm's reads (its model's scores are --predictions)")
+    analyze.add_argument(
+        "--rating-scale",
+        choices=sorted(RATING_SCALES),
+        help="the scale of R.csv's rating when it has no score or rating_scale column (default: ratings as given)",
+    )
     analyze.add_argument("--ratings", help="MRMC ratings: reader, modality, case, truth, rating")
     analyze.add_argument("--mrmc", action="store_true", help="Obuchowski-Rockette MRMC analysis of --ratings")
     analyze.add_argument("--cov", choices=("jackknife", "delong", "unbiased"), default="jackknife")
@@ -585,6 +705,13 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int, default=0)
     analyze.add_argument("--out", required=True, help="report.json")
     analyze.set_defaults(run=_cmd_analyze)
+
+    audit = sub.add_parser("audit", help="verify the hash chains of the audit log and the reads (tamper evidence)")
+    audit.add_argument("action", choices=["verify"])
+    audit.add_argument(
+        "--head", action="append", default=[], metavar="HASH", help="a head printed earlier, which must still be there"
+    )
+    audit.set_defaults(run=_cmd_audit)
 
     localize = sub.add_parser(
         "evaluate-localization", help="score heatmaps against expert masks (pixel AUC, Dice, mean IU, 75 %% rule)"

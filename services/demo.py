@@ -25,6 +25,7 @@ from db import repo
 from db.models import Read, Specimen, Study, StudyCase, User, utcnow
 from db.session import init_db, session_scope
 from services import studies
+from services.demo_accounts import DEMO_MARKER, DEMO_USERS, demo_ready
 from services.importer import import_manifest
 from services.localization import run_study
 from services.mosaic import train_patch_classifier
@@ -41,19 +42,12 @@ __all__ = [
     "workspace_has_data",
 ]
 
-DEMO_USERS = (
-    ("pi", "demo-pi", "pi", "Principal investigator (demo)"),
-    ("clinician", "demo-clinician", "clinician", "Surgeon (demo)"),
-    ("reader", "demo-reader", "reader", "Neurosurgeon reader (demo)"),
-    ("reader2", "demo-reader2", "reader", "Neurosurgeon reader 2 (demo)"),
-    ("reader3", "demo-reader3", "reader", "Neurosurgeon reader 3 (demo)"),
-)
 DEMO_STUDY = "FL vs WL, test split (demo)"
 SIMULATED_STUDY = "FL vs WL, simulated readers (demo)"
 # (username, sensitivity, specificity) per simulated reader: neurosurgeons reading specimen photos, roughly the
 # operating points of the FL-CNN paper's readers; the reads are drawn at random, never given by people
 SIMULATED_READERS = (("sim-reader-1", 0.82, 0.70), ("sim-reader-2", 0.88, 0.58), ("sim-reader-3", 0.76, 0.78))
-_MARKER = ".demo-complete"
+_MARKER = DEMO_MARKER
 _BUILDING = ".demo-building"
 _DEMO_CONTENT = (
     "cohort",
@@ -89,11 +83,6 @@ class DemoConfig:
     cle_counts: tuple[int, int, int] = (240, 60, 100)  # the MLCAM-LICI study at demo size (Models page)
     cle_size: int = 96
     cle_epochs: int = 8
-
-
-def demo_ready() -> bool:
-    """Whether a complete demo workspace exists."""
-    return (workspace_dir() / _MARKER).exists()
 
 
 def workspace_has_data() -> bool:
@@ -279,7 +268,7 @@ def _simulated_study(pi: int, specimen_ids: list[int], log: Callable[[str], None
             created_by=pi,
             simulated=True,
         )
-        truth = studies.export_cases(session, study.id, user_id=None, audit=False).set_index("case_id")["truth"]
+        truth = studies.export_cases(session, study.id).set_index("case_id")["truth"]
         cases = dict(
             session.execute(
                 select(Specimen.code, StudyCase.id)

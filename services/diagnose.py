@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from core.data.io import Image, ImageError, read_image
 from core.data.store import StoredImage, npy_bytes, store_image, write_atomic
 from core.predict import Diagnosis, Predictor
 from core.settings import workspace_dir
 from db import repo
+from db.audit import log_event
 from db.repo import ModelInfo
-from db.session import session_scope
+from db.session import run_transaction
 
 __all__ = [
     "Outcome",
@@ -72,7 +74,6 @@ def diagnose_files(
     *,
     user_id: int | None,
     heatmap: str | None = "gradcam",
-    database: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     options: dict | None = None,
 ) -> list[Outcome]:
@@ -88,7 +89,7 @@ def diagnose_files(
             (result,) = predictor.diagnose([image], heatmap=heatmap, options=options)
             if isinstance(result, ImageError):
                 raise result
-            outcomes.append(_record(image, result, model, user_id, database))
+            outcomes.append(_record(image, result, model, user_id))
         except ImageError as error:
             outcomes.append(Outcome(name=name, error=error.reason))
         if progress:
@@ -96,7 +97,7 @@ def diagnose_files(
     return outcomes
 
 
-def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | None, database: str | None) -> Outcome:
+def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | None) -> Outcome:
     root = workspace_dir()
     stored = store_image(image, root)
     map_path = None
@@ -118,7 +119,6 @@ def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | No
         map_path,
         result.device,
         result.seconds,
-        database,
     )
     return Outcome(
         name=image.name,
@@ -145,10 +145,11 @@ def record_prediction(
     map_path: str | None,
     device: str | None,
     seconds: float | None,
-    database: str | None = None,
 ) -> tuple[int, int]:
-    """The upload row of a stored image and its prediction row, in one transaction: ``(upload_id, prediction_id)``."""
-    with session_scope(database) as session:
+    """The upload row of a stored image, its prediction row and their audit entry, in one write transaction:
+    ``(upload_id, prediction_id)``."""
+
+    def work(session: Session) -> tuple[int, int]:
         upload_id = repo.add_upload(
             session,
             user_id=user_id,
@@ -170,4 +171,15 @@ def record_prediction(
             device=device,
             seconds=seconds,
         )
-    return upload_id, prediction_id
+        log_event(
+            session,
+            "diagnosis_stored",
+            user_id=user_id,
+            upload=upload_id,
+            prediction=prediction_id,
+            model=model.name,
+            image_sha256=stored.sha256,
+        )
+        return upload_id, prediction_id
+
+    return run_transaction(work)

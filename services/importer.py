@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.data.io import ImageError, read_image
 from sqlalchemy.orm import Session
 
+from core.data.io import ImageError, read_image
 from core.data.manifest import ManifestRow, patient_split, read_manifest
 from core.data.store import store_image
 from core.settings import workspace_dir
@@ -30,7 +30,6 @@ def import_manifest(
     *,
     fractions: tuple[float, float, float] = (0.6, 0.15, 0.25),
     seed: int = 0,
-    database: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
     """Store every valid row's image (metadata stripped, content-addressed) and its specimen, patient and labels.
@@ -43,9 +42,9 @@ def import_manifest(
     unsplit = {r.patient_id for r in rows if r.split is None}
     assigned = patient_split(unsplit, fractions, seed) if unsplit else {}
     root = workspace_dir()
-    init_db(database)
+    init_db()
     specimens: set[str] = set()
-    with session_scope(database) as session:
+    with session_scope() as session:
         for done, row in enumerate(rows, start=1):
             try:
                 _import_row(session, row, assigned, root)

@@ -81,7 +81,6 @@ def train_on_set(
     data: LocalizationSet,
     *,
     name: str | None = None,
-    database: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = None,
 ) -> tuple[ModelInfo, nn.Module]:
@@ -90,14 +89,14 @@ def train_on_set(
     task = next(t for t, kind in DATASET_TASKS.items() if kind == data.kind)
     config = replace(config, task=task, modality=data.modality, in_chans=data.channels, image_size=data.size)
     name = name or default_name(config)
-    check_model_name(name, database)
+    check_model_name(name)
     train, val = data.tensors("train"), data.tensors("val")
     log(f"training {config.architecture} ({name}) on {len(train[1])} {data.modality} images of {data.size} px")
     result = fit(config, *train, *val, progress=progress)
     extra: dict[str, Any] = {"dataset": data.describe()}
     if data.channel_mean is not None:
         extra.update(channel_mean=data.channel_mean.tolist(), channel_std=data.channel_std.tolist())
-    info = register_trained(config, result, name, data.tensors("test"), database=database, log=log, extra_config=extra)
+    info = register_trained(config, result, name, data.tensors("test"), log=log, extra_config=extra)
     return info, result.model
 
 
@@ -367,7 +366,6 @@ def run_study(
     seed: int = 0,
     bootstrap: int = 500,
     prefix: str | None = None,
-    database: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = print_progress,
     overrides: dict[str, dict[str, Any]] | None = None,
@@ -381,7 +379,7 @@ def run_study(
     spec = STUDIES[study]
     size = size or spec.size
     channels = channels or spec.channels
-    init_db(database)
+    init_db()
     root = Path(data_dir) if data_dir else workspace_dir() / "datasets" / f"{spec.kind}-{size}px-seed{seed}"
     if (root / "dataset.json").is_file():
         data = read_set(root)
@@ -397,7 +395,7 @@ def run_study(
     trained: dict[str, tuple[ModelInfo, nn.Module]] = {}
     for key, plan in spec.models.items():
         config = replace(plan, **(overrides or {}).get(key, {})).config(epochs=epochs, seed=seed)
-        trained[key] = train_on_set(config, data, name=f"{stamp}-{key}", database=database, log=log, progress=progress)
+        trained[key] = train_on_set(config, data, name=f"{stamp}-{key}", log=log, progress=progress)
     main_info = trained[spec.main][0]
     folder = workspace_dir() / "models" / main_info.name / "examples"
     tables = []
@@ -419,7 +417,7 @@ def run_study(
         "tables": tables,
         "scored_on": "positive test images (segmentation); all test images (image AUC)",
     }
-    with session_scope(database) as session:
+    with session_scope() as session:
         report["evaluation_id"] = repo.add_evaluation(
             session, main_info.id, title=spec.title, dataset=data.describe(), report=jsonable(report)
         )
@@ -522,7 +520,6 @@ def run_mosaic_study(
     seed: int = 0,
     bootstrap: int = 500,
     prefix: str | None = None,
-    database: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = print_progress,
     overrides: dict[str, dict[str, Any]] | None = None,
@@ -544,7 +541,7 @@ def run_mosaic_study(
     if window > size:
         raise ValueError(f"a {window} px window does not fit a {size} px mosaic; give a smaller --window")
     slow_step = slow_step or window
-    init_db(database)
+    init_db()
     seeds = mosaic_seeds((n_train, n_val, n_test), seed)
     log(f"drawing {n_train + n_val + n_test} synthetic RCM mosaics of {size} px (seeds from {seeds['train'][0]})")
     train, val, test = (
@@ -562,7 +559,6 @@ def run_mosaic_study(
             name=f"{stamp}-{key}",
             patches_per_mosaic=patches or spec.patches,
             seed=seed,
-            database=database,
             log=log,
             progress=progress,
         )
@@ -638,7 +634,7 @@ def run_mosaic_study(
         "scored_on": f"{n_test} held-out mosaics, every labeled pixel (pixel AUC CI: bootstrap over mosaics); image "
         "AUC: patches of the first test mosaic",
     }
-    with session_scope(database) as session:
+    with session_scope() as session:
         report["evaluation_id"] = repo.add_evaluation(
             session, main_info.id, title=spec.title, dataset=dataset, report=jsonable(report)
         )

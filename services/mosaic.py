@@ -122,7 +122,6 @@ def train_patch_classifier(
     name: str,
     patches_per_mosaic: int = 200,
     seed: int = 0,
-    database: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = None,
 ) -> tuple[ModelInfo, nn.Module]:
@@ -144,7 +143,7 @@ def train_patch_classifier(
         raise ValueError(f"mosaic splits must be {', '.join(MOSAIC_SPLITS)}, not {', '.join(sorted(mosaics))}")
     if not mosaics.get("train") or not mosaics.get("val"):
         raise ValueError("give at least one training and one validation mosaic: their patches must not mix")
-    check_model_name(name, database)
+    check_model_name(name)
     size = config.image_size
     ordered = [(split, pair) for split in ("train", "test", "val") for pair in mosaics.get(split) or ()]
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -160,9 +159,7 @@ def train_patch_classifier(
     }
     log(f"training {config.architecture} on {len(tensors['train'][1])} {size} px {config.modality} patches")
     result = fit(config, *tensors["train"], *tensors["val"], progress=progress)
-    info = register_trained(
-        config, result, name, tensors.get("test"), database=database, log=log, extra_config={"window": size}
-    )
+    info = register_trained(config, result, name, tensors.get("test"), log=log, extra_config={"window": size})
     return info, result.model
 
 
@@ -189,7 +186,6 @@ def diagnose_mosaic(
     mode: str = "fast",
     method: str = "cam",
     progress: Callable[[int, int], None] | None = None,
-    database: str | None = None,
 ) -> MosaicOutcome:
     """Stitch ``model``'s map over a whole mosaic and store upload, map and prediction together."""
     try:
@@ -221,7 +217,6 @@ def diagnose_mosaic(
         map_path,
         result.device,
         result.seconds,
-        database,
     )
     return MosaicOutcome(
         name=image.name,

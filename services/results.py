@@ -4,10 +4,10 @@ against the readers' mean AUC, error analysis).
 
 Per arm, the CNN is the model registered for the arm's modality and the study's task (the newest unless chosen),
 at its registered operating threshold (chosen on validation data, as the FL-CNN paper did) unless a policy is asked
-for. Readers' confidence becomes an ROC score: on the 0-100 scale it already is one (0 = surely negative); on the
-5-point scale, the answer and the confidence make a 10-point scale (negative, certain = 1 ... negative, very unsure
-= 5; positive, very unsure = 6 ... positive, certain = 10). Only readers who finished an arm enter its analysis;
-the others are listed with their progress.
+for. Readers' answers and confidence become ROC scores by the one rule of ``core.stats.ratings`` (the same rule
+``python -m core analyze`` and the page's uploaded-CSV path use; a reads export carries the scale and the score, and
+``export_predictions`` writes the model's scores, so export -> analyze gives this page's figures). Only readers who
+finished an arm enter its analysis; the others are listed with their progress.
 """
 
 from __future__ import annotations
@@ -18,20 +18,32 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from core.stats.compare import bootstrap_counts, bootstrap_indices
 from core.stats.mrmc import model_vs_readers, mrmc_or
+from core.stats.ratings import reader_score
 from core.stats.report import analyze_reads
 from core.stats.thresholds import POLICIES, Threshold
 from db import repo
+from db.audit import log_event
 from db.models import Prediction, Read, SpecimenImage, StudyCase, User
 from db.repo import ModelInfo
-from db.session import session_scope
+from db.session import read_scope, reads, run_transaction, writes
 from services import studies
 
-__all__ = ["ArmInputs", "StudyResults", "arm_inputs", "reader_score", "roc_band", "study_results", "study_version"]
+__all__ = [
+    "ArmInputs",
+    "StudyResults",
+    "arm_inputs",
+    "arm_predictions",
+    "export_predictions",
+    "note_results_viewed",
+    "roc_band",
+    "study_results",
+    "study_version",
+]
 
 
 @dataclass(frozen=True)
@@ -52,26 +64,34 @@ class StudyResults:
     notes: list[str] = field(default_factory=list)
 
 
-def reader_score(label: np.ndarray, rating: np.ndarray, scale: str) -> np.ndarray:
-    """A reader's ROC score from their answer and confidence (see the module docstring)."""
-    label, rating = np.asarray(label, dtype=float), np.asarray(rating, dtype=float)
-    if scale == "hundred":
-        return rating
-    return np.where(label == 1, 5.0 + rating, 6.0 - rating)
+def _study_images(study_id: int, modality: str | None = None) -> Select:
+    """The ids of the specimen images of a study's cases (in one modality), as a subquery."""
+    stmt = (
+        select(SpecimenImage.id)
+        .join(StudyCase, StudyCase.specimen_id == SpecimenImage.specimen_id)
+        .where(StudyCase.study_id == study_id)
+    )
+    return stmt if modality is None else stmt.where(SpecimenImage.modality == modality)
 
 
-def study_version(session: Session, study_id: int) -> tuple[int, int]:
-    """Changes whenever a read or a prediction is added: (reads, newest prediction id), the cache key of results."""
-    reads = session.scalar(select(func.count(Read.id)).where(Read.study_id == study_id)) or 0
-    newest = session.scalar(select(func.max(Prediction.id))) or 0
-    return int(reads), int(newest)
+@reads
+def study_version(session: Session, study_id: int) -> tuple[int, int, int]:
+    """The cache key of a study's results: (reads, newest read id, newest prediction id on the study's images). It
+    changes when a read of this study or a prediction on one of its images is added, and for nothing else (an upload,
+    another study's read, a prediction on another image). Reads and predictions are never updated, only added."""
+    reads, newest_read = session.execute(
+        select(func.count(Read.id), func.max(Read.id)).where(Read.study_id == study_id)
+    ).one()
+    newest = session.scalar(select(func.max(Prediction.id)).where(Prediction.image_id.in_(_study_images(study_id))))
+    return int(reads or 0), int(newest_read or 0), int(newest or 0)
 
 
-def arm_inputs(session: Session, study_id: int, arm_name: str, model: ModelInfo | None) -> ArmInputs:
-    """The cases with truth and the model's latest score on the arm's image, and the finished readers' answers."""
+def arm_predictions(session: Session, study_id: int, arm_name: str, model: ModelInfo | None) -> pd.DataFrame:
+    """The arm's analysed cases (training cases left out, in the study's order) with their truth and the model's
+    newest score on the arm's image: ``case_id, truth, score`` (NaN where the model has no prediction yet)."""
     study = studies.get_study(session, study_id)
     arm = next(a for a in study.arms if a.name == arm_name)
-    cases = studies.export_cases(session, study_id, user_id=None, audit=False)
+    cases = studies.export_cases(session, study_id)
     cases = cases[~cases["training"]].drop(columns=["training", "split"]).reset_index(drop=True)
     scores = {}
     if model is not None:
@@ -89,7 +109,15 @@ def arm_inputs(session: Session, study_id: int, arm_name: str, model: ModelInfo 
         ).all()
         scores = {code: probability for code, probability in rows}  # the newest wins
     cases["score"] = cases["case_id"].map(scores).astype(float)
-    reads = studies.export_reads(session, study_id, user_id=None, audit=False)
+    return cases
+
+
+def arm_inputs(session: Session, study_id: int, arm_name: str, model: ModelInfo | None) -> ArmInputs:
+    """The cases with truth and the model's latest score on the arm's image, and the finished readers' answers."""
+    study = studies.get_study(session, study_id)
+    arm = next(a for a in study.arms if a.name == arm_name)
+    cases = arm_predictions(session, study_id, arm_name, model)
+    reads = studies.export_reads(session, study_id)
     reads = reads[reads["arm"] == arm_name][["case_id", "reader_id", "arm", "label", "rating"]]
     counts = reads.groupby("reader_id")["case_id"].nunique()
     finished = counts[counts == len(cases)].index
@@ -148,12 +176,11 @@ def study_results(
     permutations: int = 10000,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    database: str | None = None,
 ) -> StudyResults:
     """Everything the Results page shows for a study. ``models`` maps arm -> model id (default: the newest model of
     the study's task for the arm's modality). Missing model predictions on the study's images are computed first."""
     say = progress or (lambda _m: None)
-    with session_scope(database) as session:
+    with read_scope() as session:
         study = studies.get_study(session, study_id)
         if study is None:
             raise studies.StudyError(f"there is no study #{study_id}")
@@ -167,25 +194,69 @@ def study_results(
     results = StudyResults(study)
     if study.simulated:
         results.notes.append("The reads of this study are SIMULATED (generated by a program), not given by readers.")
-    from services.study_ai import predict_images
-
     for arm in study.arms:
         model = chosen[arm.name]
         if model is not None:
             say(f"{arm.name}: the model's predictions on the study images")
-            with session_scope(database) as session:
-                image_ids = session.scalars(
-                    select(SpecimenImage.id)
-                    .join(StudyCase, StudyCase.specimen_id == SpecimenImage.specimen_id)
-                    .where(StudyCase.study_id == study_id, SpecimenImage.modality == arm.modality)
-                ).all()
-            predict_images(model.id, image_ids, database=database)
-        with session_scope(database) as session:
+            _predict_arm(study_id, arm.modality, model)
+        with read_scope() as session:
             inputs = arm_inputs(session, study_id, arm.name, model)
         results.arms[arm.name] = _arm_report(inputs, policy, bootstrap, permutations, seed, results.notes, say)
     say("MRMC")
     results.mrmc = _mrmc(results, study)
     return results
+
+
+def _predict_arm(study_id: int, modality: str, model: ModelInfo) -> None:
+    """Compute the model's missing predictions on the study's images of the arm's modality."""
+    from services.study_ai import predict_images
+
+    with read_scope() as session:
+        image_ids = session.scalars(_study_images(study_id, modality)).all()
+    predict_images(model.id, list(image_ids))
+
+
+def export_predictions(
+    study_id: int, arm_name: str | None = None, *, model: int | str | None = None, user_id: int | None
+) -> tuple[pd.DataFrame, ModelInfo]:
+    """The model's scores on one arm's cases as the Results page uses them, in the predictions format of
+    ``python -m core analyze`` (``case_id, truth, score``, the study's case order), with the model: the arm's default
+    (the newest for the study's task and the arm's modality) unless ``model`` (a name or id) is given. Missing
+    predictions are computed first. Analysed with the reads export at the model's registered threshold (and the same
+    bootstrap, permutations and seed), it gives the page's Table 1 for the arm. Audited."""
+    with read_scope() as session:
+        study = studies.get_study(session, study_id)
+        if study is None:
+            raise studies.StudyError(f"there is no study #{study_id}")
+        names = [a.name for a in study.arms]
+        if arm_name is None and len(names) > 1:
+            raise studies.StudyError(f"the study has several arms; name one ({', '.join(names)})")
+        arm = next((a for a in study.arms if a.name == (arm_name or names[0])), None)
+        if arm is None:
+            raise studies.StudyError(f"unknown arm {arm_name!r}; this study's arms are {', '.join(names)}")
+        chosen = (
+            repo.find_model(session, model) if model is not None else repo.model_for(session, study.task, arm.modality)
+        )
+        if chosen is None:
+            raise studies.StudyError(
+                f"no model {model!r}" if model is not None else f"no {arm.modality} {study.task} model is registered"
+            )
+        if (chosen.task, chosen.modality) != (study.task, arm.modality):
+            raise studies.StudyError(
+                f"model {chosen.name} is a {chosen.modality} {chosen.task} model; arm {arm.name} needs "
+                f"{arm.modality} {study.task}"
+            )
+    _predict_arm(study_id, arm.modality, chosen)
+
+    with read_scope() as session:
+        frame = arm_predictions(session, study_id, arm.name, chosen)
+    run_transaction(
+        lambda session: log_event(
+            session, "predictions_exported", user_id=user_id, study_id=study_id, arm=arm.name, model=chosen.name,
+            rows=len(frame),
+        )
+    )  # fmt: skip
+    return frame, chosen
 
 
 def _arm_report(inputs: ArmInputs, policy, bootstrap, permutations, seed, notes, say) -> dict[str, Any]:
@@ -251,4 +322,14 @@ def _mrmc(results: StudyResults, study: studies.StudyInfo) -> dict[str, Any] | N
             "rating": long["score"],
         }
     )
-    return mrmc_or(ratings).to_dict()
+    try:
+        return mrmc_or(ratings).to_dict()
+    except ValueError as error:  # e.g. fewer than two cases of a class
+        results.notes.append(f"MRMC cannot be computed on these cases: {error}.")
+        return None
+
+
+@writes
+def note_results_viewed(session: Session, study_id: int, user_id: int) -> None:
+    """Audit that this user looked at the study's results (the page calls it once per study and session)."""
+    log_event(session, "results_viewed", user_id=user_id, study_id=study_id)

@@ -17,16 +17,16 @@ from core.data.store import npy_bytes, write_atomic
 from core.predict import Predictor
 from core.settings import workspace_dir
 from db import repo
-from db.models import Prediction, SpecimenImage, StudyArm, StudyCase
-from db.session import session_scope
+from db.models import ArmCase, Prediction, SpecimenImage, StudyArm, StudyCase
+from db.session import read_scope, session_scope
 from services.diagnose import heatmap_path, load_predictor
 
 __all__ = ["ensure_case_ai", "missing_ai", "predict_images", "prepare_study_ai"]
 
 
-def missing_ai(study_id: int, database: str | None = None) -> list[tuple[int, int]]:
+def missing_ai(study_id: int) -> list[tuple[int, int]]:
     """(arm id, specimen image id) pairs of aided arms that have no stored AI output yet."""
-    with session_scope(database) as session:
+    with read_scope() as session:
         arms = session.scalars(select(StudyArm).where(StudyArm.study_id == study_id)).all()
         out = []
         for arm in arms:
@@ -51,53 +51,54 @@ def missing_ai(study_id: int, database: str | None = None) -> list[tuple[int, in
     return out
 
 
-def prepare_study_ai(
-    study_id: int, *, database: str | None = None, progress: Callable[[int, int], None] | None = None
-) -> int:
+def prepare_study_ai(study_id: int, *, progress: Callable[[int, int], None] | None = None) -> int:
     """Compute and store every missing AI output of the study's aided arms; returns how many were computed."""
-    todo = missing_ai(study_id, database)
+    todo = missing_ai(study_id)
     predictors: dict[str, Predictor] = {}
     for done, (arm_id, image_id) in enumerate(todo, start=1):
-        _compute_one(arm_id, image_id, database, predictors)
+        _compute_one(arm_id, image_id, predictors)
         if progress:
             progress(done, len(todo))
     return len(todo)
 
 
-def ensure_case_ai(study_id: int, arm_id: int, token: str, database: str | None = None) -> None:
+def ensure_case_ai(study_id: int, arm_id: int, token: str) -> None:
     """Compute the AI output of one case in one aided arm if it is missing (a reader's first view of it)."""
-    with session_scope(database) as session:
-        case = session.scalar(select(StudyCase).where(StudyCase.token == token, StudyCase.study_id == study_id))
+    with read_scope() as session:
+        case = session.scalar(
+            select(StudyCase)
+            .join(ArmCase, ArmCase.case_id == StudyCase.id)
+            .where(ArmCase.token == token, ArmCase.arm_id == arm_id, StudyCase.study_id == study_id)
+        )
         arm = session.get(StudyArm, arm_id)
-        if case is None or arm is None or arm.study_id != study_id or arm.model_id is None:
+        if case is None or arm is None or arm.model_id is None:
             return
         image_id = session.scalar(
             select(SpecimenImage.id).where(
                 SpecimenImage.specimen_id == case.specimen_id, SpecimenImage.modality == arm.modality
             )
         )
-    if (arm_id, image_id) in set(missing_ai(study_id, database)):
-        _compute_one(arm_id, image_id, database, {})
+    if (arm_id, image_id) in set(missing_ai(study_id)):
+        _compute_one(arm_id, image_id, {})
 
 
-def _compute_one(arm_id: int, image_id: int, database: str | None, predictors: dict[str, Predictor]) -> None:
+def _compute_one(arm_id: int, image_id: int, predictors: dict[str, Predictor]) -> None:
     """Predict one specimen image with an arm's model (and its heatmap method) and store it."""
-    with session_scope(database) as session:
+    with read_scope() as session:
         arm = session.get(StudyArm, arm_id)
         model_id, method = arm.model_id, arm.heatmap_method
-    _predict_one(model_id, image_id, method, database, predictors)
+    _predict_one(model_id, image_id, method, predictors)
 
 
 def predict_images(
     model_id: int,
     image_ids: list[int],
     *,
-    database: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Store a model's prediction (no heatmap) on each specimen image that has none from it yet; returns how many
     were computed (the Results page's scores)."""
-    with session_scope(database) as session:
+    with read_scope() as session:
         done = set(
             session.scalars(
                 select(Prediction.image_id).where(Prediction.model_id == model_id, Prediction.image_id.in_(image_ids))
@@ -106,17 +107,15 @@ def predict_images(
     todo = [i for i in image_ids if i not in done]
     predictors: dict[str, Predictor] = {}
     for count, image_id in enumerate(todo, start=1):
-        _predict_one(model_id, image_id, None, database, predictors)
+        _predict_one(model_id, image_id, None, predictors)
         if progress:
             progress(count, len(todo))
     return len(todo)
 
 
-def _predict_one(
-    model_id: int, image_id: int, method: str | None, database: str | None, predictors: dict[str, Predictor]
-) -> None:
+def _predict_one(model_id: int, image_id: int, method: str | None, predictors: dict[str, Predictor]) -> None:
     root = workspace_dir()
-    with session_scope(database) as session:
+    with read_scope() as session:
         image = session.get(SpecimenImage, image_id)
         model = repo.find_model(session, model_id)
         path, sha = image.path, image.sha256
@@ -127,7 +126,7 @@ def _predict_one(
     if method and result.heatmap is not None:
         map_path = heatmap_path(sha, model, method)
         write_atomic(root / map_path, npy_bytes(result.heatmap.astype(np.float32)))
-    with session_scope(database) as session:
+    with session_scope() as session:
         repo.add_prediction(
             session,
             model_id=model.id,

@@ -20,7 +20,7 @@ from core.stats.report import jsonable
 from core.train import DATASET_TASKS, Progress, TrainConfig, TrainResult, fit, predict_logits, task_label
 from db import repo
 from db.repo import ModelInfo
-from db.session import init_db, session_scope
+from db.session import init_db, read_scope, session_scope
 
 __all__ = ["check_model_name", "default_name", "load_split", "print_progress", "register_trained", "train_and_register"]
 
@@ -57,13 +57,13 @@ def load_split(
     return torch.stack(images), torch.tensor([targets[i] for i in keep], dtype=torch.float32)
 
 
-def check_model_name(name: str, database: str | None = None) -> None:
+def check_model_name(name: str) -> None:
     """Before any training: registry names become folder names (letters, digits, '.', '_' and '-' only) and must
     not be taken yet. Creates the tables if need be."""
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
         raise ValueError(f"model name {name!r} may only contain letters, digits, '.', '_' and '-'")
-    init_db(database)
-    with session_scope(database) as session:
+    init_db()
+    with read_scope() as session:
         if repo.find_model(session, name) is not None:
             raise ValueError(f"a model named {name!r} is already registered; choose another --name")
 
@@ -72,7 +72,6 @@ def train_and_register(
     config: TrainConfig,
     *,
     name: str | None = None,
-    database: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = None,
 ) -> ModelInfo:
@@ -85,8 +84,8 @@ def train_and_register(
     if config.task in DATASET_TASKS:
         raise ValueError(f"{config.task} models learn from a localisation set; train them with --data DIR")
     name = name or default_name(config)
-    check_model_name(name, database)
-    with session_scope(database) as session:
+    check_model_name(name)
+    with read_scope() as session:
         frame = repo.specimen_images(session, config.modality)
     if frame.empty:
         raise ValueError(f"the workspace has no {config.modality} images; run `python -m core import` first")
@@ -100,7 +99,7 @@ def train_and_register(
             splits[split] = load_split(part, config.task, config.modality, config.image_size)
     log(f"training {config.architecture} for {config.task} on {len(splits['train'][1])} images")
     result = fit(config, *splits["train"], *splits["val"], progress=progress)
-    return register_trained(config, result, name, splits.get("test"), database=database, log=log)
+    return register_trained(config, result, name, splits.get("test"), log=log)
 
 
 def register_trained(
@@ -109,7 +108,6 @@ def register_trained(
     name: str,
     test: tuple[torch.Tensor, torch.Tensor] | None,
     *,
-    database: str | None = None,
     log: Callable[[str], None] = print,
     extra_config: dict | None = None,
 ) -> ModelInfo:
@@ -130,7 +128,7 @@ def register_trained(
         **(extra_config or {}),
     }
     checkpoint = save_checkpoint(result.model, checkpoint_config, workspace_dir() / "models" / name)
-    with session_scope(database) as session:
+    with session_scope() as session:
         info = repo.register_model(
             session,
             name=name,

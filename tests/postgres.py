@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["postgres_server"]
+__all__ = ["postgres_server", "reset_database"]
 
 
 def _binary(name: str) -> str | None:
@@ -65,3 +65,14 @@ def _run(command: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+def reset_database(url: str) -> None:
+    """Make the server's database empty again (tables, the migration stamp, triggers and their function), so the
+    next ``init_db`` builds it from scratch."""
+    from db.session import get_engine
+
+    with get_engine(url).connect() as connection:
+        connection.exec_driver_sql("DROP SCHEMA public CASCADE")
+        connection.exec_driver_sql("CREATE SCHEMA public")
+        connection.commit()

@@ -4,9 +4,14 @@
 Inputs (``python -m core analyze``):
 
 - predictions: ``case_id, truth, score`` (truth 0/1, score in [0, 1]), one row per case;
-- reads: ``case_id, reader_id, label`` and optionally ``rating`` and ``arm``, one row per reader, case and arm; every
-  reader reads every case of the predictions file (in each arm);
+- reads: ``case_id, reader_id, label`` and optionally ``rating``, ``rating_scale``, ``score`` and ``arm``, one row per
+  reader, case and arm; every reader reads every case of the predictions file (in each arm). The ROC rating of a read
+  is its ``score`` when the file has that column (a study's export does); else, when it has ``rating_scale`` (or one
+  is given), the answer and ``rating`` on that scale by the one rule of ``core.stats.ratings``; else ``rating`` as
+  given (a 0-100 confidence, a probability);
 - ratings for MRMC: ``reader, modality, case, truth, rating`` (the Van Dyke long format).
+
+Cells this project's exports escaped against spreadsheet formulas (``core.text``) are read back as they were typed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import pandas as pd
 
 from core.stats.compare import compare_model_with_readers
 from core.stats.mrmc import mrmc_or
+from core.stats.ratings import RATING_SCALES, reader_score, scale_problem
 from core.stats.thresholds import POLICIES, Threshold
+from core.text import csv_as_typed
 
 __all__ = [
     "AnalysisError",
@@ -43,7 +50,7 @@ class AnalysisError(ValueError):
 
 def _table(source: str | Path | bytes | pd.DataFrame, what: str, required: Iterable[str]) -> pd.DataFrame:
     if isinstance(source, pd.DataFrame):
-        frame = source.astype(str)
+        frame = source.astype(str).reset_index(drop=True)
     else:
         try:
             raw = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -52,6 +59,7 @@ def _table(source: str | Path | bytes | pd.DataFrame, what: str, required: Itera
             raise AnalysisError(f"{what}: no such file {source}") from None
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
             raise AnalysisError(f"{what}: not a readable CSV ({error}); save it as comma-separated UTF-8") from None
+        frame = csv_as_typed(frame)
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
@@ -103,17 +111,44 @@ def read_predictions(source: str | Path | bytes | pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def read_reads(source: str | Path | bytes | pd.DataFrame, cases: Iterable[str]) -> pd.DataFrame:
+def read_reads(
+    source: str | Path | bytes | pd.DataFrame,
+    cases: Iterable[str],
+    *,
+    rating_scale: str | None = None,
+    arm: str | None = None,
+) -> pd.DataFrame:
     """Readers' answers, checked against the predictions' ``cases``: columns ``case_id, reader_id, arm, label``
-    (0/1) and ``rating`` (float, NaN when not given). Every reader must have read every case in every arm."""
+    (0/1) and ``rating``, the read's ROC rating (float, NaN when not given): the file's ``score``, else its
+    ``rating`` made a score by the file's ``rating_scale`` column or by ``rating_scale`` (for files without one),
+    else its ``rating`` as given (see the module docstring). Every reader must have read every case in every arm.
+    With ``arm``, only that arm's reads are taken (rows are still named by their line in the file)."""
     what = "reads"
     frame = _table(source, what, ("case_id", "reader_id", "label"))
     if "arm" not in frame:
         frame["arm"] = ""
-    has_rating = "rating" in frame
+    if arm is not None:
+        arms = sorted(frame["arm"].unique())
+        frame = frame[frame["arm"] == arm]
+        if frame.empty:
+            raise AnalysisError(f"{what}: no reads in arm {arm!r}; the file's arms are {', '.join(map(repr, arms))}")
+    if rating_scale is not None:
+        if rating_scale not in RATING_SCALES:
+            raise AnalysisError(f"unknown rating scale {rating_scale!r}; expected one of {', '.join(RATING_SCALES)}")
+        if "score" in frame or "rating_scale" in frame:
+            raise AnalysisError(
+                f"{what}: the file carries its own {'score' if 'score' in frame else 'rating_scale'} column; "
+                "leave the rating scale unset"
+            )
+        frame["rating_scale"] = rating_scale
+    source_column = "score" if "score" in frame else "rating"
+    scaled = source_column == "rating" and "rating_scale" in frame
+    if scaled and "rating" not in frame:
+        raise AnalysisError(f"{what}: a rating_scale without a rating column; add the readers' ratings")
+    has_rating = source_column in frame
     known = set(cases)
     problems, seen = [], {}
-    for index, row in enumerate(frame.to_dict("records"), start=2):
+    for index, row in zip(frame.index + 2, frame.to_dict("records"), strict=True):  # the header is line 1
         if row["case_id"] not in known:
             problems.append(f"line {index}: unknown case_id {row['case_id']!r} (not in the predictions)")
         if not row["reader_id"]:
@@ -128,16 +163,29 @@ def read_reads(source: str | Path | bytes | pd.DataFrame, cases: Iterable[str]) 
         seen.setdefault(key, index)
         if row["label"] not in ("0", "1"):
             problems.append(f"line {index}: label must be 0 or 1, not {row['label']!r}")
-        if has_rating and row["rating"] != "" and _number(row["rating"]) is None:
-            problems.append(f"line {index}: rating must be a number, not {row['rating']!r}")
+        if has_rating and row[source_column] != "":
+            value = _number(row[source_column])
+            if value is None:
+                problems.append(f"line {index}: {source_column} must be a number, not {row[source_column]!r}")
+            elif scaled and (problem := scale_problem(value, row["rating_scale"])):
+                problems.append(f"line {index}: {problem}")
     _fail(what, problems)
+    ratings = pd.Series(np.nan, frame.index)
+    if has_rating and not scaled:
+        ratings = pd.to_numeric(frame[source_column], errors="coerce")
+    elif scaled:
+        for scale, rows in frame.groupby("rating_scale").groups.items():
+            if scale not in RATING_SCALES:  # only rows without a rating get here (the others were refused above)
+                continue
+            given = pd.to_numeric(frame.loc[rows, "rating"], errors="coerce")
+            ratings[rows] = reader_score(frame.loc[rows, "label"].astype(int), given, scale)
     out = pd.DataFrame(
         {
             "case_id": frame["case_id"],
             "reader_id": frame["reader_id"],
             "arm": frame["arm"],
             "label": frame["label"].astype(int),
-            "rating": pd.to_numeric(frame["rating"], errors="coerce") if has_rating else np.nan,
+            "rating": ratings.astype(float),
         }
     )
     problems = []

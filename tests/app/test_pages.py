@@ -8,6 +8,7 @@ import pytest
 import skimage.data
 from streamlit.testing.v1 import AppTest
 
+from core.text import md_escape
 from db import repo
 from db.session import init_db, session_scope
 from services.diagnose import diagnose_files, load_predictor
@@ -107,7 +108,7 @@ def test_diagnose_page_shows_models_and_reopens_earlier_results(clinician_diagno
     at.radio(key="diagnose_modality").set_value("WL").run()
     assert "tiny-WL" in at.selectbox(key="diagnose_model").format_func(at.selectbox(key="diagnose_model").value)
     assert f"#{outcome.prediction_id} · retina.jpg" in at.selectbox(key="diagnose_history_pick").options
-    assert any("retina.jpg" in m.value for m in at.markdown)
+    assert any(md_escape("retina.jpg") in m.value for m in at.markdown)
     assert at.slider(key="diagnose_history_view_opacity").value == pytest.approx(0.45)
 
 
@@ -124,7 +125,7 @@ def test_data_page_lists_tables_and_filters(clinician_diagnosis):
     # the PI reopens a clinician's prediction, heatmap included
     at.selectbox(key="data_open_pick").set_value(outcome.prediction_id).run()
     assert not at.exception
-    assert any("retina.jpg" in m.value and "tiny-WL" in m.value for m in at.markdown)
+    assert any(md_escape("retina.jpg") in m.value and md_escape("tiny-WL") in m.value for m in at.markdown)
     assert at.slider(key="data_open_view_opacity").value == pytest.approx(0.45)
 
 
@@ -143,6 +144,12 @@ def test_a_guided_gradcam_diagnosis_reopens_with_its_five_views(use_trained):
     assert any("five Grad-CAM views" in m.value for m in at.markdown)
     assert any("Computed on CPU" in c.value for c in at.caption)
     assert "Score-CAM" in at.selectbox(key="diagnose_method").options
+    # The patient's pictures travel inside the page (data: URIs), never as st.image files, which Streamlit serves
+    # at /media URLs that work without signing in for as long as it keeps them.
+    assert len(at.get("imgs")) == 0
+    embedded = [h.proto.body for h in at.get("html") if "data:image/png;base64," in h.proto.body]
+    assert len(embedded) == 2 + 5  # original, overlay and the five views
+    assert any("<figcaption" in body and "Original" in body for body in embedded)
 
 
 def test_a_patch_classifier_turns_the_page_into_the_mosaic_flow(rcm_workspace, monkeypatch):
@@ -162,5 +169,5 @@ def test_a_patch_classifier_turns_the_page_into_the_mosaic_flow(rcm_workspace, m
     at.session_state["mosaic_last"] = asdict(outcome)
     at.run()
     assert not at.exception
-    assert any("windows" in s.value and "mosaic.png" in s.value for s in at.success)
+    assert any("windows" in s.value and md_escape("mosaic.png") in s.value for s in at.success)
     assert len(at.get("plotly_chart")) == 2  # the stitched map with pan and zoom, new result and in the history

@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
+from core.text import md_escape
 from db import repo
-from db.models import AuditEvent, Read, Specimen, SpecimenImage, StudyCase
-from db.session import session_scope
+from db.models import ArmCase, AuditEvent, Read, Specimen, SpecimenImage, StudyCase
+from db.session import read_scope, session_scope
 from services import studies
 from services.studies import ArmSpec
 from tests.conftest import reader_study
@@ -49,8 +50,18 @@ def _answer(at, label, rating):
 
 
 def _served_token(at):
-    keys = [r.key for r in at.radio if r.key.startswith("read_label_")]
-    return re.fullmatch(r"read_label_\d+_(.+)", keys[0]).group(1) if keys else None  # tokens may hold "_"
+    """The token of the case the page is showing, read from the server side of the session (the page never sends
+    it to the browser: see ``test_the_page_holds_nothing_that_tells_the_truth_or_the_specimen``)."""
+    if not any(r.key.startswith("read_label_") for r in at.radio):
+        return None
+    revising = at.session_state.get("read_revise")
+    return revising[1] if revising else list(at.session_state["read_shown"])[-1][1]
+
+
+def _case_of(token):
+    """The study case behind an arm's token."""
+    with read_scope() as s:
+        return s.scalar(select(StudyCase).join(ArmCase, ArmCase.case_id == StudyCase.id).where(ArmCase.token == token))
 
 
 def _everything_sent(at) -> str:
@@ -77,8 +88,8 @@ def test_a_reader_answers_case_after_case_and_resumes_after_a_new_session(use_tr
     assert _progress(again) == (2, study.n_cases) and _served_token(again) == second
     with session_scope() as s:
         (read,) = s.scalars(select(Read).where(Read.reader_id == reader)).all()
-        case = s.scalar(select(StudyCase).where(StudyCase.id == read.case_id))
-        assert (case.token, read.label, read.rating, read.version) == (first, 1, 4, 1)
+        token = s.scalar(select(ArmCase.token).where(ArmCase.case_id == read.case_id, ArmCase.arm_id == read.arm_id))
+        assert (token, read.label, read.rating, read.version) == (first, 1, 4, 1)
         assert read.shown_at is not None and read.duration_s >= 0
         actions = s.scalars(select(AuditEvent.action).where(AuditEvent.user_id == reader)).all()
     assert actions.count("read_recorded") == 1 and actions.count("case_shown") >= 2
@@ -95,13 +106,15 @@ def test_an_incomplete_answer_is_refused_with_a_message_and_stores_nothing(use_t
 
 
 def test_the_page_holds_nothing_that_tells_the_truth_or_the_specimen(use_trained):
-    """Two cases with opposite truths give the same page apart from the pixels, the opaque token and the position;
-    the specimen code, patient, stored file name and digest appear nowhere, and the PNG has no metadata chunks."""
+    """Two cases with opposite truths give the same page apart from the pixels and the position; the case's token,
+    specimen code, patient, stored file name and digest appear nowhere (element keys included), and the PNG has no
+    metadata chunks."""
     study, _, (reader, _) = reader_study()
     with session_scope() as s:
         truth_of = dict(
             s.execute(
-                select(StudyCase.token, repo.Label.tumor)
+                select(ArmCase.token, repo.Label.tumor)
+                .join(StudyCase, ArmCase.case_id == StudyCase.id)
                 .join(repo.Label, repo.Label.specimen_id == StudyCase.specimen_id)
                 .where(StudyCase.study_id == study.id)
             ).all()
@@ -123,17 +136,19 @@ def test_the_page_holds_nothing_that_tells_the_truth_or_the_specimen(use_trained
             code, patient, path, sha = s.execute(
                 select(Specimen.code, repo.Patient.code, SpecimenImage.path, SpecimenImage.sha256)
                 .join(StudyCase, StudyCase.specimen_id == Specimen.id)
+                .join(ArmCase, ArmCase.case_id == StudyCase.id)
                 .join(repo.Patient, repo.Patient.id == Specimen.patient_id)
                 .join(SpecimenImage, SpecimenImage.specimen_id == Specimen.id)
-                .where(StudyCase.token == token, SpecimenImage.modality == "FL")
+                .where(ArmCase.token == token, SpecimenImage.modality == "FL")
             ).one()
-        for secret in (code, patient, path, sha, Path(path).name, "truth", "probability"):
+        for secret in (token, code, patient, path, sha, Path(path).name, "truth", "probability"):
             assert secret not in sent
         png = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", sent).group(1))
         assert png.startswith(b"\x89PNG") and not any(c in png for c in (b"tEXt", b"iTXt", b"zTXt", b"eXIf", b"iCCP"))
-        tree = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "<png>", sent.replace(token, "<token>"))
+        tree = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "<png>", sent)
         tree = tree.replace(f"case **{k}** of", "case **k** of")
-        tree = re.sub(r"\$\$ID-[0-9a-f]{32}-", "$$ID-", tree)  # widget ids hash their keys, which hold the token
+        tree = re.sub(rf"(read_[a-z]+)_{study.id}_1_{k}_0", r"\1_<k>", tree)  # keys say "case k" and nothing more
+        tree = re.sub(r"\$\$ID-[0-9a-f]{32}-", "$$ID-", tree)  # widget ids hash their keys
         trees.append(re.sub(r"(?m)^value: \d+\n", "", tree))  # the progress bar (absent when 0)
     assert trees[0] == trees[1]
 
@@ -175,8 +190,9 @@ def test_corrections_where_allowed_keep_the_old_answer(use_trained):
     at.button(key="read_revise_open").click()
     at.run()
     assert _served_token(at) == first and any("Correcting your answer" in w.value for w in at.warning)
-    assert at.radio(key=f"read_label_{study.arms[0].id}_{first}").value == 1  # the current answer, preset
-    at.radio(key=f"read_label_{study.arms[0].id}_{first}").set_value(0)
+    label = f"read_label_{study.id}_1_1_1"  # study, arm 1, case 1 of this reader's order, a correction
+    assert at.radio(key=label).value == 1  # the current answer, preset
+    at.radio(key=label).set_value(0)
     next(b for b in at.button if b.label == "Save correction").click()
     at.run()
     assert any("version 2" in s.value for s in at.success) and _progress(at) == (2, study.n_cases)
@@ -254,16 +270,17 @@ def test_an_aided_arm_shows_the_models_output_computed_when_the_study_was_made(u
         studies.record_read(
             study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=0, rating=1
         )
-    with session_scope() as s:
+    with read_scope() as s:
         case = studies.reader_state(s, study.id, reader).case
         prediction = s.scalar(
             select(repo.Prediction)
             .join(SpecimenImage, SpecimenImage.id == repo.Prediction.image_id)
             .join(StudyCase, StudyCase.specimen_id == SpecimenImage.specimen_id)
-            .where(StudyCase.token == case.token, SpecimenImage.modality == "FL", repo.Prediction.model_id == model.id)
+            .where(StudyCase.id == _case_of(case.token).id, SpecimenImage.modality == "FL")
+            .where(repo.Prediction.model_id == model.id)
         )
     at = _page(READ, reader)
-    assert _progress(at) == (1, study.n_cases) and "FL + AI" in _everything_sent(at)
+    assert _progress(at) == (1, study.n_cases) and any(md_escape("FL + AI") in m.value for m in at.markdown)
     (info,) = [i.value for i in at.info if i.value.startswith("AI output")]
     assert f"**{prediction.probability:.2f}**" in info and ("**tumor**" in info or "**non-tumor**" in info)
     assert at.toggle(key="read_heatmap_on").value is True

@@ -4,18 +4,27 @@ the same ``core.stats.report`` functions tested in tests/core/test_report.py; Ap
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
+from core.stats.report import jsonable
 from db import repo
+from db.models import ArmCase, Specimen, SpecimenImage, StudyCase
 from db.session import init_db, session_scope
 from services import results, studies
+from services.cli import main
 from services.studies import ArmSpec
+from tests.conftest import reader_study
+
+METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = str(ROOT / "pages" / "results.py")
@@ -36,7 +45,13 @@ def finished_study(use_trained):
             s, title=f"Finished {tag}", task="tumor", specimen_ids=[int(i) for i in cases["specimen_id"]],
             arms=(ArmSpec("FL", "FL"), ArmSpec("WL", "WL")), reader_ids=readers, created_by=pi,
         )  # fmt: skip
-        specimen_of = dict(s.execute(studies.select(studies.StudyCase.token, studies.StudyCase.specimen_id)).all())
+        specimen_of = dict(
+            s.execute(
+                select(ArmCase.token, StudyCase.specimen_id)
+                .join(StudyCase, StudyCase.id == ArmCase.case_id)
+                .where(StudyCase.study_id == study.id)
+            ).all()
+        )
     for reader in readers:
         for _ in range(2 * study.n_cases):
             with session_scope() as s:
@@ -65,10 +80,83 @@ def test_the_results_of_a_finished_study(finished_study):
     assert out.mrmc is not None and set(out.mrmc["mean_auc"]) == {"FL", "WL"}
 
 
-def test_reader_scores_order_answer_and_confidence():
-    scores = results.reader_score(np.array([0, 0, 1, 1]), np.array([5, 1, 1, 5]), "five")
-    assert list(scores) == [1, 5, 6, 10]
-    assert list(results.reader_score(np.array([0, 1]), np.array([12, 88]), "hundred")) == [12, 88]
+def test_export_then_analyze_reproduces_the_results_page(finished_study, tmp_path, capsys):
+    """Issue 13, item 3: the study's reads export and its model scores per arm, fed to ``python -m core analyze``
+    with the page's threshold, bootstrap, permutations and seed, give the page's Table 1 to the last digit."""
+    study, _ = finished_study
+    settings = ["--bootstrap", "200", "--permutations", "300", "--seed", "5"]
+    page = results.study_results(study.id, bootstrap=200, permutations=300, seed=5)
+    reads = tmp_path / "reads.csv"
+    for arm in ("FL", "WL"):
+        predictions = tmp_path / f"P-{arm}.csv"
+        export = ["studies", "export", str(study.id), "--out", str(reads), "--predictions", str(predictions)]
+        assert main([*export, "--arm", arm]) == 0
+        threshold = re.search(r"--threshold (\S+)", capsys.readouterr().out).group(1)
+        assert float(threshold) == page.arms[arm]["threshold"]["value"]  # the model's registered threshold
+        out = tmp_path / f"report-{arm}.json"
+        analyze = ["analyze", "--predictions", str(predictions), "--reads", str(reads), "--out", str(out), *settings]
+        assert main([*analyze, "--arm", arm, "--threshold", threshold]) == 0
+        report = json.loads(out.read_text())
+        expected = jsonable(page.arms[arm])
+        assert set(report["raters"]) == {"model", "readers_mean", *page.arms[arm]["inputs"].reads["reader_id"]}
+        for rater, figures in expected["raters"].items():  # every rater's estimates and CIs (AUC where it has one)
+            shown = [m for m in (*METRICS, "auc") if m in figures]
+            assert {m: report["raters"][rater].get(m) for m in shown} == {m: figures[m] for m in shown}, (arm, rater)
+            assert "auc" in shown or rater == "readers_mean"
+        assert report["comparisons"] == expected["comparisons"]
+    # what the issue saw: the bare confidence, as the old export and analyze had it, is another (wrong) analysis
+    bare = pd.read_csv(reads, dtype=str).drop(columns=["score", "rating_scale"])
+    bare.to_csv(reads, index=False)
+    assert main([*analyze, "--arm", "WL", "--threshold", threshold]) == 0
+    wrong = json.loads(out.read_text())["raters"]
+    assert any(wrong[r]["auc"] != expected["raters"][r]["auc"] for r in wrong if r not in ("model", "readers_mean"))
+    assert main([*analyze, "--arm", "WL", "--threshold", threshold, "--rating-scale", "five"]) == 0
+    assert json.loads(out.read_text())["raters"] == report["raters"]  # such a file with its scale named: right again
+
+
+def test_the_results_cache_key_moves_only_with_this_studys_reads_and_images(use_trained):
+    """Issue 13, item 3: an upload, a prediction on an image outside the study or another study's read leave the
+    study's results cached; its own new read or a new prediction on its images do not."""
+    study, _, readers = reader_study(1)
+    other, _, other_readers = reader_study(1)
+
+    def version():
+        with session_scope() as s:
+            return results.study_version(s, study.id)
+
+    def answer(study_id, reader):
+        with session_scope() as s:
+            case = studies.reader_state(s, study_id, reader).case
+        studies.record_read(
+            study_id=study_id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=1, rating=3
+        )
+
+    with session_scope() as s:
+        model = repo.model_for(s, "tumor", "FL")
+        outside = s.scalars(
+            select(SpecimenImage.id).join(Specimen).where(Specimen.split == "train", SpecimenImage.modality == "FL")
+        ).first()
+        inside = s.scalars(
+            select(SpecimenImage.id)
+            .join(StudyCase, StudyCase.specimen_id == SpecimenImage.specimen_id)
+            .where(StudyCase.study_id == study.id)
+        ).first()
+    before = version()
+    with session_scope() as s:
+        upload = repo.add_upload(
+            s, user_id=None, original_name="x.png", modality="FL", path="uploads/x.png", sha256="0" * 64, height=8,
+            width=8,
+        )  # fmt: skip
+        repo.add_prediction(s, model_id=model.id, probability=0.5, threshold=0.5, upload_id=upload)
+        repo.add_prediction(s, model_id=model.id, probability=0.5, threshold=0.5, image_id=outside)
+    answer(other.id, other_readers[0])
+    assert version() == before
+    answer(study.id, readers[0])
+    after_read = version()
+    assert after_read != before
+    with session_scope() as s:
+        repo.add_prediction(s, model_id=model.id, probability=0.5, threshold=0.5, image_id=inside)
+    assert version() != after_read
 
 
 def test_the_results_page_shows_figure_tables_and_mrmc(finished_study):
@@ -84,6 +172,8 @@ def test_the_results_page_shows_figure_tables_and_mrmc(finished_study):
     assert "rr0-" in sent and re.search(r"readers\\*' mean", sent)
     assert any("MRMC ROC analysis" in h.value for h in at.subheader)
     assert len(at.dataframe) >= 8  # per arm: Table 1, comparisons, errors, cases; plus MRMC tables
+    commands = [c.value for c in at.code]  # per arm: how export -> analyze gives this Table 1
+    assert len(commands) == 2 and all(re.search(r"--arm (FL|WL) --threshold 0\.\d+ --bootstrap", c) for c in commands)
 
 
 def test_the_results_page_refuses_readers(finished_study):

@@ -154,3 +154,18 @@ def test_the_mrmc_report_reproduces_van_dyke(tmp_path):
     assert (round(frrc["chi2"], 5), round(frrc["p_value"], 4)) == (5.47595, 0.0193)
     assert [round(c, 5) for c in frrc["ci"]] == [-0.08049, -0.00711]
     assert (round(rrfc["f"], 2), round(rrfc["p_value"], 4)) == (8.70, 0.0420)
+
+
+def test_cells_escaped_against_formulas_are_read_back_as_typed():
+    """A file written by ``core.text.csv_bytes`` (a reader id ``@evil``, a case id ``=1+1``) analyses as the values
+    people typed, not as ``'@evil``; a DataFrame given directly is taken as it is."""
+    from core.text import csv_bytes
+
+    predictions = pd.DataFrame({"case_id": ["=1+1", "B"], "truth": [1, 0], "score": [0.9, 0.2]})
+    reads = pd.DataFrame({"case_id": ["=1+1", "B"], "reader_id": "@evil", "label": [1, 0], "rating": [80, 10]})
+    written_p, written_r = csv_bytes(predictions), csv_bytes(reads)
+    assert b"'=1+1" in written_p and b"'@evil" in written_r  # escaped in the file
+    back = read_predictions(written_p)
+    assert list(back["case_id"]) == ["=1+1", "B"]
+    assert set(read_reads(written_r, back["case_id"])["reader_id"]) == {"@evil"}
+    assert list(read_predictions(predictions.assign(case_id=["'=1+1", "B"]))["case_id"]) == ["'=1+1", "B"]

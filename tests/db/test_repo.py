@@ -3,8 +3,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from db import repo
-from db.models import Base, Prediction
+from db.models import Prediction
 from db.session import get_engine, init_db, session_scope
+from tests.postgres import reset_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -14,7 +15,7 @@ def db_url(request, workspace):
         url = f"sqlite:///{workspace / 'study.db'}"
     else:
         url = request.getfixturevalue("postgres_url")
-        Base.metadata.drop_all(get_engine(url))  # a clean schema per test
+        reset_database(url)  # a clean schema per test
     init_db(url)
     return url
 

@@ -109,16 +109,17 @@ def test_pi_diagnoses_uploads_and_finds_them_in_the_data_page(
     assert [row["image"] for row in results] == ["retina.jpg"], results
     assert results[0]["decision"] in ("tumor", "non-tumor"), results
     assert 0.0 <= float(results[0]["probability"]) <= 1.0, results
-    original = page.get_by_test_id("stImage").filter(has_text="Original").filter(visible=True)
-    overlay = (
-        page.get_by_test_id("stImage").filter(has_text=re.compile(r"^Grad-CAM: warm colours")).filter(visible=True)
-    )
+    original = page.get_by_test_id("stHtml").filter(has_text="Original").filter(visible=True)
+    overlay = page.get_by_test_id("stHtml").filter(has_text=re.compile(r"^Grad-CAM: warm colours")).filter(visible=True)
     for viewer_image in (original, overlay):
         expect(viewer_image).to_have_count(1)
         img = viewer_image.locator("img")
         expect(img).to_be_visible()
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle())
-    assert page.locator("[data-testid=stImage] img").filter(visible=True).count() >= 2
+        # the patient's picture is inside the page, not a file at a URL that works without signing in
+        assert img.get_attribute("src").startswith("data:image/png;base64,")
+    sources = page.locator("img").evaluate_all("images => images.map(i => i.getAttribute('src') || '')")
+    assert not [s for s in sources if "/media/" in s], sources
     _screenshot_whole_page(page, SCREENSHOT)
 
     # 4. A reload ends the Streamlit session: the same URL asks to sign in again, then shows the page asked for.

@@ -34,7 +34,7 @@ def test_the_demo_study_covers_the_test_split_in_fl_and_wl_for_every_demo_reader
     assert simulated.simulated and simulated.status == "closed" and simulated.frozen
     assert "SIMULATED" in simulated.description and set(simulated.reader_ids).isdisjoint(study.reader_ids)
     with session_scope() as s:
-        reads = studies.export_reads(s, simulated.id, user_id=None, audit=False)
+        reads = studies.export_reads(s, simulated.id)
         assert len(reads) == simulated.n_cases * 2 * len(SIMULATED_READERS) and set(reads["source"]) == {"simulated"}
         for name, _, _ in SIMULATED_READERS:
             assert repo.authenticate(s, name, "") is None  # inactive: nobody signs in as a simulated reader

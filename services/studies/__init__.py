@@ -1,0 +1,90 @@
+"""Blind reader studies: set-up (PI), the reader protocol (reader), case images, and exchange (export and import).
+
+The rules live here, not in the pages, so every way in (browser, CLI, tests, a tampered session) meets them:
+
+- A reader only reaches studies they are invited to, only the case the server chose for them (the first unanswered
+  one in their own stable order), addressed by an opaque token; what they are sent (:class:`ReaderCase`) carries
+  no truth, no specimen or patient code, no file name, and AI output only in an aided arm.
+- One read per reader, case and arm: the database's unique key on (arm, case, reader, version) settles double
+  clicks, resubmitted forms and two tabs; a correction (where the study allows it) is a new version, never an
+  overwrite.
+- Cases, arms and the rating scale are frozen by the first read; every change, read, export and import is in the
+  audit log.
+"""
+
+from services.studies.exchange import EXPORT_COLUMNS, ImportReport, export_cases, export_reads, import_reads
+from services.studies.images import CASE_CACHE, VIEW_SIDE, case_png, upcoming_images
+from services.studies.protocol import (
+    AiShown,
+    ReaderCase,
+    ReaderState,
+    ReadResult,
+    case_for_revision,
+    complete_training,
+    note_case_shown,
+    reader_state,
+    record_read,
+    revisable_cases,
+    training_cases,
+)
+from services.studies.setup import (
+    MAX_COMMENT,
+    RATING_RANGES,
+    ArmInfo,
+    ArmSpec,
+    CasePools,
+    StudyError,
+    StudyInfo,
+    case_pools,
+    create_study,
+    eligible_specimens,
+    get_study,
+    invite_readers,
+    list_studies,
+    reader_studies,
+    sample_cases,
+    set_status,
+    study_progress,
+    update_study,
+)
+
+__all__ = [
+    "CASE_CACHE",
+    "EXPORT_COLUMNS",
+    "MAX_COMMENT",
+    "RATING_RANGES",
+    "VIEW_SIDE",
+    "AiShown",
+    "ArmInfo",
+    "ArmSpec",
+    "CasePools",
+    "ImportReport",
+    "ReadResult",
+    "ReaderCase",
+    "ReaderState",
+    "StudyError",
+    "StudyInfo",
+    "case_for_revision",
+    "case_pools",
+    "case_png",
+    "complete_training",
+    "create_study",
+    "eligible_specimens",
+    "export_cases",
+    "export_reads",
+    "get_study",
+    "import_reads",
+    "invite_readers",
+    "list_studies",
+    "note_case_shown",
+    "reader_state",
+    "reader_studies",
+    "record_read",
+    "revisable_cases",
+    "sample_cases",
+    "set_status",
+    "study_progress",
+    "training_cases",
+    "update_study",
+    "upcoming_images",
+]
