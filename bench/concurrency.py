@@ -13,6 +13,8 @@ load the issue names, on SQLite and on PostgreSQL, in threads of one process as 
 - meanwhile ``--exporters`` (4) PI sessions download, back to back, the reads, the answer history, the cases with
   truth and the audit log (``services.exports``), ``--exports`` (5) rounds each.
 
+Before the load, three more people sign in one after the other and the PI downloads the four files once, with
+nothing else going on (``sign_in_alone``, ``export_alone``): the baseline the loaded figures are read against.
 Every exception, and every sign-in that did not let its user in, is an error. The same load is run a second time
 under the rule the app had before (``legacy``: deferred ``BEGIN`` on SQLite, so a transaction that reads and then
 writes fails at its first write when another writer committed meanwhile; sign-ins, exports and the audit write of
@@ -26,15 +28,13 @@ binaries the benchmark says so and measures SQLite only.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import random
 import sqlite3
 import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,19 +44,20 @@ import sqlalchemy
 from sqlalchemy import create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.databases import BACKENDS, fresh_database, postgres_missing
 from bench.diagnosis import start, write_results
 from db import repo
 from db.audit import audit_table, log_event
 from db.chain import track_transactions
-from db.session import SQLITE_BUSY_TIMEOUT_MS, get_engine, init_db, read_scope, session_scope
+from db.session import SQLITE_BUSY_TIMEOUT_MS, init_db, read_scope, session_scope
 from services import accounts, exports, studies
 from services.studies import ArmSpec
 
 __all__ = ["BACKENDS", "OPERATIONS", "RULES", "main"]
 
-BACKENDS = ("sqlite", "postgresql")
 RULES = ("new", "legacy")
-OPERATIONS = ("sign_in", "serve", "record", "export")
+OPERATIONS = ("sign_in_alone", "sign_in", "serve", "record", "export_alone", "export")
+_QUIET = 3  # accounts that sign in one after the other before the load: the unloaded baseline
 _PASSWORD = "Concurrency-bench-{i:03d}"
 
 
@@ -148,35 +149,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 # ------------------------------------------------------------------------------------------------ the database
 
 
-@contextlib.contextmanager
-def _database(backend: str, folder: Path) -> Iterator[str]:
-    """A fresh, empty database of ``backend``, with the settings pointing at it inside the block."""
-    with contextlib.ExitStack() as stack:
-        if backend == "sqlite":
-            url = f"sqlite:///{folder / 'study.db'}"
-        else:
-            from tests.postgres import postgres_server  # the test suite's throwaway server
-
-            url = stack.enter_context(postgres_server())
-        saved = {k: os.environ.get(k) for k in ("IOAI_DATABASE_URL", "IOAI_WORKSPACE")}
-        os.environ["IOAI_DATABASE_URL"], os.environ["IOAI_WORKSPACE"] = url, str(folder)
-        try:
-            yield url
-        finally:
-            get_engine(url).dispose()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
 @dataclass(frozen=True)
 class _Built:
     study_id: int
     pi: int
     readers: list[int]
-    people: list[tuple[str, str]]  # (username, password) of those who sign in
+    people: list[tuple[str, str]]  # (username, password) of those who sign in together
+    quiet: list[tuple[str, str]]  # ... and of those who sign in alone, before the load
 
 
 def _build(settings: Settings) -> _Built:
@@ -189,7 +168,7 @@ def _build(settings: Settings) -> _Built:
             repo.create_user(session, f"bench-reader-{i:02d}", _PASSWORD.format(i=500 + i), "reader").id
             for i in range(settings.readers)
         ]
-        people = [(f"bench-person-{i:03d}", _PASSWORD.format(i=i)) for i in range(settings.sign_ins)]
+        people = [(f"bench-person-{i:03d}", _PASSWORD.format(i=i)) for i in range(settings.sign_ins + _QUIET)]
         for i, (name, password) in enumerate(people):
             repo.create_user(session, name, password, ("clinician", "reader", "pi")[i % 3])
         specimens = []
@@ -207,7 +186,7 @@ def _build(settings: Settings) -> _Built:
             reader_ids=readers,
             created_by=pi,
         )
-    return _Built(study.id, pi, readers, people)
+    return _Built(study.id, pi, readers, people[: settings.sign_ins], people[settings.sign_ins :])
 
 
 # ----------------------------------------------------------------------------------------------- the old rule
@@ -292,41 +271,54 @@ def _reader(built: _Built, reader: int, tally: _Tally, stop: threading.Event, se
         time.sleep(settings.think_ms / 1000.0 * chooser.random())
 
 
+def _sign_in(name: str, password: str, rule: str, maker: Any, tally: _Tally, operation: str) -> None:
+    if rule == "new":
+        result = tally.timed(operation, lambda: accounts.sign_in(name, password, f"bench-client-{name}"))
+        if result is not None and not result.ok:
+            tally.error(f"{operation}: {name} was not let in: {result.message}")
+    else:
+        ok = tally.timed(operation, lambda: _legacy_sign_in(maker, name, password))
+        if ok is False:
+            tally.error(f"{operation}: {name} was not let in")
+
+
+def _export(built: _Built, rule: str, maker: Any, tally: _Tally, operation: str) -> None:
+    """One round of the four downloads."""
+    if rule == "legacy":
+        tally.timed(operation, lambda: _legacy_export(maker, built.study_id, built.pi))
+        return
+
+    def export() -> None:
+        exports.reads_csv(built.study_id, user_id=built.pi)
+        exports.reads_csv(built.study_id, user_id=built.pi, history=True)
+        exports.cases_csv(built.study_id, user_id=built.pi)
+        with read_scope() as peek:  # the table as the Data page shows it
+            audit = audit_table(peek)
+        exports.table_csv(audit, what="audit log", user_id=built.pi)
+
+    tally.timed(operation, export)
+
+
 def _signer(built: _Built, i: int, rule: str, maker: Any, tally: _Tally, gate: threading.Barrier) -> None:
     name, password = built.people[i]
     gate.wait()
-    if rule == "new":
-        result = tally.timed("sign_in", lambda: accounts.sign_in(name, password, f"bench-client-{i}"))
-        if result is not None and not result.ok:
-            tally.error(f"sign_in: {name} was not let in: {result.message}")
-    else:
-        ok = tally.timed("sign_in", lambda: _legacy_sign_in(maker, name, password))
-        if ok is False:
-            tally.error(f"sign_in: {name} was not let in")
+    _sign_in(name, password, rule, maker, tally, "sign_in")
 
 
 def _exporter(built: _Built, rule: str, maker: Any, tally: _Tally, settings: Settings, gate: threading.Barrier):
     gate.wait()
     for _ in range(settings.exports):
-        if rule == "new":
-
-            def export() -> None:
-                exports.reads_csv(built.study_id, user_id=built.pi)
-                exports.reads_csv(built.study_id, user_id=built.pi, history=True)
-                exports.cases_csv(built.study_id, user_id=built.pi)
-                with read_scope() as peek:  # the table as the Data page shows it
-                    audit = audit_table(peek)
-                exports.table_csv(audit, what="audit log", user_id=built.pi)
-
-            tally.timed("export", export)
-        else:
-            tally.timed("export", lambda: _legacy_export(maker, built.study_id, built.pi))
+        _export(built, rule, maker, tally, "export")
 
 
 def _run(built: _Built, rule: str, url: str, settings: Settings) -> tuple[_Tally, float]:
-    """Readers read; once all are going, the sign-ins and the exporters start together; readers stop after."""
+    """First the baseline (a few sign-ins one after the other, one round of downloads, with nothing else going on);
+    then readers read, and once all are going, the sign-ins and the exporters start together; readers stop after."""
     tally = _Tally()
     maker = _legacy_maker(url) if rule == "legacy" else None
+    for name, password in built.quiet:
+        _sign_in(name, password, rule, maker, tally, "sign_in_alone")
+    _export(built, rule, maker, tally, "export_alone")
     stop = threading.Event()
     readers = [
         threading.Thread(target=_reader, args=(built, r, tally, stop, settings), name=f"reader-{r}")
@@ -394,21 +386,13 @@ def _table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def _postgres_missing() -> str | None:
-    from tests.postgres import _binary
-
-    if _binary("initdb") and _binary("pg_ctl"):
-        return None
-    return "PostgreSQL skipped: its server binaries are not installed (Debian package postgresql)"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     device, began, about = start(1, "cpu")
     about |= {"sqlalchemy": sqlalchemy.__version__, "sqlite": sqlite3.sqlite_version}
     backends = list(settings.backends)
     skipped: dict[str, str] = {}
-    if "postgresql" in backends and (reason := _postgres_missing()):
+    if "postgresql" in backends and (reason := postgres_missing()):
         print(reason, flush=True)
         skipped["postgresql"] = reason
         backends.remove("postgresql")
@@ -419,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rule in settings.rules:
             with (
                 tempfile.TemporaryDirectory(prefix="ioai-bench-concurrency-") as temp,
-                _database(backend, Path(temp)) as url,
+                fresh_database(backend, Path(temp), workspace=Path(temp)) as url,
             ):
                 print(f"{backend}, {rule} rule: building ...", flush=True)
                 built = _build(settings)

@@ -9,8 +9,8 @@ study is frozen. About 200,000 reads at the default sizes.
 
 Each timed request picks a random reader (seeded) and measures, one after the other:
 
-- ``serve_sql``: ``services.studies.reader_state`` in its own session, as a page run opens one: the SQL (and the
-  Python around it) that decides which case the reader gets;
+- ``serve_sql``: ``services.studies.reader_state`` in its own read-only transaction, as the reading page calls it:
+  the SQL (and the Python around it) that decides which case the reader gets;
 - ``encode``: ``services.studies.case_png`` on the served image, the decoding, display rendering and PNG encoding
   of what the browser receives, for every ``--image-size`` (the database points at the first; the other sizes are
   synthetic specimens drawn from the same seeds at that size);
@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import glob
 import math
 import os
 import random
-import shutil
 import sqlite3
 import tempfile
 import time
@@ -52,6 +50,7 @@ import sqlalchemy
 from sqlalchemy import Engine, event, insert, select, text, update
 from sqlalchemy.orm import Session
 
+from bench.databases import BACKENDS, fresh_database, postgres_missing
 from bench.diagnosis import start, usable_cores, write_results
 from core.data.io import read_image
 from core.data.store import store_image
@@ -65,7 +64,6 @@ from services.studies import ArmSpec, case_png, create_study, reader_state, reco
 __all__ = ["BACKENDS", "MEASUREMENTS", "Row", "Settings", "main", "parse_args"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKENDS = ("sqlite", "postgresql")
 ARMS = (ArmSpec("FL", "FL"), ArmSpec("WL", "WL"))
 MEASUREMENTS: dict[str, str] = {
     "serve_sql": "serve: reader_state (SQL)",
@@ -359,10 +357,9 @@ class _Statements:
 
 
 def _serve(url: str, study_id: int, reader_id: int) -> tuple[Any, float]:
-    """``reader_state`` in its own session, as one page run opens it, and its milliseconds."""
+    """``reader_state`` in its own read-only transaction, as the reading page calls it, and its milliseconds."""
     began = time.perf_counter()
-    with session_scope(url) as session:
-        state = reader_state(session, study_id, reader_id)
+    state = reader_state(study_id, reader_id)
     return state, (time.perf_counter() - began) * 1000.0
 
 
@@ -481,37 +478,6 @@ def _server_version(url: str) -> str:
         return f"PostgreSQL {session.scalar(text('SHOW server_version'))}"
 
 
-def _postgres_missing() -> str | None:
-    """Why PostgreSQL cannot be measured here, or None when its server binaries are installed."""
-    for name in ("initdb", "pg_ctl"):
-        if not glob.glob(f"/usr/lib/postgresql/*/bin/{name}") and shutil.which(name) is None:
-            return f"PostgreSQL server binaries not found ({name}; Debian package postgresql): measuring SQLite only"
-    return None
-
-
-@contextlib.contextmanager
-def _database(backend: str, folder: Path) -> Iterator[str]:
-    """A fresh, empty database of ``backend``: a SQLite file in ``folder`` or a throwaway PostgreSQL server. The
-    settings (``IOAI_DATABASE_URL``) point at it inside the block, as they would in the app."""
-    with contextlib.ExitStack() as stack:
-        if backend == "sqlite":
-            url = f"sqlite:///{folder / 'study.db'}"
-        else:
-            from tests.postgres import postgres_server  # the test suite's throwaway server; PostgreSQL runs only
-
-            url = stack.enter_context(postgres_server())
-        saved = os.environ.get("IOAI_DATABASE_URL")
-        os.environ["IOAI_DATABASE_URL"] = url
-        try:
-            yield url
-        finally:
-            get_engine(url).dispose()
-            if saved is None:
-                os.environ.pop("IOAI_DATABASE_URL", None)
-            else:
-                os.environ["IOAI_DATABASE_URL"] = saved
-
-
 def _backend(
     backend: str, folder: Path, settings: Settings, stored: dict[str, dict[str, list[str]]]
 ) -> tuple[dict[str, Any], list[Row]]:
@@ -522,7 +488,7 @@ def _backend(
         size: {served[modality][i]: path for modality in ("FL", "WL") for i, path in enumerate(paths[modality])}
         for size, paths in stored.items()
     }
-    with _database(backend, folder) as url:
+    with fresh_database(backend, folder) as url:
         began = time.perf_counter()
         built = _build(url, settings, served, first)
         if backend == "postgresql":
@@ -578,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     about |= {"sqlalchemy": sqlalchemy.__version__, "sqlite": sqlite3.sqlite_version}
     backends = list(settings.backends)
     skipped: dict[str, str] = {}
-    if "postgresql" in backends and (reason := _postgres_missing()):
+    if "postgresql" in backends and (reason := postgres_missing()):
         print(reason, flush=True)
         skipped["postgresql"] = reason
         backends.remove("postgresql")

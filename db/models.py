@@ -357,7 +357,7 @@ class Read(Base):
     __tablename__ = "reads"
     __table_args__ = (
         UniqueConstraint("arm_id", "case_id", "reader_id", "version", name="uq_reads_version"),
-        Index("ix_reads_reader_arm", "reader_id", "arm_id"),
+        Index("ix_reads_reader_arm", "reader_id", "arm_id", "case_id"),  # covers a reader's answered cases
         CheckConstraint("version >= 1", name="ck_reads_version"),
         CheckConstraint("label IN (0, 1)", name="ck_reads_label"),
     )

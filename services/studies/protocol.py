@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -110,19 +110,15 @@ def _case_ids(session: Session, study_id: int) -> list[int]:
     )
 
 
-def _answered(session: Session, reader_id: int, arm_id: int) -> dict[int, datetime]:
-    """case id -> when this reader first answered it in this arm.
+def _answered(session: Session, reader_id: int, arm_id: int) -> set[int]:
+    """The cases this reader answered in this arm.
 
-    No GROUP BY on purpose: with one, SQLite (no ANALYZE statistics) walks every reader's reads of the arm through
-    the unique (arm, case, reader, version) index to get them in case order, 9 ms at 100 readers x 2,000 cases;
-    without it, ``ix_reads_reader_arm`` serves only this reader's rows (0.7 ms). See bench/README.md."""
-    first: dict[int, datetime] = {}
-    for case_id, at in session.execute(
-        select(Read.case_id, Read.answered_at).where(Read.reader_id == reader_id, Read.arm_id == arm_id)
-    ):
-        if case_id not in first or at < first[case_id]:
-            first[case_id] = at
-    return first
+    Only the case ids: a reader far into a large study has thousands of reads, and reading their times back would
+    parse thousands of timestamps per served case. ``ix_reads_reader_arm`` (reader, arm, case) answers it alone, with
+    this reader's rows of the arm only; without it SQLite (no ANALYZE statistics) walks every reader's reads of the
+    arm through the unique (arm, case, reader, version) index, 10 ms more per served case at 100 readers x 2,000
+    cases (see bench/README.md)."""
+    return set(session.scalars(select(Read.case_id).where(Read.reader_id == reader_id, Read.arm_id == arm_id)))
 
 
 def _invitation(session: Session, study_id: int, reader_id: int) -> StudyReader | None:
@@ -135,12 +131,11 @@ def _invitation(session: Session, study_id: int, reader_id: int) -> StudyReader 
 
 @dataclass(frozen=True)
 class _Position:
-    """Where a reader is: the first arm they have not finished (None: all done), their answers in it, when they
-    finished the arm before it, and whether that arm is open to them now (False during its wash-out)."""
+    """Where a reader is: the first arm they have not finished (None: all done), the cases they answered in it, and
+    when it opens to them (None: open; a time: its wash-out runs until then)."""
 
     arm: ArmInfo | None
-    answered: dict[int, datetime]
-    previous_end: datetime | None
+    answered: set[int]
     available_at: datetime | None
 
     def open(self, now: datetime) -> bool:
@@ -148,16 +143,22 @@ class _Position:
 
 
 def _position(session: Session, study: StudyInfo, reader_id: int, case_ids: list[int]) -> _Position:
-    previous_end: datetime | None = None
+    previous: ArmInfo | None = None
     for arm in study.arms:
         answered = _answered(session, reader_id, arm.id)
         if len(answered) < len(case_ids):
             available = None
-            if arm.washout_days and previous_end is not None and not answered:
-                available = previous_end + timedelta(days=arm.washout_days)
-            return _Position(arm, answered, previous_end, available)
-        previous_end = max(answered.values()) if answered else previous_end
-    return _Position(None, {}, previous_end, None)
+            if arm.washout_days and previous is not None and not answered:
+                # the wash-out runs from the reader's last first answer in the arm before (corrections don't count)
+                finished = session.scalar(
+                    select(func.max(Read.answered_at)).where(
+                        Read.reader_id == reader_id, Read.arm_id == previous.id, Read.version == 1
+                    )
+                )
+                available = None if finished is None else finished + timedelta(days=arm.washout_days)
+            return _Position(arm, answered, available)
+        previous = arm
+    return _Position(None, set(), None)
 
 
 def _revisable_arm(session: Session, study: StudyInfo, reader_id: int, now: datetime) -> ArmInfo | None:
@@ -248,34 +249,59 @@ def _reader_case(
     )
 
 
+@dataclass(frozen=True)
+class _Next:
+    """What the server serves an invited reader now: ``kind`` is closed | training | done | washout | case; for a
+    case, its arm, study case id and place ``k`` of ``n`` in the reader's order."""
+
+    kind: str
+    arm: ArmInfo | None = None
+    case_id: int | None = None
+    k: int = 0
+    n: int = 0
+    available_at: datetime | None = None
+
+
+def _next(session: Session, study: StudyInfo, reader_id: int, now: datetime) -> _Next:
+    if study.status != "open":
+        return _Next("closed")
+    if study.n_training and not _training_done(session, study.id, reader_id):
+        return _Next("training")
+    case_ids = _case_ids(session, study.id)
+    where = _position(session, study, reader_id, case_ids)
+    if where.arm is None:
+        return _Next("done")
+    if not where.open(now):
+        return _Next("washout", where.arm, available_at=where.available_at)
+    order = reader_order(case_ids, study.id, reader_id, where.arm.id)
+    next_id = next(i for i in order if i not in where.answered)
+    return _Next("case", where.arm, next_id, len(where.answered) + 1, len(order))
+
+
 @reads
 def reader_state(session: Session, study_id: int, reader_id: int, now: datetime | None = None) -> ReaderState:
     """What this reader should see now: the first unanswered case of their current arm (in their own order), the
     training cases, a wash-out wait, or the end."""
-    now = now or utcnow()
     study = get_study(session, study_id)
     if study is None or _invitation(session, study_id, reader_id) is None:
         return ReaderState("refused", NOT_ASSIGNED)
-    if study.status != "open":
+    served = _next(session, study, reader_id, now or utcnow())
+    arm = served.arm
+    if served.kind == "closed":
         return ReaderState("closed", "This study is closed. Thank you for taking part.")
-    if study.n_training and not _training_done(session, study_id, reader_id):
+    if served.kind == "training":
         return ReaderState("training", f"First, {study.n_training} training cases with their truth.")
-    case_ids = _case_ids(session, study_id)
-    where = _position(session, study, reader_id, case_ids)
-    arm = where.arm
-    if arm is None:
+    if served.kind == "done":
         return ReaderState("done", "You have read every case of this study. Thank you.")
-    if not where.open(now):
+    if served.kind == "washout":
         return ReaderState(
             "washout",
             f"Arm {arm.position + 1} ({arm.name}) opens after a {arm.washout_days}-day wash-out, on "
-            f"{where.available_at:%Y-%m-%d %H:%M} UTC. Please come back then.",
-            available_at=where.available_at,
+            f"{served.available_at:%Y-%m-%d %H:%M} UTC. Please come back then.",
+            available_at=served.available_at,
         )
-    order = reader_order(case_ids, study_id, reader_id, arm.id)
-    next_id = next(i for i in order if i not in where.answered)
-    case = session.get(StudyCase, next_id)
-    return ReaderState("case", case=_reader_case(session, study, arm, case, len(where.answered) + 1, len(order)))
+    case = session.get(StudyCase, served.case_id)
+    return ReaderState("case", case=_reader_case(session, study, arm, case, served.k, served.n))
 
 
 def _training_done(session: Session, study_id: int, reader_id: int) -> bool:
@@ -449,8 +475,8 @@ def record_read(
         else:
             if versions:
                 return ReadResult("duplicate", max(versions), "This case was already answered; nothing was changed.")
-            state = reader_state(session, study_id, reader_id, now=moment)
-            if state.kind != "case" or state.case.token != token or state.case.arm_id != arm_id:
+            served = _next(session, study, reader_id, moment)
+            if served.kind != "case" or served.case_id != case.id or served.arm.id != arm_id:
                 if _latest_reads(session, reader_id, arm_id, case.id):  # answered meanwhile (PostgreSQL sees it now)
                     return ReadResult("duplicate", 1, "This case was already answered; nothing was changed.")
                 raise StudyError("This is not the case you were shown; the page has been refreshed to your next case.")

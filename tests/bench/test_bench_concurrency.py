@@ -22,7 +22,8 @@ def test_every_backend_runs_the_whole_load_without_an_error(document: dict):
     for row in document["rows"]:
         assert row["errors"] == 0
         assert row["done"] > 0 and row["p50_ms"] > 0 and row["max_ms"] >= row["p95_ms"] >= row["p50_ms"]
-    sign_ins = [r for r in document["rows"] if r["operation"] == "sign_in"]
-    exports = [r for r in document["rows"] if r["operation"] == "export"]
-    assert all(r["done"] == 8 for r in sign_ins) and all(r["done"] == 2 * 2 for r in exports)
+    done = {(r["backend"], r["operation"]): r["done"] for r in document["rows"]}
+    for backend in {r["backend"] for r in document["rows"]}:
+        assert (done[backend, "sign_in"], done[backend, "export"]) == (8, 2 * 2)  # the crowd
+        assert (done[backend, "sign_in_alone"], done[backend, "export_alone"]) == (3, 1)  # the baseline
     assert {r["operation"] for r in document["rows"]} == set(OPERATIONS)

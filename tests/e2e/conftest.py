@@ -81,6 +81,33 @@ def _create_pi(workspace: Path) -> None:
                 repo.create_user(session, PI_USERNAME, PI_PASSWORD, "pi", display_name="E2E Investigator")
 
 
+def settled(page) -> None:
+    """Wait until the script run is over and nothing is left on screen from the run before (stale elements)."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
+    expect(page.locator("[data-stale=true]")).to_have_count(0)
+
+
+def submit_sign_in(page, username: str, password: str) -> None:
+    """Fill in the sign-in form and press Sign in."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+    page.get_by_role("textbox", name="Username").fill(username)
+    page.get_by_role("textbox", name="Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def sign_in(page, username: str, password: str) -> None:
+    """Sign in and wait until the signed-in page is fully drawn."""
+    from playwright.sync_api import expect
+
+    submit_sign_in(page, username, password)
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+    settled(page)
+
+
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
     if not Path(CHROMIUM).exists():

@@ -21,7 +21,7 @@ from db.models import AuditEvent, SignInAttempt
 from db.session import init_db, session_scope
 from services.accounts import ACCOUNT_THROTTLE
 from tests.conftest import pointing_at
-from tests.e2e.conftest import EXPECT_TIMEOUT_MS, Server
+from tests.e2e.conftest import EXPECT_TIMEOUT_MS, Server, settled, sign_in, submit_sign_in
 
 PASSWORD = "e2e violet tram quarry"
 NEW_PASSWORD = "e2e amber kite orchard"
@@ -38,24 +38,6 @@ def _accounts(workspace: Path, roles: list[str], password: str = PASSWORD) -> li
             return [
                 repo.create_user(s, f"e2e-{role}{i}-{tag}", password, role).username for i, role in enumerate(roles)
             ]
-
-
-def _settled(page: Page) -> None:
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
-    expect(page.locator("[data-stale=true]")).to_have_count(0)
-
-
-def _submit_sign_in(page: Page, username: str, password: str) -> None:
-    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
-    page.get_by_role("textbox", name="Username").fill(username)
-    page.get_by_role("textbox", name="Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
-
-
-def _sign_in(page: Page, username: str, password: str) -> None:
-    _submit_sign_in(page, username, password)
-    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
-    _settled(page)
 
 
 def _error(page: Page):
@@ -86,14 +68,14 @@ def test_wrong_passwords_lock_the_username_and_then_the_right_one_is_refused(
         "locked after 5 failed attempts",
     ]
     for failures, text in enumerate(expected, start=1):
-        _submit_sign_in(page, name, f"wrong password {failures}")
+        submit_sign_in(page, name, f"wrong password {failures}")
         expect(_error(page)).to_contain_text(text)
-        _settled(page)
+        settled(page)
         time.sleep(ACCOUNT_THROTTLE.wait_after(failures).total_seconds() + 0.3)  # the backoff, as a person waits
-    _submit_sign_in(page, name, PASSWORD)
+    submit_sign_in(page, name, PASSWORD)
     expect(_error(page)).to_contain_text("even with the right password")
     expect(_error(page)).to_contain_text("ask your principal investigator to unlock the account")
-    _settled(page)
+    settled(page)
     expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
     assert [u for u, _ in _audit(trained_workspace, "sign_in_locked")].count(name) == 1
     assert [(u, d["reason"]) for u, d in _audit(trained_workspace, "sign_in_refused") if u == name] == [
@@ -106,19 +88,19 @@ def test_a_user_changes_their_password_on_the_account_page(
 ) -> None:
     (name,) = _accounts(trained_workspace, ["reader"])
     page.goto(streamlit_server.url + "/account")
-    _sign_in(page, name, PASSWORD)
+    sign_in(page, name, PASSWORD)
     expect(page.get_by_role("heading", name="Account")).to_be_visible()
     page.get_by_role("textbox", name="Current password").fill(PASSWORD)
     page.get_by_role("textbox", name="New password", exact=True).fill(NEW_PASSWORD)
     page.get_by_role("textbox", name="New password again").fill(NEW_PASSWORD)
     page.get_by_role("button", name="Change password").click()
     expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("Password changed")
-    _settled(page)
+    settled(page)
     page.get_by_role("button", name="Sign out").click()
-    _submit_sign_in(page, name, PASSWORD)
+    submit_sign_in(page, name, PASSWORD)
     expect(_error(page)).to_contain_text("wrong password")
-    _settled(page)
-    _sign_in(page, name, NEW_PASSWORD)
+    settled(page)
+    sign_in(page, name, NEW_PASSWORD)
     _no_errors(page)
 
 
@@ -131,15 +113,15 @@ def test_a_reset_ends_the_open_session_and_forces_a_new_password(
     try:
         reader = reader_context.new_page()
         reader.goto(streamlit_server.url)
-        _sign_in(reader, name, PASSWORD)
+        sign_in(reader, name, PASSWORD)
         # the PI resets the reader's password on the Users page and reads the temporary one
         page.goto(streamlit_server.url + "/users")
-        _sign_in(page, streamlit_server.username, streamlit_server.password)
+        sign_in(page, streamlit_server.username, streamlit_server.password)
         expect(page.get_by_role("heading", name="Users")).to_be_visible()
         page.get_by_test_id("stSelectbox").filter(has_text="Account").click()
         page.keyboard.type(name)  # the list shows only its first options: with many accounts, filter it first
         page.get_by_role("option", name=name, exact=True).click()
-        _settled(page)
+        settled(page)
         page.get_by_role("button", name="Reset password").click()
         expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("password was reset")
         temporary = page.get_by_test_id("stCode").inner_text().strip()
@@ -149,14 +131,14 @@ def test_a_reset_ends_the_open_session_and_forces_a_new_password(
         expect(reader.get_by_test_id("stAlertContentWarning")).to_contain_text("changed since you signed in")
         expect(reader.get_by_role("button", name="Sign out")).to_have_count(0)
         # the temporary password leads to the forced change, then to the home page
-        _submit_sign_in(reader, name, temporary)
+        submit_sign_in(reader, name, temporary)
         expect(reader.get_by_role("heading", name="Set a new password")).to_be_visible()
         reader.get_by_role("textbox", name="Current password").fill(temporary)
         reader.get_by_role("textbox", name="New password", exact=True).fill(NEW_PASSWORD)
         reader.get_by_role("textbox", name="New password again").fill(NEW_PASSWORD)
         reader.get_by_role("button", name="Change password").click()
         expect(reader.get_by_role("heading", name="Read")).to_be_visible()  # the page the reader asked for
-        _settled(reader)
+        settled(reader)
         expect(reader.get_by_test_id("stSidebar").get_by_role("button", name="Sign out")).to_be_visible()
         _no_errors(reader)
     finally:
@@ -173,10 +155,10 @@ def test_a_published_demo_password_is_refused_outside_a_demo_workspace(
                 repo.create_user(s, "reader3", "demo-reader3", "reader")  # as a copied demo database would have it
     assert not (trained_workspace / ".demo-complete").exists()
     page.goto(streamlit_server.url)
-    _submit_sign_in(page, "reader3", "demo-reader3")
+    submit_sign_in(page, "reader3", "demo-reader3")
     expect(_error(page)).to_contain_text("published demo password")
     expect(_error(page)).to_contain_text("works only in the demo workspace")
-    _settled(page)
+    settled(page)
     expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
 
 
@@ -209,7 +191,7 @@ def test_ten_browsers_press_sign_in_at_the_same_moment(
         for p in pages:
             expect(p.get_by_role("button", name="Sign out")).to_be_visible(timeout=CROWD_TIMEOUT_MS)
             expect(p.get_by_text("Signed in as")).to_be_visible(timeout=CROWD_TIMEOUT_MS)
-            _settled(p)
+            settled(p)
             _no_errors(p)
     finally:
         for context in contexts:

@@ -11,18 +11,10 @@ from pathlib import Path
 import skimage.data
 from playwright.sync_api import Locator, Page, expect
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, settled, sign_in
 
 SCREENSHOT = Path("/tmp/e2e_diagnose.png")
 MODEL_TIMEOUT_MS = 60_000  # first diagnosis loads the model and computes Grad-CAM on 2 CPU cores
-
-
-def _sign_in(page: Page, username: str, password: str) -> None:
-    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
-    page.get_by_role("textbox", name="Username").fill(username)
-    page.get_by_role("textbox", name="Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
 
 
 def _grid_rows(dataframe: Locator, count: int) -> list[dict[str, str]]:
@@ -54,6 +46,10 @@ def _filtered_tab(page: Page, tab: str, text: str) -> Locator:
     box = panel.get_by_role("textbox", name="Filter rows containing")
     box.fill(text)
     box.press("Enter")
+    # Wait for the rerun the filter starts to end: a deferred download button is only valid in the run that drew it
+    # (Streamlit drops the callable of the run before), so clicking one mid-rerun downloads nothing.
+    page.wait_for_timeout(500)
+    settled(page)
     expect(panel.get_by_text(re.compile(r"^[1-9]\d* of \d+ rows$"))).to_be_visible()
     return panel
 
@@ -86,7 +82,7 @@ def test_pi_diagnoses_uploads_and_finds_them_in_the_data_page(
 
     # 1. Sign in as the PI.
     page.goto(streamlit_server.url)
-    _sign_in(page, streamlit_server.username, streamlit_server.password)
+    sign_in(page, streamlit_server.username, streamlit_server.password)
     expect(page.get_by_text("Signed in as")).to_be_visible()
 
     # 2. Diagnose: WL, two files at once.
@@ -124,7 +120,7 @@ def test_pi_diagnoses_uploads_and_finds_them_in_the_data_page(
 
     # 4. A reload ends the Streamlit session: the same URL asks to sign in again, then shows the page asked for.
     page.reload()
-    _sign_in(page, streamlit_server.username, streamlit_server.password)
+    sign_in(page, streamlit_server.username, streamlit_server.password)
     expect(page.get_by_role("heading", name="Diagnose")).to_be_visible()
     page.get_by_role("link", name="Data").click()
     expect(page.get_by_role("heading", name="Data")).to_be_visible()

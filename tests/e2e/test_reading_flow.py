@@ -25,7 +25,7 @@ from db.session import init_db, session_scope
 from services import studies
 from services.studies import ArmSpec
 from tests.conftest import pointing_at
-from tests.e2e.conftest import EXPECT_TIMEOUT_MS, Server
+from tests.e2e.conftest import EXPECT_TIMEOUT_MS, Server, settled, sign_in
 
 PASSWORD = "pw-reader-e2e"
 DONE = "You have read every case of this study. Thank you."
@@ -125,19 +125,8 @@ def second_page(browser: Browser, streamlit_server: Server) -> Iterator[Page]:
         context.close()
 
 
-def _settled(page: Page) -> None:
-    """Wait until the script run is over and nothing is left on screen from the run before (stale elements)."""
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
-    expect(page.locator("[data-stale=true]")).to_have_count(0)
-
-
 def _sign_in(page: Page, username: str) -> None:
-    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
-    page.get_by_role("textbox", name="Username").fill(username)
-    page.get_by_role("textbox", name="Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
-    _settled(page)
+    sign_in(page, username, PASSWORD)
 
 
 def _open(page: Page, server: Server, reader: Reader, path: str = "/read") -> None:
@@ -155,13 +144,13 @@ def _expect_case(page: Page, setup: Setup, arm: int, k: int) -> None:
     """Wait until the page shows case ``k`` of arm number ``arm`` (both 1-based), fully drawn."""
     n_arms, n = len(setup.arms), len(setup.case_ids)
     expect(_position(page)).to_have_text(f"Arm {arm} of {n_arms}: {setup.arms[arm - 1][1]} · case {k} of {n}")
-    _settled(page)
+    settled(page)
     expect(_image(page)).to_have_count(1)  # plotly.js loads lazily, after the run is over
 
 
 def _expect_done(page: Page) -> None:
     expect(page.get_by_test_id("stAlertContentSuccess").filter(has_text=DONE)).to_have_text(DONE)
-    _settled(page)
+    settled(page)
     expect(_position(page)).to_have_count(0)
     expect(page.get_by_test_id("stForm")).to_have_count(0)
 
@@ -305,7 +294,7 @@ def test_a_double_submit_stores_one_answer_and_never_answers_the_next_case(
         _submit_twice(page, way)
         _expect_case(page, setup, 1, k + 1)
         page.wait_for_timeout(QUIET_MS)  # a late second submit would answer (or try to answer) case k + 1 now
-        _settled(page)
+        settled(page)
         expect(_position(page)).to_have_text(re.compile(rf" · case {k + 1} of {len(order)}$"))
         reads = _reads(trained_workspace, reader)
         assert reads == [(arm_id, case, 1, 1, 4) for case in order[:k]], (way, reads)

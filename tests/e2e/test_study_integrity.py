@@ -13,6 +13,7 @@ from db import repo
 from db.models import ArmCase
 from db.session import read_scope
 from services.studies import ArmSpec
+from services.study_ai import prepare_study_ai
 from tests.conftest import pointing_at
 from tests.e2e.conftest import Server
 from tests.e2e.test_reading_flow import _answer, _expect_case, _open, _study
@@ -41,6 +42,8 @@ def test_the_unaided_arm_closes_to_corrections_when_the_aided_arm_opens(
         model = repo.find_model(s, "tiny-WL")
     arms = (ArmSpec("FL", "FL"), ArmSpec("WL + AI", "WL", model_id=model.id, show_probability=True))
     setup = _study(trained_workspace, n_cases=2, arm_specs=arms, allow_revisions=True)
+    with pointing_at(trained_workspace):  # as the Studies page does when it creates an aided study
+        prepare_study_ai(setup.study_id)
     (reader,) = setup.readers
     _open(page, streamlit_server, reader)
     _expect_case(page, setup, 1, 1)

@@ -22,7 +22,7 @@ from db.session import init_db, session_scope
 from services import studies
 from services.studies import ArmSpec
 from tests.conftest import pointing_at
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, settled, sign_in
 
 MARKUP = "![x](http://host/beacon.png) [Session expired](http://host/phish)"
 MORE = "<a href='http://host/a'>y</a> :red[z] :smile: $x^2$ www.host.example m@host.example"
@@ -30,18 +30,8 @@ PASSWORD = "pw-user-text-e2e"
 MODEL_TIMEOUT_MS = 60_000  # the first diagnosis loads the model and computes Grad-CAM on 2 CPU cores
 
 
-def _settled(page: Page) -> None:
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
-    expect(page.locator("[data-stale=true]")).to_have_count(0)
-
-
 def _sign_in(page: Page, username: str) -> None:
-    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
-    page.get_by_role("textbox", name="Username").fill(username)
-    page.get_by_role("textbox", name="Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
-    _settled(page)
+    sign_in(page, username, PASSWORD)
 
 
 def _user(workspace: Path, role: str, display_name: str = "") -> tuple[int, str]:
@@ -55,7 +45,7 @@ def _user(workspace: Path, role: str, display_name: str = "") -> tuple[int, str]
 
 def _shown_as_text(page: Page, *values: str) -> None:
     """No element made from markup, and each of ``values`` on screen as its own characters."""
-    _settled(page)
+    settled(page)
     assert page.locator("img[src*='host']").count() == 0
     assert page.locator("a[href*='host']").count() == 0
     assert page.locator(".katex").count() == 0
@@ -73,7 +63,7 @@ def test_an_uploaded_file_name_is_text_on_diagnose_and_data(
     page.goto(streamlit_server.url + "/diagnose")
     _sign_in(page, pi)
     page.get_by_test_id("stRadio").get_by_text("WL", exact=True).click()
-    _settled(page)
+    settled(page)
     uploader = page.get_by_test_id("stFileUploader")
     uploader.locator("input[type=file]").set_input_files(
         [
@@ -97,13 +87,13 @@ def test_an_uploaded_file_name_is_text_on_diagnose_and_data(
     picker = page.get_by_test_id("stSelectbox").filter(has_text="Prediction")
     picker.click()
     page.get_by_role("option").filter(has_text=f" · {name}").first.click()
-    _settled(page)
+    settled(page)
     expect(picker.get_by_role("combobox")).to_have_value(re.compile(re.escape(f" · {name}") + "$"))  # plain text
     _shown_as_text(page, f"{name} · model")
 
     page.get_by_role("link", name="Studies").click()
     expect(page.get_by_role("heading", name="Reader studies")).to_be_visible()
-    _settled(page)
+    settled(page)
     page.get_by_role("tab", name="New study").click()
     page.get_by_role("combobox", name="Readers").press_sequentially(reader.rsplit("-", 1)[1])  # opens, filters
     option = page.get_by_role("option").filter(has_text=reader)
