@@ -48,7 +48,6 @@ __all__ = [
     "add_specimen",
     "add_specimen_image",
     "add_upload",
-    "authenticate",
     "create_user",
     "find_credentials",
     "find_model",
@@ -190,17 +189,6 @@ def add_inactive_reader(session: Session, username: str, display_name: str, why:
     session.add(user)
     session.flush()
     return user.id
-
-
-def authenticate(session: Session, username: str, password: str) -> UserInfo | None:
-    """The active user with these credentials, or None. Takes the same time for unknown names (a dummy verify).
-    No throttling: the app signs in through ``services.accounts.sign_in``."""
-    found = find_credentials(session, username)
-    stored = found.password_hash if found is not None and found.user.active else None
-    if not verify_password(stored, password) or found is None:
-        return None
-    rehash_password(session, found.user.id, found.password_hash, password)
-    return found.user
 
 
 _DUMMY_HASH = _hasher.hash("not-a-real-password")

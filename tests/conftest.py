@@ -131,6 +131,16 @@ def in_rcm(rcm_workspace, monkeypatch):
     return root, info
 
 
+def signs_in(session, username: str, password: str):
+    """The account these credentials open, or None: active, and the password verifies (the checks of
+    ``services.accounts.sign_in`` without its throttling or audit rows, for tests that only ask whether)."""
+    from db import repo
+
+    found = repo.find_credentials(session, username)
+    usable = found is not None and found.user.active
+    return found.user if repo.verify_password(found.password_hash if usable else None, password) else None
+
+
 def reader_study(n_readers: int = 2, **options):
     """A fresh PI, ``n_readers`` readers and a study over the current workspace's test-split FL and WL images (arms FL
     then WL unless ``arms=`` is given), all with unique names. Returns ``(study, pi id, reader ids)``."""

@@ -5,6 +5,7 @@ from sqlalchemy.exc import IntegrityError
 from db import repo
 from db.models import Prediction
 from db.session import get_engine, init_db, session_scope
+from tests.conftest import signs_in
 from tests.postgres import reset_database
 
 
@@ -35,9 +36,9 @@ def test_passwords_are_hashed_and_checked(db_url):
     with session_scope(db_url) as s:
         stored = s.execute(text("SELECT password_hash FROM users WHERE username = 'ana'")).scalar()
         assert "s3cret" not in stored and stored.startswith("$argon2")
-        assert repo.authenticate(s, "ana", "s3cret-pass").role == "clinician"
-        assert repo.authenticate(s, "ana", "wrong") is None
-        assert repo.authenticate(s, "nobody", "s3cret-pass") is None
+        assert signs_in(s, "ana", "s3cret-pass").role == "clinician"
+        assert signs_in(s, "ana", "wrong") is None
+        assert signs_in(s, "nobody", "s3cret-pass") is None
     with pytest.raises(ValueError, match="unknown role"), session_scope(db_url) as s:
         repo.create_user(s, "bob", "pw", "admin")
 

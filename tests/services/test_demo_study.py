@@ -8,6 +8,7 @@ from db.session import session_scope
 from services import studies
 from services.demo import DEMO_STUDY, DEMO_USERS, SIMULATED_READERS, SIMULATED_STUDY, ensure_demo_study
 from services.importer import import_manifest
+from tests.conftest import signs_in
 
 
 def test_the_demo_study_covers_the_test_split_in_fl_and_wl_for_every_demo_reader(workspace):
@@ -27,7 +28,7 @@ def test_the_demo_study_covers_the_test_split_in_fl_and_wl_for_every_demo_reader
         assert not any(a.aided for a in study.arms) and not study.simulated
         assert set(study.reader_ids) == {r.id for r in readers} and len(readers) == 3
         for name, password, _, _ in DEMO_USERS:
-            assert repo.authenticate(s, name, password) is not None
+            assert signs_in(s, name, password) is not None
         assert all(studies.reader_state(s, study.id, r.id).kind == "case" for r in readers)
         assert len(by_title) == 2
     # the completed study with SIMULATED reads, marked as such everywhere
@@ -37,4 +38,4 @@ def test_the_demo_study_covers_the_test_split_in_fl_and_wl_for_every_demo_reader
         reads = studies.export_reads(s, simulated.id)
         assert len(reads) == simulated.n_cases * 2 * len(SIMULATED_READERS) and set(reads["source"]) == {"simulated"}
         for name, _, _ in SIMULATED_READERS:
-            assert repo.authenticate(s, name, "") is None  # inactive: nobody signs in as a simulated reader
+            assert signs_in(s, name, "") is None  # inactive: nobody signs in as a simulated reader

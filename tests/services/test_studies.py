@@ -16,6 +16,7 @@ from db.models import ArmCase, AuditEvent, Read, Study, StudyCase, User, utcnow
 from db.session import init_db, session_scope
 from services import exports, studies
 from services.studies import ArmSpec, StudyError
+from tests.conftest import signs_in
 from tests.postgres import reset_database
 
 N_CASES = 12
@@ -438,7 +439,7 @@ def test_import_can_create_inactive_reader_accounts(db):
         report = studies.import_reads(s, study.id, rows, user_id=ids["pi"], create_readers=True)
     assert (report.imported, report.created_readers) == (2, ["paper-reader"])
     with session_scope(url) as s:
-        assert repo.authenticate(s, "paper-reader", "") is None
+        assert signs_in(s, "paper-reader", "") is None
         assert studies.get_study(s, study.id).reader_ids != ()
         durations = s.scalars(select(Read.duration_s).order_by(Read.id)).all()
     assert durations == [12.5, None]
