@@ -25,9 +25,10 @@ $(TESTDEPS): requirements-test.txt $(RUNTIME)
 demo: $(RUNTIME)
 	$(PY) -m core demo --if-missing
 
-run: demo
-	@echo "Dashboard: http://localhost:$(PORT)"
-	$(PY) -m streamlit run app/main.py --server.port $(PORT)
+# Serves at once; on a first start the demo workspace is built by background jobs (progress on the home page).
+run: $(RUNTIME)
+	@echo "Dashboard: http://localhost:$(PORT)  (demo sign-in: pi / demo-pi, clinician / demo-clinician, reader / demo-reader)"
+	IOAI_DEMO=1 $(PY) -m streamlit run app/main.py --server.port $(PORT)
 
 # Debian packages the tests drive: Chromium for browser tests, a PostgreSQL server for the database tests.
 system-deps:

@@ -15,6 +15,7 @@ if str(_ROOT) not in sys.path:  # `streamlit run` puts only app/ on sys.path
 import streamlit as st  # noqa: E402
 
 from app.auth import current_user, needs_new_password, password_change_page, sign_in_page, sign_out  # noqa: E402
+from app.resources import background_start  # noqa: E402
 from core.text import md_escape  # noqa: E402
 
 st.set_page_config(page_title="Intraoperative imaging AI", page_icon=":material/biotech:", layout="wide")
@@ -26,13 +27,14 @@ _PAGES = {  # name -> (script, title, icon)
     "studies": ("../pages/studies.py", "Studies", ":material/groups:"),
     "results": ("../pages/results.py", "Results", ":material/monitoring:"),
     "models": ("../pages/models.py", "Models", ":material/model_training:"),
+    "jobs": ("../pages/jobs.py", "Jobs", ":material/pending_actions:"),
     "read": ("../pages/read.py", "Read", ":material/visibility:"),
     "users": ("../pages/users.py", "Users", ":material/manage_accounts:"),
     "account": ("../pages/account.py", "Account", ":material/account_circle:"),
 }
 _ROLE_PAGES = {
     "clinician": ["home", "diagnose", "account"],
-    "pi": ["home", "diagnose", "data", "studies", "results", "models", "users", "account"],
+    "pi": ["home", "diagnose", "data", "studies", "results", "models", "jobs", "users", "account"],
     "reader": ["home", "read", "account"],
 }
 
@@ -42,6 +44,7 @@ def _page(name: str, default: bool = False) -> st.Page:
     return st.Page(script, title=title, icon=icon, url_path=name, default=default)
 
 
+background_start()
 user = current_user()
 if user is None:
     # Every page is routable while signed out, so a reload or a bookmarked link shows the sign-in form (and, after

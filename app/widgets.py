@@ -23,8 +23,9 @@ from core.train import DECISIONS
 from db import repo
 from services import exports
 from services.diagnose import extras_path
+from services.jobs.store import JobInfo
 
-__all__ = ["filterable_table", "heatmap_viewer", "open_prediction", "picture"]
+__all__ = ["JOB_BADGES", "filterable_table", "heatmap_viewer", "job_header", "open_prediction", "picture"]
 
 _VIEW_SIDE = 900
 _ZOOM_SIDE = 2048  # the most pixels per side sent to the browser for pan/zoom (mosaics reach 12,000)
@@ -168,3 +169,20 @@ def open_prediction(frame: pd.DataFrame, label: str, key: str, user_id: int | No
     view = repo.prediction_view(int(chosen))
     if view and (user_id is None or view["user_id"] == user_id):
         heatmap_viewer(view, key=f"{key}_view")
+
+
+JOB_BADGES = {  # a job's state -> (badge colour, icon)
+    "queued": ("gray", ":material/schedule:"),
+    "running": ("blue", ":material/autorenew:"),
+    "succeeded": ("green", ":material/check_circle:"),
+    "failed": ("red", ":material/error:"),
+    "cancelled": ("orange", ":material/block:"),
+    "interrupted": ("violet", ":material/warning:"),
+}
+
+
+def job_header(job: JobInfo) -> None:
+    """A job's state badge, number and title, and its progress bar with its message (people's text as text)."""
+    colour, icon = JOB_BADGES.get(job.state, ("gray", ":material/help:"))
+    st.markdown(f":{colour}-badge[{icon} {job.state}] **Job {job.id}** · {md_escape(job.title)}")
+    st.progress(min(1.0, max(0.0, job.progress)), text=md_escape(job.message or job.state))

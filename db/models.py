@@ -31,9 +31,11 @@ __all__ = [
     "ROLES",
     "SPLITS",
     "STUDY_STATUSES",
+    "JOB_STATES",
     "ArmCase",
     "AuditEvent",
     "Base",
+    "Job",
     "Label",
     "ModelEvaluation",
     "ModelRecord",
@@ -58,6 +60,7 @@ MODALITIES = ("FL", "WL", "CLE", "RCM")
 SPLITS = ("train", "val", "test")
 RATING_SCALES = ("five", "hundred")  # 1-5 confidence, or 0-100
 STUDY_STATUSES = ("open", "closed")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 
 
 def utcnow() -> datetime:
@@ -391,3 +394,37 @@ class AuditEvent(Base):
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     row_hash: Mapped[str] = mapped_column(String(64))  # the hash chain (db.chain), set on insert
+
+
+class Job(Base):
+    """Long work run on the cluster (``services.jobs``): what, for whom, how far, where, and what it produced.
+
+    ``params`` are the submitted parameters (JSON); ``result`` names what the job stored (model, prediction,
+    evaluation, ...). ``progress`` is a fraction in [0, 1] with a one-line ``message``; ``log_tail`` keeps the end
+    of the job's output. Every state change is audited (``job_<state>``)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(f"state IN {JOB_STATES}", name="ck_jobs_state"),
+        Index("ix_jobs_state_id", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    title: Mapped[str] = mapped_column(String(200))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    log_tail: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    submitted_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    retry_of: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    device: Mapped[str | None] = mapped_column(String(80))
+    host: Mapped[str | None] = mapped_column(String(200))
+    worker_pid: Mapped[int | None]

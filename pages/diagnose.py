@@ -1,13 +1,22 @@
-"""Diagnose: upload specimen images, get probability, decision and heatmap; reopen earlier results."""
+"""Diagnose: upload specimen images, get probability, decision and heatmap; reopen earlier results.
+
+Most heatmaps are computed here at once. Long ones run as jobs on the cluster: a whole mosaic's stitched heatmap, and
+Score-CAM (one job per image). "Your jobs" follows the signed-in user's own such jobs (a fragment that reads them again
+every few seconds while one is queued or running), cancels them, and opens a finished job's result; nobody sees or
+cancels another user's jobs here.
+"""
+
+from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from app.auth import require_role
+from app.auth import USER_KEY, current_user, require_role
 from app.resources import predictor_for
-from app.widgets import heatmap_viewer, open_prediction
+from app.widgets import heatmap_viewer, job_header, open_prediction
 from core.data.preprocess import MODALITIES
 from core.heatmaps import method_title
 from core.heatmaps.mosaic import FAST_METHODS
@@ -16,7 +25,15 @@ from core.text import md_escape
 from core.train import DECISIONS
 from db import repo
 from services.diagnose import diagnose_files
-from services.mosaic import diagnose_mosaic
+from services.jobs import service, store
+from services.jobs.incoming import discard_upload, keep_upload
+from services.jobs.store import ACTIVE, JobInfo
+
+REFRESH_SECONDS = 2
+_JOB_KINDS = ("mosaic", "scorecam")
+_JOBS_SHOWN = 10
+_FOLLOW = "diagnose_follow"  # jobs this session queued: their result opens when they succeed
+_OPEN = "diagnose_job_open"  # the prediction of a job opened under "Your jobs"
 
 user = require_role("pi", "clinician")
 st.title("Diagnose")
@@ -66,11 +83,31 @@ st.caption(
 )
 
 
+def _queue(kind: str, name: str, data: bytes, params: dict[str, Any], upload: str) -> tuple[int | None, str]:
+    """Keep an uploaded file and queue its job: (job id, "") or (None, why it was refused). A job queued while the
+    cluster cannot be reached is followed like any other; it starts when the cluster is back."""
+    try:
+        kept = keep_upload(data, name, kind=upload)
+    except ValueError as error:
+        return None, str(error)
+    try:
+        job_id = service.submit(kind, {**params, "file": kept, "name": name}, user_id=user.id)
+    except service.JobNotLaunched as error:
+        job_id = error.job_id
+    except ValueError as error:
+        discard_upload(kept)
+        return None, str(error)
+    st.session_state[_FOLLOW] = [*st.session_state.get(_FOLLOW, []), job_id]
+    return job_id, ""
+
+
 def mosaic_flow() -> None:
-    """One whole mosaic: the patch classifier slid over it, its stitched heatmap with pan and zoom (seed 002)."""
+    """One whole mosaic: the patch classifier slid over it, its stitched heatmap with pan and zoom (seed 002). The
+    stitching runs as a job on the cluster; its result opens under "Your jobs" and stays in the history."""
     st.info(
         f"**{md_escape(model.name)}** is a patch classifier for whole mosaics: it looks at {predictor.image_size} px "
-        "windows slid over the mosaic, and the windows' maps are stitched into one heatmap."
+        "windows slid over the mosaic, and the windows' maps are stitched into one heatmap. The stitching runs as a "
+        "job on the cluster: you may leave this page meanwhile."
     )
     with st.form("mosaic_form", clear_on_submit=True):
         file = st.file_uploader(
@@ -100,36 +137,23 @@ def mosaic_flow() -> None:
         if file is None:
             st.warning("Choose a mosaic file first.")
         else:
-            bar = st.progress(0.0, text=f"Stitching on {predictor.device_name}…")
-            outcome = diagnose_mosaic(
-                predictor,
-                model,
-                file.name,
-                file.getvalue(),
-                user_id=user.id,
-                step=step,
-                sigma=None if sigma == 0 else float(sigma),
-                mode=mode,
-                method=method if mode == "exact" or method in FAST_METHODS else "cam",
-                progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} parts done"),
-            )
-            bar.empty()
-            st.session_state["mosaic_last"] = asdict(outcome)
-    last = st.session_state.get("mosaic_last")
-    if last and last["error"]:
-        st.error(f"**{md_escape(last['name'])}** was not processed: {md_escape(last['error'])}")
-    elif last:
-        negative, positive = DECISIONS[model.task]
-        verdict = positive if last["decision"] else negative
+            params = {
+                "model": model.name,
+                "step": step,
+                "sigma": None if sigma == 0 else float(sigma),
+                "mode": mode,
+                "method": method if mode == "exact" or method in FAST_METHODS else "cam",
+            }
+            job_id, refused = _queue("mosaic", file.name, file.getvalue(), params, "mosaic")
+            st.session_state["mosaic_queued"] = {"name": file.name, "job": job_id, "error": refused}
+    queued = st.session_state.get("mosaic_queued")
+    if queued and queued["error"]:
+        st.error(f"**{md_escape(queued['name'])}** was not processed: {md_escape(queued['error'])}")
+    elif queued:
         st.success(
-            f"**{md_escape(last['name'])}**: {last['windows']:,} windows, highest window probability "
-            f"{last['probability']:.3f} → **{verdict}**; {last['positive_windows']:.1%} of windows at or above "
-            f"{last['threshold']:.3f}. {last['mode'].capitalize()} stitching on {predictor.device_name} in "
-            f"{last['seconds']:.1f} s."
+            f"**{md_escape(queued['name'])}** is queued as job {queued['job']}: its stitched heatmap opens under "
+            "Your jobs when it is done. You may leave this page; the result lands in your earlier diagnoses."
         )
-        view = repo.prediction_view(int(last["prediction_id"]))
-        if view:
-            heatmap_viewer(view, key="mosaic_view")
 
 
 if model.task == "aspecific":
@@ -147,14 +171,20 @@ else:
     if submitted:
         if not files:
             st.warning("Choose one or more image files first.")
+        elif method == "scorecam":  # one forward pass per channel, seconds to minutes per image: a job per image
+            queued, refused = [], []
+            for f in files:
+                job_id, error = _queue(
+                    "scorecam", f.name, f.getvalue(), {"model": model.name, "method": method}, "image"
+                )
+                if job_id is None:
+                    refused.append({"name": f.name, "error": error})
+                else:
+                    queued.append(job_id)
+            st.session_state["diagnose_last"] = refused
+            st.session_state["diagnose_queued"] = queued
         else:
             bar = st.progress(0.0, text=f"Diagnosing {len(files)} image(s) on {predictor.device_name}…")
-            options = {}
-            if method == "scorecam":  # one forward pass per channel: seconds to minutes per image on a CPU
-                inner = st.progress(0.0, text="Score-CAM masked passes")
-                options["progress"] = lambda done, total: inner.progress(
-                    done / total, text=f"Score-CAM: {done}/{total}"
-                )
             outcomes = diagnose_files(
                 predictor,
                 model,
@@ -162,15 +192,20 @@ else:
                 user_id=user.id,
                 heatmap=method,
                 progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} image(s) done"),
-                options=options,
             )
             bar.empty()
-            if method == "scorecam":
-                inner.empty()
             st.session_state["diagnose_last"] = [asdict(o) for o in outcomes]
             st.session_state["diagnose_last_task"] = model.task
             st.session_state["diagnose_last_device"] = predictor.device_name
+            st.session_state.pop("diagnose_queued", None)
 
+    queued = st.session_state.get("diagnose_queued")
+    if queued:
+        st.success(
+            f"Score-CAM is queued as {'job' if len(queued) == 1 else 'jobs'} {', '.join(map(str, queued))}, one per "
+            "image (seconds to minutes each): follow them under Your jobs. You may leave this page; the results land "
+            "in your earlier diagnoses."
+        )
     results = st.session_state.get("diagnose_last", [])
     if results:
         negative, positive = DECISIONS[st.session_state.get("diagnose_last_task", "tumor")]
@@ -206,7 +241,66 @@ else:
             open_prediction(shown, "Show heatmap of", key="diagnose_show", user_id=user.id)
 
 
-recent = st.session_state.get("diagnose_last") or st.session_state.get("mosaic_last")
+def _cancel(job_id: int) -> None:
+    """The Cancel button's callback: only the signed-in user's own job."""
+    acting = current_user()
+    job = store.get_job(job_id)
+    if acting is not None and job is not None and job.submitted_by == acting.id:
+        service.cancel(job_id, user_id=acting.id)
+
+
+def _job_row(job: JobInfo) -> None:
+    with st.container(border=True, key=f"diagnose_job_{job.id}"):
+        job_header(job)
+        if job.error:
+            st.error(md_escape(job.error))
+        prediction_id = job.result.get("prediction_id")
+        if job.state in ACTIVE:
+            st.button("Cancel", key=f"diagnose_job_cancel_{job.id}", on_click=_cancel, args=(job.id,))
+        elif (
+            job.state == "succeeded"
+            and prediction_id is not None
+            and st.button("Open result", key=f"diagnose_job_open_{job.id}")
+        ):
+            st.session_state[_OPEN] = int(prediction_id)
+            st.rerun()  # the whole page: the result opens below the list
+
+
+def _own_jobs(following: bool) -> None:
+    """The user's own recent mosaic and Score-CAM jobs; reran on its own every few seconds while ``following``."""
+    if not isinstance(st.session_state.get(USER_KEY), int):
+        st.rerun()  # signed out meanwhile: the whole page shows the sign-in form
+    if bool(store.list_jobs(states=ACTIVE, kinds=_JOB_KINDS, user_id=user.id, limit=1)) != following:
+        st.rerun()  # one started or the last one ended: the whole page, to open its result and stop following
+    for job in store.list_jobs(kinds=_JOB_KINDS, user_id=user.id, limit=_JOBS_SHOWN):
+        _job_row(job)
+
+
+def _open_finished() -> None:
+    """Open the result of a job this session queued once it succeeded (the page was left open while it ran)."""
+    still = []
+    for job_id in st.session_state.get(_FOLLOW, []):
+        job = store.get_job(job_id)
+        if job is not None and job.state == "succeeded" and job.result.get("prediction_id") is not None:
+            st.session_state[_OPEN] = int(job.result["prediction_id"])
+        elif job is not None and job.state in ACTIVE:
+            still.append(job_id)
+    st.session_state[_FOLLOW] = still
+
+
+if store.list_jobs(kinds=_JOB_KINDS, user_id=user.id, limit=1):
+    st.subheader("Your jobs")
+    _open_finished()
+    following = bool(store.list_jobs(states=ACTIVE, kinds=_JOB_KINDS, user_id=user.id, limit=1))
+    st.fragment(_own_jobs, run_every=REFRESH_SECONDS if following else None)(following)
+    opened = st.session_state.get(_OPEN)
+    view = repo.prediction_view(int(opened)) if opened is not None else None
+    if view is not None and view["user_id"] == user.id:
+        with st.container(border=True):
+            heatmap_viewer(view, key="diagnose_job_view")
+            st.button("Close", key="diagnose_job_close", on_click=st.session_state.pop, args=(_OPEN, None))
+
+recent = st.session_state.get("diagnose_last") or st.session_state.get(_OPEN) is not None
 with st.expander("Your earlier diagnoses", expanded=not recent):
     history = repo.recent_predictions(user_id=user.id)
     if history.empty:

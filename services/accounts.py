@@ -24,9 +24,9 @@ read in a short read transaction, the password verified with no transaction open
 rows are written in one short write transaction, so simultaneous sign-ins never hold the write lock while hashing.
 
 **Demo accounts.** The demo passwords are published (README, ``make run``). A published demo password is accepted
-only in a complete demo workspace (``services.demo_accounts.demo_ready``); anywhere else a sign-in with one is
-refused, and the account works again once a principal investigator resets its password. No password policy lets
-anyone set one.
+only in a demo workspace, complete or being built (``services.demo_accounts.demo_workspace``); anywhere else a
+sign-in with one is refused, and the account works again once a principal investigator resets its password. No
+password policy lets anyone set one.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from db.audit import log_event, run_transaction
 from db.models import ROLES, utcnow
 from db.repo import UserInfo
 from db.session import read_scope
-from services.demo_accounts import DEMO_PASSWORDS, demo_ready
+from services.demo_accounts import DEMO_PASSWORDS, demo_workspace
 
 __all__ = [
     "ACCOUNT_THROTTLE",
@@ -295,7 +295,7 @@ def sign_in(username: str, password: str, client: str, *, now: datetime | None =
         return SignInResult(None, message, now, reason)
     usable = found is not None and found.user.active
     verified = repo.verify_password(found.password_hash if found is not None and usable else None, password)
-    demo_refused = verified and password in DEMO_PASSWORDS and not demo_ready()
+    demo_refused = verified and password in DEMO_PASSWORDS and not demo_workspace()
 
     def record(session: Session) -> SignInResult:
         account, by_client = _gates(session, name, client, now)  # a concurrent attempt may have locked it meanwhile

@@ -1,7 +1,7 @@
 """The command line: ``python -m core <command>``.
 
-Commands: ``demo``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``, ``studies``,
-``analyze``, ``audit``, ``evaluate-localization``, ``synth``, ``localization-study``.
+Commands: ``demo``, ``jobs``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``,
+``studies``, ``analyze``, ``audit``, ``evaluate-localization``, ``synth``, ``localization-study``.
 Errors a
 user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
@@ -581,6 +581,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo)
 
+    from services.jobs.cli import add_parser as add_jobs_parser
+
+    add_jobs_parser(sub)
+
     imp = sub.add_parser("import", help="import a folder of images with a CSV manifest")
     imp.add_argument("folder", help="folder holding the images (and manifest.csv unless --manifest is given)")
     imp.add_argument("--manifest", help="CSV: patient_id, specimen_id, modality, path, tumor, grade, ki67, split")
@@ -762,7 +766,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, rest = _parser().parse_known_args(argv)
+    if rest and args.command != "jobs":
+        _parser().parse_args(argv)  # argparse's own "unrecognized arguments" message and exit status
+    args.rest = rest
     try:
         return args.run(args)
     except (UsageError, ValueError, FileNotFoundError, RuntimeError) as error:

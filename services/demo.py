@@ -1,8 +1,11 @@
 """The demo workspace: a synthetic cohort, a patient-level split, the FL-CNN and WL-CNN, an RCM patch classifier
-for whole-mosaic heatmaps (with sample mosaics to upload), and one user per role.
+for whole-mosaic heatmaps (with sample mosaics to upload), reader studies, and one user per role.
 
-Built once (a marker file records completion); ``make run`` calls it with ``if_missing`` so later starts are quick.
-The demo accounts and passwords are printed because they are demo data, not secrets.
+Built in parts (:data:`DEMO_PARTS`, in that order: accounts, cohort, FL-CNN first, ...); each part is skipped when it
+is already there, so an interrupted build resumes where it stopped and each part is usable as it lands. ``make run``
+serves the app at once and builds the parts as a background job (:func:`start_first_run`); ``python -m core demo``
+builds them in the foreground. A marker file records completion. The demo accounts and passwords are printed
+because they are demo data, not secrets.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core.data.synth import CohortConfig, write_cohort
 from core.data.synth_rcm import make_rcm_mosaic
@@ -25,20 +29,24 @@ from db import repo
 from db.models import Read, Specimen, Study, StudyCase, User, utcnow
 from db.session import init_db, session_scope
 from services import studies
-from services.demo_accounts import DEMO_MARKER, DEMO_USERS, demo_ready
+from services.demo_accounts import DEMO_BUILDING, DEMO_MARKER, DEMO_USERS, demo_ready
 from services.importer import import_manifest
 from services.localization import run_study
 from services.mosaic import train_patch_classifier
 from services.training import print_progress, train_and_register
 
 __all__ = [
+    "DEMO_PARTS",
     "DEMO_STUDY",
     "SIMULATED_STUDY",
     "DEMO_USERS",
     "DemoConfig",
     "build_demo",
+    "build_demo_part",
+    "ensure_demo_accounts",
     "demo_ready",
     "ensure_demo_study",
+    "start_first_run",
     "workspace_has_data",
 ]
 
@@ -48,7 +56,7 @@ SIMULATED_STUDY = "FL vs WL, simulated readers (demo)"
 # operating points of the FL-CNN paper's readers; the reads are drawn at random, never given by people
 SIMULATED_READERS = (("sim-reader-1", 0.82, 0.70), ("sim-reader-2", 0.88, 0.58), ("sim-reader-3", 0.76, 0.78))
 _MARKER = DEMO_MARKER
-_BUILDING = ".demo-building"
+_BUILDING = DEMO_BUILDING
 _DEMO_CONTENT = (
     "cohort",
     "images",
@@ -117,24 +125,68 @@ def build_demo(
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+    build_demo_part("all", config, log=log, progress=progress)
+    log(f"demo workspace ready in {time.perf_counter() - started:.0f} s")
+
+
+DEMO_PARTS = {  # in build order: the FL-CNN, the first thing a surgeon uses, comes right after the cohort
+    "accounts": "demo accounts",
+    "cohort": "synthetic cohort (generated and imported)",
+    "fl": "FL-CNN (tumor, fluorescence)",
+    "study": "reader studies",
+    "wl": "WL-CNN (tumor, white light)",
+    "rcm": "RCM patch classifier and sample mosaics",
+    "localization": "MLCAM-LICI localisation study (CLE)",
+}
+_PART_WEIGHTS = {"accounts": 1, "cohort": 8, "fl": 28, "study": 2, "wl": 28, "rcm": 18, "localization": 15}
+
+
+def _part_done(part: str) -> bool:
+    init_db()
+    with session_scope() as session:
+        if part == "accounts":
+            names = {u.username for u in repo.list_users(session)}
+            return all(name in names for name, *_ in DEMO_USERS)
+        if part == "cohort":
+            return session.scalar(select(Specimen.id).limit(1)) is not None
+        if part in ("fl", "wl"):
+            return repo.find_model(session, f"{part.upper()}-CNN-tumor") is not None
+        if part == "study":
+            titles = {s.title for s in studies.list_studies(session)}
+            return DEMO_STUDY in titles and SIMULATED_STUDY in titles
+        if part == "rcm":
+            return repo.find_model(session, "RCM-patch-aspecific") is not None
+        return repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-main") is not None
+
+
+def _build_part(
+    part: str, config: DemoConfig, log: Callable[[str], None], progress: Callable[[Progress], None] | None
+) -> None:
+    root = workspace_dir()
     cohort = root / "cohort"
-    log(f"generating a synthetic cohort of {config.patients} patients in {cohort}")
-    manifest = write_cohort(
-        CohortConfig(
-            n_patients=config.patients,
-            specimens_per_patient=config.specimens_per_patient,
-            height=config.height,
-            width=config.width,
-            seed=config.seed,
-        ),
-        cohort,
-    )
-    log("importing it (patient-level split {:.0%}/{:.0%}/{:.0%})".format(*config.split))
-    report = import_manifest(manifest, fractions=config.split, seed=config.seed)
-    for error in report.errors:
-        log(f"  skipped {error}")
-    log(f"imported {report.specimens} specimens, {report.images} images")
-    for modality in ("FL", "WL"):
+    if part == "accounts":
+        ensure_demo_accounts()
+        log("demo accounts ready: " + ", ".join(name for name, *_ in DEMO_USERS))
+    elif part == "cohort":
+        shutil.rmtree(cohort, ignore_errors=True)  # nothing was imported: a half-written cohort is redone
+        log(f"generating a synthetic cohort of {config.patients} patients in {cohort}")
+        manifest = write_cohort(
+            CohortConfig(
+                n_patients=config.patients,
+                specimens_per_patient=config.specimens_per_patient,
+                height=config.height,
+                width=config.width,
+                seed=config.seed,
+            ),
+            cohort,
+        )
+        log("importing it (patient-level split {:.0%}/{:.0%}/{:.0%})".format(*config.split))
+        report = import_manifest(manifest, fractions=config.split, seed=config.seed)
+        for error in report.errors:
+            log(f"  skipped {error}")
+        log(f"imported {report.specimens} specimens, {report.images} images")
+    elif part in ("fl", "wl"):
+        modality = part.upper()
         train_and_register(
             TrainConfig(
                 architecture=config.architecture,
@@ -148,15 +200,85 @@ def build_demo(
             log=log,
             progress=progress,
         )
-    _rcm_demo(config, cohort / "mosaics", log)
-    ensure_demo_study(log)
-    ensure_demo_localization(config, log)
-    (root / _MARKER).write_text(f"built in {time.perf_counter() - started:.0f} s\n")
-    (root / _BUILDING).unlink()
-    log(f"demo workspace ready in {time.perf_counter() - started:.0f} s")
+    elif part == "study":
+        ensure_demo_study(log)
+    elif part == "rcm":
+        _rcm_demo(config, cohort / "mosaics", log, progress)
+    else:
+        ensure_demo_localization(config, log)
 
 
-def _rcm_demo(config: DemoConfig, folder: Path, log: Callable[[str], None]) -> None:
+def build_demo_part(
+    part: str,
+    config: DemoConfig = DemoConfig(),
+    *,
+    log: Callable[[str], None] = print,
+    progress: Callable[[Progress], None] | None = print_progress,
+    report: Callable[[float, float, str], None] | None = None,
+) -> dict[str, list[str]]:
+    """Build one part of the demo (``"all"``: every part in order, then mark the workspace complete), skipping
+    what is already there. ``report(start, end, message)`` hears which share of the whole build each part is.
+    Returns the parts built and skipped."""
+    parts = list(DEMO_PARTS) if part == "all" else [part]
+    total = sum(_PART_WEIGHTS[p] for p in parts)
+    built, skipped, done = [], [], 0.0
+    for name in parts:
+        if report:
+            report(done / total, (done + _PART_WEIGHTS[name]) / total, f"demo: {DEMO_PARTS[name]}")
+        if _part_done(name):
+            skipped.append(name)
+        else:
+            log(f"demo: building the {DEMO_PARTS[name]}")
+            _build_part(name, config, log, progress)
+            built.append(name)
+        done += _PART_WEIGHTS[name]
+    if part == "all":
+        root = workspace_dir()
+        (root / _MARKER).write_text("complete\n")
+        (root / _BUILDING).unlink(missing_ok=True)
+    return {"built": built, "skipped": skipped}
+
+
+def start_first_run(settings: dict[str, object] | None = None) -> int | None:
+    """The app's first start in an empty workspace (or one whose demo build stopped): mark it a demo workspace,
+    create the demo accounts at once, and build the rest as a background job; the job's id (None when the
+    workspace is a complete demo or holds other data). Called by the app when ``IOAI_DEMO=1`` (``make run``);
+    ``settings`` are :class:`DemoConfig` fields (a smaller demo)."""
+    root = workspace_dir()
+    if demo_ready() or workspace_has_data():
+        return None
+    (root / _BUILDING).touch()
+    init_db()
+    ensure_demo_accounts()
+    from services.jobs import service, store
+
+    active = store.list_jobs(states=store.ACTIVE, kinds=("demo",), limit=1)
+    if active:
+        return active[0].id
+    return service.submit("demo", {**(settings or {}), "part": "all"}, user_id=None)
+
+
+def ensure_demo_accounts() -> dict[str, User]:
+    """The demo accounts, created if missing: username -> user."""
+    init_db()
+    with session_scope() as session:
+        users = _demo_users(session)
+        session.expunge_all()
+    return users
+
+
+def _demo_users(session: Session) -> dict[str, User]:
+    """The demo accounts in ``session``, those missing created: username -> user."""
+    users = {u.username: u for u in repo.list_users(session)}
+    for username, password, role, display in DEMO_USERS:
+        if username not in users:
+            users[username] = repo.create_user(session, username, password, role, display)
+    return users
+
+
+def _rcm_demo(
+    config: DemoConfig, folder: Path, log: Callable[[str], None], progress: Callable[[Progress], None] | None = None
+) -> None:
     """Train the RCM patch classifier on synthetic mosaics; write sample mosaics (and their masks) to upload."""
     log(f"generating {config.rcm_mosaics} synthetic RCM mosaics of {config.rcm_side} px for patch training")
     mosaics = [
@@ -177,6 +299,7 @@ def _rcm_demo(config: DemoConfig, folder: Path, log: Callable[[str], None]) -> N
         patches_per_mosaic=config.rcm_patches,
         seed=config.seed,
         log=log,
+        progress=progress,
     )
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(2):
@@ -215,10 +338,7 @@ def ensure_demo_study(log: Callable[[str], None] = print) -> None:
     created if missing, so a newcomer can sign in as a reader and read at once. Also upgrades older demo workspaces."""
     init_db()
     with session_scope() as session:
-        users = {u.username: u for u in repo.list_users(session)}
-        for username, password, role, display in DEMO_USERS:
-            if username not in users:
-                users[username] = repo.create_user(session, username, password, role, display)
+        users = _demo_users(session)
         pi = users["pi"].id
         cases = studies.eligible_specimens(session, task="tumor", modalities=("FL", "WL"), splits=("test",))
         if cases.empty or any(s.title == DEMO_STUDY for s in studies.list_studies(session)):

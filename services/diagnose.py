@@ -1,27 +1,20 @@
-"""On-demand diagnosis of uploaded files: validate, store, predict, keep the heatmap, record everything.
+"""On-demand diagnosis of uploaded files: validate, predict, and store through :mod:`services.predictions`.
 
 Each file is its own unit of work: a refused file stores nothing and does not stop the others; an accepted file's
-image, upload row, heatmap and prediction row land together.
+image, upload row, heatmap and prediction row land together. ``load_predictor``, ``heatmap_path`` and
+``extras_path`` live in :mod:`services.predictions` and are importable from here too.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from sqlalchemy.orm import Session
-
-from core.data.io import Image, ImageError, read_image
-from core.data.store import StoredImage, npy_bytes, store_image, write_atomic
-from core.predict import Diagnosis, Predictor
-from core.settings import workspace_dir
-from db import repo
-from db.audit import log_event
+from core.data.io import ImageError, read_image
+from core.predict import Predictor
 from db.repo import ModelInfo
-from db.session import run_transaction
+from services.predictions import UploadTarget, extras_path, heatmap_path, load_predictor, store_prediction
 
 __all__ = [
     "Outcome",
@@ -29,7 +22,6 @@ __all__ = [
     "extras_path",
     "heatmap_path",
     "load_predictor",
-    "record_prediction",
 ]
 
 
@@ -48,23 +40,6 @@ class Outcome:
     image: str | None = None  # workspace-relative stored image path
     device: str | None = None
     seconds: float | None = None
-
-
-def load_predictor(model: ModelInfo, device: str = "auto") -> Predictor:
-    """Load a registered model's checkpoint, checking its sha256."""
-    return Predictor.from_checkpoint(
-        workspace_dir() / model.checkpoint_path, model.threshold, sha256=model.checkpoint_sha256, device=device
-    )
-
-
-def heatmap_path(image_sha256: str, model: ModelInfo, method: str) -> str:
-    """Where a model's map of an image is kept (workspace-relative); same image, model and method -> same file."""
-    return f"heatmaps/{image_sha256[:2]}/{image_sha256}-{model.checkpoint_sha256[:16]}-{method}.npy"
-
-
-def extras_path(map_path: str) -> str:
-    """Where a heatmap's per-pixel extras (Guided Grad-CAM's gradients for the five views) are kept."""
-    return map_path.removesuffix(".npy") + ".extras.npz"
 
 
 def diagnose_files(
@@ -89,97 +64,33 @@ def diagnose_files(
             (result,) = predictor.diagnose([image], heatmap=heatmap, options=options)
             if isinstance(result, ImageError):
                 raise result
-            outcomes.append(_record(image, result, model, user_id))
+            stored = store_prediction(
+                model,
+                UploadTarget(image, user_id),
+                probability=result.probability,
+                threshold=result.threshold,
+                method=result.method,
+                heatmap=result.heatmap,
+                extras=result.extras,
+                device=result.device,
+                seconds=result.seconds,
+            )
+            outcomes.append(
+                Outcome(
+                    name=image.name,
+                    upload_id=stored.upload_id,
+                    prediction_id=stored.prediction_id,
+                    probability=result.probability,
+                    threshold=result.threshold,
+                    decision=result.decision,
+                    heatmap=stored.map_path,
+                    image=stored.image_path,
+                    device=result.device,
+                    seconds=result.seconds,
+                )
+            )
         except ImageError as error:
             outcomes.append(Outcome(name=name, error=error.reason))
         if progress:
             progress(done, len(files))
     return outcomes
-
-
-def _record(image: Image, result: Diagnosis, model: ModelInfo, user_id: int | None) -> Outcome:
-    root = workspace_dir()
-    stored = store_image(image, root)
-    map_path = None
-    if result.heatmap is not None and result.method:
-        map_path = heatmap_path(stored.sha256, model, result.method)
-        write_atomic(root / map_path, npy_bytes(result.heatmap.astype(np.float32)))
-        if result.extras:
-            buffer = io.BytesIO()
-            np.savez_compressed(buffer, **{k: v.astype(np.float16) for k, v in result.extras.items()})
-            write_atomic(root / extras_path(map_path), buffer.getvalue())
-    upload_id, prediction_id = record_prediction(
-        stored,
-        image.name,
-        model,
-        user_id,
-        result.probability,
-        result.threshold,
-        result.method,
-        map_path,
-        result.device,
-        result.seconds,
-    )
-    return Outcome(
-        name=image.name,
-        upload_id=upload_id,
-        prediction_id=prediction_id,
-        probability=result.probability,
-        threshold=result.threshold,
-        decision=result.decision,
-        heatmap=map_path,
-        image=stored.path,
-        device=result.device,
-        seconds=result.seconds,
-    )
-
-
-def record_prediction(
-    stored: StoredImage,
-    original_name: str,
-    model: ModelInfo,
-    user_id: int | None,
-    probability: float,
-    threshold: float,
-    method: str | None,
-    map_path: str | None,
-    device: str | None,
-    seconds: float | None,
-) -> tuple[int, int]:
-    """The upload row of a stored image, its prediction row and their audit entry, in one write transaction:
-    ``(upload_id, prediction_id)``."""
-
-    def work(session: Session) -> tuple[int, int]:
-        upload_id = repo.add_upload(
-            session,
-            user_id=user_id,
-            original_name=original_name,
-            modality=model.modality,
-            path=stored.path,
-            sha256=stored.sha256,
-            height=stored.height,
-            width=stored.width,
-        )
-        prediction_id = repo.add_prediction(
-            session,
-            model_id=model.id,
-            upload_id=upload_id,
-            probability=probability,
-            threshold=threshold,
-            heatmap_method=method,
-            heatmap_path=map_path,
-            device=device,
-            seconds=seconds,
-        )
-        log_event(
-            session,
-            "diagnosis_stored",
-            user_id=user_id,
-            upload=upload_id,
-            prediction=prediction_id,
-            model=model.name,
-            image_sha256=stored.sha256,
-        )
-        return upload_id, prediction_id
-
-    return run_transaction(work)

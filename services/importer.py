@@ -14,6 +14,7 @@ from core.data.store import store_image
 from core.settings import workspace_dir
 from db import repo
 from db.session import init_db, session_scope
+from services.jobs.context import claim
 
 __all__ = ["ImportReport", "import_manifest"]
 
@@ -56,6 +57,7 @@ def import_manifest(
                     progress(done, len(rows))
             specimens.add(row.specimen_id)
             report.images += 1
+        claim(session, imported_images=report.images, imported_specimens=len(specimens))
     report.specimens = len(specimens)
     return report
 

@@ -54,6 +54,7 @@ from core.train import DATASET_TASKS, Progress, TrainConfig, fit
 from db import repo
 from db.repo import ModelInfo
 from db.session import init_db, session_scope
+from services.jobs.context import claim
 from services.training import check_model_name, default_name, print_progress, register_trained
 
 __all__ = [
@@ -421,6 +422,7 @@ def run_study(
         report["evaluation_id"] = repo.add_evaluation(
             session, main_info.id, title=spec.title, dataset=data.describe(), report=jsonable(report)
         )
+        claim(session, evaluations=[report["evaluation_id"]])
     return report
 
 
@@ -638,6 +640,7 @@ def run_mosaic_study(
         report["evaluation_id"] = repo.add_evaluation(
             session, main_info.id, title=spec.title, dataset=dataset, report=jsonable(report)
         )
+        claim(session, evaluations=[report["evaluation_id"]])
     return report
 
 

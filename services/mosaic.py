@@ -20,13 +20,11 @@ from torch import nn
 
 from core.data.io import MOSAIC_MAX_PIXELS, Image, ImageError, read_image
 from core.data.preprocess import channels_for, standardize, to_model_array
-from core.data.store import npy_bytes, store_image, write_atomic
 from core.data.synth_rcm import NEGATIVE, POSITIVE, UNLABELED, sample_patches
 from core.predict import Predictor
-from core.settings import workspace_dir
 from core.train import Progress, TrainConfig, fit
 from db.repo import ModelInfo
-from services.diagnose import record_prediction
+from services.predictions import UploadTarget, store_prediction
 from services.training import check_model_name, register_trained
 
 __all__ = [
@@ -187,7 +185,8 @@ def diagnose_mosaic(
     method: str = "cam",
     progress: Callable[[int, int], None] | None = None,
 ) -> MosaicOutcome:
-    """Stitch ``model``'s map over a whole mosaic and store upload, map and prediction together."""
+    """Stitch ``model``'s map over a whole mosaic and store upload, map and prediction together
+    (:func:`services.predictions.store_prediction`)."""
     try:
         image = read_image(source, name, max_pixels=MOSAIC_MAX_PIXELS)
         mosaic = mosaic_array(image, model.modality)
@@ -202,32 +201,27 @@ def diagnose_mosaic(
     result = predictor.stitch(mosaic, step=step, sigma=sigma, mode=mode, method=method, progress=progress)
     probabilities = result.window_probabilities
     probability = float(probabilities.max())
-    root = workspace_dir()
-    stored = store_image(image, root)
-    map_path = f"mosaics/{stored.sha256[:2]}/{stored.sha256}-{model.checkpoint_sha256[:16]}-{method}-{step}.npy"
-    write_atomic(root / map_path, npy_bytes(_reduced(result.map)))
-    upload_id, prediction_id = record_prediction(
-        stored,
-        image.name,
+    stored = store_prediction(
         model,
-        user_id,
-        probability,
-        model.threshold,
-        method,
-        map_path,
-        result.device,
-        result.seconds,
+        UploadTarget(image, user_id),
+        probability=probability,
+        threshold=model.threshold,
+        method=method,
+        heatmap=_reduced(result.map),
+        mosaic_step=step,
+        device=result.device,
+        seconds=result.seconds,
     )
     return MosaicOutcome(
         name=image.name,
-        upload_id=upload_id,
-        prediction_id=prediction_id,
+        upload_id=stored.upload_id,
+        prediction_id=stored.prediction_id,
         probability=probability,
         positive_windows=float((probabilities >= model.threshold).mean()),
         threshold=model.threshold,
         decision=probability >= model.threshold,
-        heatmap=map_path,
-        image=stored.path,
+        heatmap=stored.map_path,
+        image=stored.image_path,
         device=result.device,
         seconds=result.seconds,
         windows=int(probabilities.size),

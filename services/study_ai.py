@@ -2,24 +2,23 @@
 
 Computed when the PI creates the study (``prepare_study_ai``, with progress) and, should one be missing, on the
 reader's first view of the case (``ensure_case_ai``). Predictions on specimen images are ordinary ``predictions``
-rows (``image_id`` set), so the Data page and the Results page see them too.
+rows (``image_id`` set), so the Data page and the Results page see them too; they are stored (and audited,
+``prediction_stored``) by :func:`services.predictions.store_prediction`, with the models kept loaded by
+:func:`services.predictions.cached_predictor`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 from sqlalchemy import select
 
-from core.data.io import read_image
-from core.data.store import npy_bytes, write_atomic
-from core.predict import Predictor
+from core.data.io import ImageError, read_image
 from core.settings import workspace_dir
 from db import repo
 from db.models import ArmCase, Prediction, SpecimenImage, StudyArm, StudyCase
-from db.session import read_scope, session_scope
-from services.diagnose import heatmap_path, load_predictor
+from db.session import read_scope
+from services.predictions import SpecimenTarget, cached_predictor, store_prediction
 
 __all__ = ["ensure_case_ai", "missing_ai", "predict_images", "prepare_study_ai"]
 
@@ -54,9 +53,8 @@ def missing_ai(study_id: int) -> list[tuple[int, int]]:
 def prepare_study_ai(study_id: int, *, progress: Callable[[int, int], None] | None = None) -> int:
     """Compute and store every missing AI output of the study's aided arms; returns how many were computed."""
     todo = missing_ai(study_id)
-    predictors: dict[str, Predictor] = {}
     for done, (arm_id, image_id) in enumerate(todo, start=1):
-        _compute_one(arm_id, image_id, predictors)
+        _compute_one(arm_id, image_id)
         if progress:
             progress(done, len(todo))
     return len(todo)
@@ -79,15 +77,15 @@ def ensure_case_ai(study_id: int, arm_id: int, token: str) -> None:
             )
         )
     if (arm_id, image_id) in set(missing_ai(study_id)):
-        _compute_one(arm_id, image_id, {})
+        _compute_one(arm_id, image_id)
 
 
-def _compute_one(arm_id: int, image_id: int, predictors: dict[str, Predictor]) -> None:
+def _compute_one(arm_id: int, image_id: int) -> None:
     """Predict one specimen image with an arm's model (and its heatmap method) and store it."""
     with read_scope() as session:
         arm = session.get(StudyArm, arm_id)
         model_id, method = arm.model_id, arm.heatmap_method
-    _predict_one(model_id, image_id, method, predictors)
+    _predict_one(model_id, image_id, method)
 
 
 def predict_images(
@@ -105,36 +103,29 @@ def predict_images(
             )
         )
     todo = [i for i in image_ids if i not in done]
-    predictors: dict[str, Predictor] = {}
     for count, image_id in enumerate(todo, start=1):
-        _predict_one(model_id, image_id, None, predictors)
+        _predict_one(model_id, image_id, None)
         if progress:
             progress(count, len(todo))
     return len(todo)
 
 
-def _predict_one(model_id: int, image_id: int, method: str | None, predictors: dict[str, Predictor]) -> None:
-    root = workspace_dir()
+def _predict_one(model_id: int, image_id: int, method: str | None) -> None:
+    """Predict one specimen image with a model (and a heatmap method, if any) and store it."""
     with read_scope() as session:
         image = session.get(SpecimenImage, image_id)
         model = repo.find_model(session, model_id)
-        path, sha = image.path, image.sha256
-    if model.checkpoint_sha256 not in predictors:
-        predictors[model.checkpoint_sha256] = load_predictor(model)
-    (result,) = predictors[model.checkpoint_sha256].diagnose([read_image(root / path)], heatmap=method)
-    map_path = None
-    if method and result.heatmap is not None:
-        map_path = heatmap_path(sha, model, method)
-        write_atomic(root / map_path, npy_bytes(result.heatmap.astype(np.float32)))
-    with session_scope() as session:
-        repo.add_prediction(
-            session,
-            model_id=model.id,
-            image_id=image_id,
-            probability=result.probability,
-            threshold=result.threshold,
-            heatmap_method=method if map_path else None,
-            heatmap_path=map_path,
-            device=result.device,
-            seconds=result.seconds,
-        )
+        path = image.path
+    (result,) = cached_predictor(model).diagnose([read_image(workspace_dir() / path)], heatmap=method)
+    if isinstance(result, ImageError):
+        raise result
+    store_prediction(
+        model,
+        SpecimenTarget(image_id),
+        probability=result.probability,
+        threshold=result.threshold,
+        method=result.method,
+        heatmap=result.heatmap,
+        device=result.device,
+        seconds=result.seconds,
+    )

@@ -21,6 +21,7 @@ from core.train import DATASET_TASKS, Progress, TrainConfig, TrainResult, fit, p
 from db import repo
 from db.repo import ModelInfo
 from db.session import init_db, read_scope, session_scope
+from services.jobs.context import claim
 
 __all__ = ["check_model_name", "default_name", "load_split", "print_progress", "register_trained", "train_and_register"]
 
@@ -143,6 +144,7 @@ def register_trained(
             metrics=jsonable(metrics),
             config=checkpoint_config,
         )
+        claim(session, models=[name], model=name, model_id=info.id)
     log(
         f"registered {name}: val AUC {metrics['val_auc']:.3f}"
         + (f", test AUC {metrics['test_auc']:.3f}" if "test_auc" in metrics else "")

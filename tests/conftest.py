@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+from core.settings import environment, pointing_at
+
 torch.set_num_threads(2)
-
-
-@contextmanager
-def pointing_at(root: Path) -> Iterator[None]:
-    """Point the settings (workspace and database URL) at ``root`` inside the block, and restore them after."""
-    saved = {k: os.environ.get(k) for k in ("IOAI_WORKSPACE", "IOAI_DATABASE_URL")}
-    os.environ["IOAI_WORKSPACE"] = str(root)
-    os.environ["IOAI_DATABASE_URL"] = f"sqlite:///{root / 'study.db'}"
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)
@@ -167,3 +151,32 @@ def reader_study(n_readers: int = 2, **options):
             **options,
         )
     return study, pi, readers
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local Ray cluster for this test session (the engine's embedded one, in its own folder), attached
+    through ``IOAI_RAY_ADDRESS`` as a deployment would be; stopped at the end."""
+    from services.jobs import engine
+
+    root = tmp_path_factory.mktemp("ray")
+    address = engine.start_embedded(root, cpus=4)
+    try:
+        with environment(**{engine.ADDRESS_ENV: address}):
+            yield address
+    finally:
+        engine.disconnect()
+        engine.stop_embedded(root)
+
+
+@pytest.fixture
+def cohort_workspace(workspace: Path) -> Path:
+    """A fresh workspace with a tiny 4-patient synthetic cohort imported (no models)."""
+    from core.data.synth import CohortConfig, write_cohort
+    from services.importer import import_manifest
+
+    manifest = write_cohort(
+        CohortConfig(n_patients=4, specimens_per_patient=(10, 14), height=64, width=80, seed=1), workspace / "cohort"
+    )
+    assert not import_manifest(manifest, fractions=(0.5, 0.25, 0.25), seed=0).errors
+    return workspace

@@ -1,7 +1,6 @@
 """Page tests with Streamlit's AppTest: sign-in, role-based navigation and refusals, Diagnose and Data."""
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.text import md_escape
 from db import repo
+from db.models import Job
 from db.session import init_db, session_scope
 from services.diagnose import diagnose_files, load_predictor
 from services.mosaic import diagnose_mosaic
@@ -153,6 +153,8 @@ def test_a_guided_gradcam_diagnosis_reopens_with_its_five_views(use_trained):
 
 
 def test_a_patch_classifier_turns_the_page_into_the_mosaic_flow(rcm_workspace, monkeypatch):
+    """The mosaic form, and a stitched result as a finished mosaic job leaves it: listed under "Your jobs", opened
+    there with pan and zoom (the job itself runs on the cluster: tests/app/test_jobs_pages.py)."""
     root, info = rcm_workspace
     monkeypatch.setenv("IOAI_WORKSPACE", str(root))
     monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
@@ -160,14 +162,20 @@ def test_a_patch_classifier_turns_the_page_into_the_mosaic_flow(rcm_workspace, m
     outcome = diagnose_mosaic(
         load_predictor(info), info, "mosaic.png", root / "mosaic.png", user_id=ids["clinician"], step=32
     )
+    with session_scope() as s:
+        job = Job(kind="mosaic", title="Mosaic heatmap of mosaic.png with tiny-RCM", state="succeeded", progress=1.0,
+                  submitted_by=ids["clinician"], result={"prediction_id": outcome.prediction_id})  # fmt: skip
+        s.add(job)
+        s.flush()
+        job_id = job.id
     at = _app(ids["clinician"])
     at.switch_page("../pages/diagnose.py").run()
     assert not at.exception
     assert at.radio(key="diagnose_modality").value == "RCM"
     assert any("patch classifier for whole mosaics" in i.value for i in at.info)
     assert at.select_slider(key="mosaic_step").value == 50 and at.radio(key="mosaic_mode").options == ["fast", "exact"]
-    at.session_state["mosaic_last"] = asdict(outcome)
-    at.run()
+    assert any(s.value == "Your jobs" for s in at.subheader)
+    at.button(key=f"diagnose_job_open_{job_id}").click().run()
     assert not at.exception
-    assert any("windows" in s.value and md_escape("mosaic.png") in s.value for s in at.success)
-    assert len(at.get("plotly_chart")) == 2  # the stitched map with pan and zoom, new result and in the history
+    assert any(md_escape("mosaic.png") in m.value and md_escape("tiny-RCM") in m.value for m in at.markdown)
+    assert len(at.get("plotly_chart")) == 2  # the stitched map with pan and zoom, the job's result and in the history

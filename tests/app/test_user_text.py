@@ -33,13 +33,13 @@ import pytest
 import skimage.data
 from streamlit.testing.v1 import AppTest
 
+from core.settings import pointing_at
 from db import repo
 from db.models import utcnow
 from db.session import session_scope
 from services import studies
 from services.diagnose import diagnose_files, load_predictor
 from services.studies import ArmSpec
-from tests.conftest import pointing_at
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "app" / "main.py"

@@ -14,14 +14,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from core.settings import pointing_at
 from db import repo
 from db.session import init_db, session_scope
-from tests.conftest import pointing_at
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -118,34 +119,18 @@ def chromium_path() -> str:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
-def streamlit_server(
-    chromium_path: str, trained_workspace: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    """``streamlit run app/main.py`` on a free localhost port, on the trained workspace, with a PI account."""
-    _create_pi(trained_workspace)
+@contextmanager
+def serving(workspace: Path, log: Path) -> Iterator[Server]:
+    """``streamlit run app/main.py`` on a free localhost port on ``workspace`` (the environment it inherits, e.g.
+    ``IOAI_RAY_ADDRESS``, besides), serving the PI account; stopped after the block."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("e2e_server") / "streamlit.log"
     env = dict(os.environ)
-    env["IOAI_WORKSPACE"] = str(trained_workspace)
-    env["IOAI_DATABASE_URL"] = f"sqlite:///{trained_workspace / 'study.db'}"
+    env["IOAI_WORKSPACE"] = str(workspace)
+    env["IOAI_DATABASE_URL"] = f"sqlite:///{workspace / 'study.db'}"
     env["PYTHONUNBUFFERED"] = "1"
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        "app/main.py",
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--server.address",
-        "127.0.0.1",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
+    command = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port)]
+    command += ["--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -167,6 +152,16 @@ def streamlit_server(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def streamlit_server(
+    chromium_path: str, trained_workspace: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The app on the trained workspace, with a PI account."""
+    _create_pi(trained_workspace)
+    with serving(trained_workspace, tmp_path_factory.mktemp("e2e_server") / "streamlit.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

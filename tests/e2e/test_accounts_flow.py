@@ -16,11 +16,11 @@ from pathlib import Path
 from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import select
 
+from core.settings import pointing_at
 from db import repo
 from db.models import AuditEvent, SignInAttempt
 from db.session import init_db, session_scope
 from services.accounts import ACCOUNT_THROTTLE
-from tests.conftest import pointing_at
 from tests.e2e.conftest import EXPECT_TIMEOUT_MS, Server, settled, sign_in, submit_sign_in
 
 PASSWORD = "e2e violet tram quarry"

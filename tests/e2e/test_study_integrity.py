@@ -9,12 +9,12 @@ from pathlib import Path
 from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
+from core.settings import pointing_at
 from db import repo
 from db.models import ArmCase
 from db.session import read_scope
 from services.studies import ArmSpec
 from services.study_ai import prepare_study_ai
-from tests.conftest import pointing_at
 from tests.e2e.conftest import Server
 from tests.e2e.test_reading_flow import _answer, _expect_case, _open, _study
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import skimage.data
 from playwright.sync_api import Page, expect
 
+from core.settings import pointing_at
 from db import repo
 from db.session import init_db, session_scope
 from services import studies
 from services.studies import ArmSpec
-from tests.conftest import pointing_at
 from tests.e2e.conftest import Server, settled, sign_in
 
 MARKUP = "![x](http://host/beacon.png) [Session expired](http://host/phish)"
