@@ -25,7 +25,15 @@ from services import exports
 from services.diagnose import extras_path
 from services.jobs.store import JobInfo
 
-__all__ = ["JOB_BADGES", "filterable_table", "heatmap_viewer", "job_header", "open_prediction", "picture"]
+__all__ = [
+    "JOB_BADGES",
+    "filterable_table",
+    "heatmap_viewer",
+    "job_header",
+    "open_prediction",
+    "picture",
+    "triage_viewer",
+]
 
 _VIEW_SIDE = 900
 _ZOOM_SIDE = 2048  # the most pixels per side sent to the browser for pan/zoom (mosaics reach 12,000)
@@ -119,6 +127,110 @@ def heatmap_viewer(view: dict, key: str) -> None:
             for column, (title, view_picture) in zip(st.columns(len(pictures)), pictures.items(), strict=True):
                 with column:
                     picture(_fit(view_picture), title)
+
+
+def _frame_shown(frame: np.ndarray) -> np.ndarray:
+    """A CLE frame as it is shown: [0, 1] floats (the model's own scaling of the frame's grey levels)."""
+    from core.data.io import Image
+
+    return display_image(Image(np.ascontiguousarray(frame), name="frame", format="NPY"), "CLE")
+
+
+def triage_viewer(view: dict, key: str, user_id: int | None) -> None:
+    """A stored clip triage: its figures, the probability of every frame over time with the threshold (click a
+    point to see that frame), a scrubber over the frames, the top frames with their heatmaps, and downloads."""
+    from services.clips import clip_frame, triage_probabilities
+
+    negative, positive = DECISIONS[view["task"]]
+    probabilities = triage_probabilities(view)
+    n = len(probabilities)
+    fps = view.get("fps")
+    share = view["n_positive"] / n if n else 0.0
+    st.markdown(
+        f"**{md_escape(view['name'])}** · {n:,} frames"
+        + (f" at {fps:g} frames/s ({n / fps:.1f} s)" if fps else "")
+        + f" · model {md_escape(view['model'])} · **{view['n_positive']:,} {positive}** frames ({share:.0%}) at "
+        f"threshold {view['threshold']:.3f} · highest probability {view['max_probability']:.3f}"
+    )
+    if view.get("seconds"):
+        st.caption(
+            f"Triaged on {str(view.get('device') or '').upper()} in {view['seconds']:.1f} s "
+            f"({n / view['seconds']:.1f} frames/s"
+            + (f", {n / view['seconds'] / fps:.1f} x the probe's rate)" if fps else ")")
+        )
+    tops = {int(t["frame"]): t for t in view["top"]}
+    x = np.arange(n) / fps if fps else np.arange(n)
+    figure = px.line(x=x, y=probabilities, labels={"x": "seconds" if fps else "frame", "y": "probability"})
+    figure.update_traces(mode="lines+markers", marker={"size": 4}, customdata=np.arange(n), name="frames")
+    figure.add_hline(y=view["threshold"], line_dash="dot", annotation_text=f"threshold {view['threshold']:.3f}")
+    if tops:
+        figure.add_scatter(
+            x=[x[i] for i in tops], y=[probabilities[i] for i in tops], mode="markers", name="top frames",
+            marker={"size": 11, "symbol": "star"}, customdata=list(tops),
+        )  # fmt: skip
+    figure.update_layout(height=260, margin={"l": 0, "r": 0, "t": 10, "b": 0}, yaxis_range=[0, 1], showlegend=False)
+    event = st.plotly_chart(
+        figure, key=f"{key}_timeline", on_select="rerun", selection_mode="points", config={"displaylogo": False}
+    )
+    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else []
+    picked = [int(p["customdata"]) for p in points if isinstance(p.get("customdata"), int | float)]
+    if not picked:
+        picked = [int(p["point_index"]) for p in points if p.get("curve_number") == 0 and "point_index" in p]
+    slider_key = f"{key}_frame"
+    if picked and st.session_state.get(f"{key}_picked") != picked[0]:
+        st.session_state[f"{key}_picked"] = picked[0]
+        st.session_state[slider_key] = picked[0]  # a clicked point moves the scrubber
+    if n:
+        if slider_key not in st.session_state:
+            st.session_state[slider_key] = next(iter(tops), int(np.argmax(probabilities)))
+        index = st.slider("Frame", 0, n - 1, key=slider_key) if n > 1 else 0
+        p = float(probabilities[index])
+        label = positive if p >= view["threshold"] else negative
+        when = f" · {index / fps:.2f} s" if fps else ""
+        left, right = st.columns(2)
+        top = tops.get(index)
+        root = workspace_dir()
+        if top is not None:
+            shown = np.asarray(PILImage.open(root / top["image_path"]), dtype=np.float32) / 255.0
+        else:
+            shown = _frame_shown(clip_frame(view, index))
+        with left:
+            picture(_fit(to_uint8(shown)), f"Frame {index}{when} · probability {p:.3f} · {label}")
+        if top is not None and top.get("heatmap_path") and (root / top["heatmap_path"]).is_file():
+            heatmap = resize_map(np.load(root / top["heatmap_path"]), shown.shape[:2])
+            with right:
+                picture(_fit(overlay(shown, heatmap, 0.45)), f"{method_title(view['heatmap_method'])}: frame {index}")
+        elif tops:
+            right.caption("Heatmaps are kept for the top frames (stars on the timeline).")
+    if tops:
+        st.markdown(f"**The {len(tops)} most {positive} frames**, at least half a second apart")
+        root = workspace_dir()
+        for column, (index, top) in zip(st.columns(len(tops)), tops.items(), strict=True):
+            shown = np.asarray(PILImage.open(root / top["image_path"]), dtype=np.float32) / 255.0
+            if top.get("heatmap_path") and (root / top["heatmap_path"]).is_file():
+                shown_map = overlay(shown, resize_map(np.load(root / top["heatmap_path"]), shown.shape[:2]), 0.45)
+            else:
+                shown_map = to_uint8(shown)
+            with column:
+                picture(_fit(shown_map, 300), f"frame {index} · p {top['probability']:.3f}")
+    left, right = st.columns(2)
+    left.download_button(
+        "Per-frame CSV",
+        lambda: exports.clip_frames_csv(view, user_id=user_id),
+        file_name=f"clip-{view['id']}-frames.csv",
+        mime="text/csv",
+        key=f"{key}_csv",
+        on_click="ignore",
+    )
+    if tops:
+        right.download_button(
+            "Top frames (PNG, zip)",
+            lambda: exports.clip_top_frames(view, user_id=user_id),
+            file_name=f"clip-{view['id']}-top-frames.zip",
+            mime="application/zip",
+            key=f"{key}_zip",
+            on_click="ignore",
+        )
 
 
 def filterable_table(

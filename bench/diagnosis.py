@@ -52,9 +52,12 @@ __all__ = [
     "main",
     "measure_size",
     "parse_args",
+    "reset_peak",
     "rotate",
     "specimen_images",
     "start",
+    "status_mb",
+    "timed",
     "usable_cores",
     "write_results",
 ]
@@ -194,7 +197,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _timed(device: torch.device, call: Callable[[], object]) -> tuple[float, int]:
+def timed(device: torch.device, call: Callable[[], object]) -> tuple[float, int]:
     """Milliseconds and minor page faults of one call; on CUDA the queue is drained before and after.
 
     Page faults count the memory the process had to take fresh from the kernel (mapped and zeroed) during the call:
@@ -221,7 +224,7 @@ def rotate(
     samples: dict[str, list[tuple[float, int]]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            samples[name].append(_timed(device, call))
+            samples[name].append(timed(device, call))
     return samples
 
 
@@ -314,6 +317,26 @@ def start(threads: int, device: str) -> tuple[torch.device, float, dict[str, Any
     about = machine(chosen)
     print("  ".join(f"{key}: {value}" for key, value in about.items()), flush=True)
     return chosen, began, about
+
+
+def status_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (Linux), in MB; None elsewhere."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024.0
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (``echo 5 > /proc/self/clear_refs``, Linux 4.0+)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def write_results(out: Path, name: str, device: torch.device, quick: bool, document: dict[str, Any]) -> Path:

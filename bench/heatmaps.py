@@ -9,7 +9,8 @@ Two groups of figures from one run, on the CPU here or on the GPU when there is 
   between our maps and the peer's (``< 1e-4``: equal maps).
 - **CLE frame rate.** Single-channel 512 x 512 frames diagnosed through :class:`core.predict.Predictor` with no
   heatmap, CAM and Grad-CAM, one frame at a time (live use) and in batches, against the 20 frames/s a confocal laser
-  endomicroscope acquires.
+  endomicroscope acquires; with glibc's default allocator thresholds and with those :func:`core.runtime.tune_allocator`
+  sets, each in fresh processes (the thresholds cannot be undone within one), with page faults and resident memory.
 
 Random weights (speed does not depend on them), with the BatchNorm statistics re-estimated on synthetic FL
 specimens and the one-logit head rescaled, so that activations and logits have a trained network's spread and map
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,14 +41,16 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from bench.diagnosis import rotate, specimen_images, start, usable_cores, write_results
+from bench.diagnosis import reset_peak, rotate, specimen_images, start, status_mb, usable_cores, write_results
 from core.data.io import Image, read_image
 from core.data.preprocess import prepare_batch
 from core.heatmaps import get_method
 from core.models import create_model, get_spec
 from core.predict import Predictor
+from core.runtime import OPT_OUT_ENV, tune_allocator
 
 __all__ = [
+    "ALLOCATORS",
     "CLE_FPS",
     "EQUAL_MAPS",
     "PEER",
@@ -71,6 +76,7 @@ PEER_SCORECAM_BATCH = 16  # pytorch-grad-cam's ScoreCAM: 16 masked inputs per fo
 _CALIBRATION_IMAGES = 16
 _CALIBRATION_BATCH = 8
 _LOGIT_STD = 3.0  # logits spread over several units, like a trained classifier's
+ALLOCATORS = ("default", "tuned")  # glibc's own thresholds; those of core.runtime.tune_allocator
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,10 @@ class Settings:
     scorecam_repeats: int
     scorecam_batches: tuple[int | None, ...]
     scorecam_architecture: str
-    cle_size: int
+    cle_sizes: tuple[int, ...]
     cle_batch: int
+    cle_rounds: int  # fresh processes per CLE arm and size, the arms alternating
+    cle_thread: bool  # also call from a worker thread, as a Streamlit session does
     device: str
     threads: int
     warmup: int
@@ -93,8 +101,15 @@ class Settings:
 
     @property
     def batch_repeats(self) -> int:
-        """Repeats of the CLE batch rows: a quarter of ``repeats`` (at least 2); a batch costs ``cle_batch`` frames."""
-        return min(self.repeats, max(2, self.repeats // 4))
+        """Repeats of the CLE batch rows per process: a third of ``repeats`` (at least 3); a batch costs
+        ``cle_batch`` frames."""
+        return min(self.repeats, max(3, self.repeats // 3))
+
+    @property
+    def cle_arms(self) -> tuple[tuple[str, str], ...]:
+        """(allocator, thread) of each CLE arm: calls on the main thread, and from a worker one with ``cle_thread``."""
+        threads = ("main", "worker") if self.cle_thread else ("main",)
+        return tuple((allocator, thread) for thread in threads for allocator in ALLOCATORS)
 
 
 @dataclass(frozen=True)
@@ -121,8 +136,11 @@ class PeerRow:
 
 @dataclass(frozen=True)
 class FrameRow:
-    """CLE frames diagnosed through ``Predictor.diagnose``; ``median_ms`` and ``p90_ms`` are per call (per batch)."""
+    """CLE frames diagnosed through ``Predictor.diagnose``; ``median_ms`` and ``p90_ms`` are per call (per batch),
+    over the samples of all the arm's processes; the memory figures are the median over those processes."""
 
+    allocator: str  # "default": glibc's thresholds; "tuned": core.runtime.tune_allocator's
+    thread: str  # "main": calls on the process's main thread (CLI, Ray tasks); "worker": on another (Streamlit)
     heatmap: str | None
     memory_format: str
     batch: int
@@ -131,8 +149,12 @@ class FrameRow:
     median_ms: float
     p90_ms: float
     frames_per_s: float
+    x_single: float  # frames_per_s / the same arm's, size's and heatmap's one-frame rate: above 1, batching pays
+    x_default: float  # frames_per_s / the default allocator's for the same thread, size, heatmap and batch
     x_realtime: float  # frames_per_s / CLE_FPS: 1 or more keeps up with the endomicroscope
     page_faults: int  # median minor page faults per call (see bench/README.md)
+    peak_rss_mb: float | None  # the process's resident high-water mark over its timed calls (VmHWM; Linux)
+    rss_after_mb: float | None  # resident memory after its last call: what it keeps between calls
 
 
 def _scorecam_batch(text: str) -> int | None:
@@ -163,8 +185,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         default=None,
         help="our Score-CAM's masked inputs per forward: 'default' and numbers (default 64 on CPU, default 256 on GPU)",
     )
-    parser.add_argument("--cle-size", type=int, default=512, help="CLE frame px (512)")
+    parser.add_argument("--cle-size", type=int, nargs="+", default=[512], help="CLE frame px, one or more (512)")
     parser.add_argument("--cle-batch", type=int, default=8, help="CLE frames per batch for throughput (8)")
+    parser.add_argument(
+        "--cle-rounds", type=int, default=2, help="fresh processes per CLE allocator arm and size, alternating (2)"
+    )
+    parser.add_argument(
+        "--cle-thread", action="store_true", help="also time the CLE calls from a worker thread (a Streamlit session)"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
     parser.add_argument("--threads", type=int, default=usable_cores(), help="torch CPU threads (the usable CPU cores)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results (bench/results)")
@@ -174,14 +202,37 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    counts = (args.size, args.batch, args.repeats, args.scorecam_repeats, args.cle_size, args.cle_batch, args.threads)
+    counts = (
+        args.size,
+        args.batch,
+        args.repeats,
+        args.scorecam_repeats,
+        *args.cle_size,
+        args.cle_batch,
+        args.cle_rounds,
+        args.threads,
+    )
     if min(counts) < 1:
         parser.error("sizes, batches, repeats and threads must be positive")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     batches = tuple(args.scorecam_batches or (None, 256 if device == "cuda" else 64))
     if args.quick:
         return Settings(
-            64, 2, 2, 2, (None, 64), QUICK_SCORECAM_ARCHITECTURE, 64, 2, device, args.threads, 1, args.out, True
+            64,
+            2,
+            2,
+            2,
+            (None, 64),
+            QUICK_SCORECAM_ARCHITECTURE,
+            (64,),
+            2,
+            1,
+            args.cle_thread,
+            device,
+            args.threads,
+            1,
+            args.out,
+            True,
         )
     return Settings(
         args.size,
@@ -190,8 +241,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         args.scorecam_repeats,
         batches,
         ARCHITECTURE,
-        args.cle_size,
+        tuple(args.cle_size),
         args.cle_batch,
+        args.cle_rounds,
+        args.cle_thread,
         device,
         args.threads,
         2,
@@ -406,44 +459,114 @@ def _weights_format(model: nn.Module) -> str:
     return "contiguous"
 
 
-def measure_cle(model: nn.Module, settings: Settings, device: torch.device) -> list[FrameRow]:
-    """CLE frames through ``Predictor.diagnose`` with no heatmap, CAM and Grad-CAM, one frame at a time and in
-    batches of ``cle_batch``, on a copy of ``model`` calibrated on the frames themselves. The predictor chooses the
-    memory format of the weights (and may convert the model it is given); the rows record which it chose."""
-    size = settings.cle_size
+def _cle_process(settings: Settings, size: int, allocator: str, thread: str) -> dict[str, Any]:
+    """One CLE arm at one size, in a fresh (spawned) process: the allocator decided first, as in any process that
+    builds a :class:`core.predict.Predictor`, then EfficientNet-B0 calibrated on the frames, then the calls with no
+    heatmap, CAM and Grad-CAM, one frame at a time and in batches of ``cle_batch``, each group in rotation, made on
+    this process's main thread or from a worker thread. Returns the samples, the weights' memory format and the
+    resident memory: before the calls, its high-water mark over them and after them."""
+    if allocator == "default":
+        os.environ[OPT_OUT_ENV] = "0"
+    else:
+        os.environ.pop(OPT_OUT_ENV, None)
+    tuned = tune_allocator()
+    torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    torch.manual_seed(0)
     frames = cle_frames(settings.cle_batch, size)
-    model = copy.deepcopy(model)
+    model = create_model(ARCHITECTURE, in_chans=1).to(device)
     calibrate(model, prepare_batch(frames, "CLE", size).to(device))  # CLE statistics: logits of a few units
     config = {"architecture": ARCHITECTURE, "in_chans": 1, "modality": "CLE", "image_size": size}
     predictor = Predictor(model, config, threshold=0.5, device=device.type)
-    memory_format = _weights_format(predictor.model)
     heatmaps: tuple[str | None, ...] = (None, "cam", "gradcam")
     live = {str(h): lambda h=h: predictor.diagnose(frames[:1], heatmap=h) for h in heatmaps}
     batched = {str(h): lambda h=h: predictor.diagnose(frames, heatmap=h, batch_size=len(frames)) for h in heatmaps}
-    rows = []
-    for calls, count, repeats, warmup in (
-        (live, 1, settings.repeats, settings.warmup),
-        (batched, len(frames), settings.batch_repeats, 1),
-    ):
-        samples = rotate(calls, repeats, warmup, device)
-        for heatmap, values in zip(heatmaps, samples.values(), strict=True):
-            milliseconds, faults = zip(*values, strict=True)
-            median = float(np.median(milliseconds))
-            rows.append(
-                FrameRow(
-                    heatmap=heatmap,
-                    memory_format=memory_format,
-                    batch=count,
-                    size=size,
-                    repeats=len(values),
-                    median_ms=median,
-                    p90_ms=float(np.percentile(milliseconds, 90)),
-                    frames_per_s=count * 1000.0 / median,
-                    x_realtime=count * 1000.0 / median / CLE_FPS,
-                    page_faults=int(np.median(faults)),
-                )
+    with ThreadPoolExecutor(1, thread_name_prefix="cle") as worker:
+        if thread == "worker":
+            live, batched = (
+                {key: lambda call=call: worker.submit(call).result() for key, call in calls.items()}
+                for calls in (live, batched)
             )
-    return rows
+        before = status_mb("VmRSS")
+        reset = reset_peak()
+        samples = {
+            1: rotate(live, settings.repeats, settings.warmup, device),
+            len(frames): rotate(batched, settings.batch_repeats, 1, device),
+        }
+    after = status_mb("VmRSS")
+    # the kernel folds its per-thread RSS counters into VmHWM lazily, so a fresh VmRSS can read a little above it
+    peak = status_mb("VmHWM") if reset else None
+    return {
+        "tuned": tuned,
+        "memory_format": _weights_format(predictor.model),
+        "samples": samples,
+        "rss_before_mb": before,
+        "peak_rss_mb": None if peak is None else max(peak, after or 0.0),
+        "rss_after_mb": after,
+    }
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that were measured; None when none was."""
+    known = [value for value in values if value is not None]
+    return float(np.median(known)) if known else None
+
+
+def measure_cle(settings: Settings) -> tuple[list[FrameRow], list[dict[str, Any]]]:
+    """CLE frames through ``Predictor.diagnose`` for each size and arm (:func:`_cle_process`), each arm in
+    ``cle_rounds`` fresh processes per size with the arms' order reversed every round, so that a change in machine
+    load hits them alike; the samples of an arm's processes are pooled. glibc's thresholds cannot be reset within a
+    process, hence a process per arm. The predictor chooses the memory format of the weights; rows record it.
+    Returns the rows and a record of each process: its arm, whether its allocator was tuned, its resident memory."""
+    context = multiprocessing.get_context("spawn")
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    processes: list[dict[str, Any]] = []
+    for size in settings.cle_sizes:
+        for round_ in range(settings.cle_rounds):
+            for allocator, thread in settings.cle_arms[:: 1 if round_ % 2 == 0 else -1]:
+                print(f"  {size} px, {allocator} allocator, {thread} thread, round {round_ + 1} ...", flush=True)
+                with context.Pool(1) as pool:
+                    run = pool.apply(_cle_process, (settings, size, allocator, thread))
+                if allocator == "tuned" and not run["tuned"]:
+                    print("  tune_allocator() changed nothing here (not glibc, or the environment sets the thresholds)")
+                runs.setdefault((allocator, thread, size), []).append(run)
+                memory = {key: run[key] for key in ("tuned", "rss_before_mb", "peak_rss_mb", "rss_after_mb")}
+                processes.append({"size": size, "allocator": allocator, "thread": thread, "round": round_, **memory})
+    figures: dict[tuple[str, str, int, str, int], dict[str, Any]] = {}
+    for (allocator, thread, size), arm in runs.items():
+        for batch in arm[0]["samples"]:
+            for heatmap in arm[0]["samples"][batch]:
+                values = [sample for run in arm for sample in run["samples"][batch][heatmap]]
+                milliseconds, faults = zip(*values, strict=True)
+                median = float(np.median(milliseconds))
+                figures[allocator, thread, size, heatmap, batch] = {
+                    "memory_format": arm[0]["memory_format"],
+                    "repeats": len(values),
+                    "median_ms": median,
+                    "p90_ms": float(np.percentile(milliseconds, 90)),
+                    "frames_per_s": batch * 1000.0 / median,
+                    "page_faults": int(np.median(faults)),
+                    "peak_rss_mb": _median([run["peak_rss_mb"] for run in arm]),
+                    "rss_after_mb": _median([run["rss_after_mb"] for run in arm]),
+                }
+    rows = []
+    for (allocator, thread, size, heatmap, batch), figure in figures.items():
+        rate = figure["frames_per_s"]
+        rows.append(
+            FrameRow(
+                allocator=allocator,
+                thread=thread,
+                heatmap=None if heatmap == "None" else heatmap,
+                batch=batch,
+                size=size,
+                x_single=rate / figures[allocator, thread, size, heatmap, 1]["frames_per_s"],
+                x_default=rate / figures["default", thread, size, heatmap, batch]["frames_per_s"],
+                x_realtime=rate / CLE_FPS,
+                **figure,
+            )
+        )
+    rows.sort(key=lambda row: (row.size, row.thread != "main", row.heatmap or "", row.allocator, row.batch))
+    return rows, processes
 
 
 def _render(columns: dict[str, list[Any]], formats: dict[str, str]) -> str:
@@ -488,28 +611,45 @@ def _peer_table(rows: Sequence[PeerRow]) -> str:
     )
 
 
+def _megabytes(value: float | None) -> str:
+    """A memory figure for the table; ``n/a`` where the platform gave none."""
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
 def _frame_table(rows: Sequence[FrameRow]) -> str:
     """The CLE frame rates for the terminal."""
     realtime = f"x {CLE_FPS:g} fps"
     return _render(
         {
+            "px": [row.size for row in rows],
+            "thread": [row.thread for row in rows],
             "heatmap": [row.heatmap or "none" for row in rows],
-            "weights": [row.memory_format for row in rows],
+            "allocator": [row.allocator for row in rows],
             "batch": [row.batch for row in rows],
             "median ms": [row.median_ms for row in rows],
-            "p90 ms": [row.p90_ms for row in rows],
             "frames/s": [row.frames_per_s for row in rows],
+            "x single": [row.x_single for row in rows],
+            "x default": [row.x_default for row in rows],
             realtime: [row.x_realtime for row in rows],
-            "keeps up": ["yes" if row.x_realtime >= 1.0 else "no" for row in rows],
             "page faults": [row.page_faults for row in rows],
+            "peak MB": [_megabytes(row.peak_rss_mb) for row in rows],
+            "RSS after MB": [_megabytes(row.rss_after_mb) for row in rows],
         },
-        {"median ms": "{:,.1f}", "p90 ms": "{:,.1f}", "frames/s": "{:.2f}", realtime: "{:.2f}", "page faults": "{:,}"},
+        {
+            "median ms": "{:,.1f}",
+            "frames/s": "{:.2f}",
+            "x single": "{:.2f}",
+            "x default": "{:.2f}",
+            realtime: "{:.2f}",
+            "page faults": "{:,}",
+        },
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the machine and the tables, write the JSON; returns the exit status."""
     settings = parse_args(argv)
+    tuned = tune_allocator()  # the peer comparison runs as the app's processes do; the CLE arms decide their own
     device, began, about = start(settings.threads, settings.device)
     torch.manual_seed(0)
     images = specimen_images(max(settings.batch, 4 if settings.quick else _CALIBRATION_IMAGES))
@@ -531,8 +671,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     peer = measure_gradcam(model, x[: settings.batch], targets, settings, device)
     print(f"Score-CAM, 1 image at {settings.size} px ({settings.scorecam_architecture}) ...", flush=True)
     peer += measure_scorecam(scorecam_model, x[:1], targets[:1], settings, device)
-    print(f"CLE frames at {settings.cle_size} px ...", flush=True)
-    cle = measure_cle(model, settings, device)
+    sizes = ", ".join(map(str, settings.cle_sizes))
+    print(f"CLE frames at {sizes} px, each allocator arm in fresh processes ...", flush=True)
+    cle, processes = measure_cle(settings)
     seconds = time.perf_counter() - began
     print(f"\nOurs against {PEER} (same model, target layer, inputs and targets):")
     print(_peer_table(peer))
@@ -541,10 +682,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"equal maps: max |diff| < {EQUAL_MAPS:g}."
     )
     print(
-        f"\nCLE frames ({settings.cle_size} x {settings.cle_size}) through Predictor.diagnose; the CLE acquires "
-        f"{CLE_FPS:g} frames/s:"
+        f"\nCLE frames ({sizes} px square, weights {cle[0].memory_format}) through Predictor.diagnose; the CLE "
+        f"acquires {CLE_FPS:g} frames/s:"
     )
     print(_frame_table(cle))
+    print(
+        "x single: frames/s / the same allocator's one frame per call (above 1: batching pays). x default: frames/s / "
+        "glibc's default thresholds' (above 1: tuning pays). page faults: median per call. peak MB: resident "
+        "high-water mark over the timed calls; RSS after MB: resident after them (medians over the arm's processes)."
+    )
     print(f"Total {seconds:.0f} s.")
     document = {
         "machine": about,
@@ -558,9 +704,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "equal_maps_tolerance": EQUAL_MAPS,
         },
         "calibration_logits": calibration,
+        "allocator_tuned": tuned,  # this process's, for the peer comparison
         "seconds": seconds,
         "peer": [asdict(row) for row in peer],
         "cle": [asdict(row) for row in cle],
+        "cle_processes": processes,
     }
     write_results(settings.out, "heatmaps", device, settings.quick, document)
     return 0

@@ -49,7 +49,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from bench.diagnosis import machine, start, write_results
+from bench.diagnosis import machine, reset_peak, start, status_mb, write_results
 from core.data.preprocess import standardize
 from core.data.synth_rcm import POSITIVE, UNLABELED, make_rcm_mosaic, sample_patches
 from core.heatmaps.mosaic import MosaicResult, WindowGrid, stitch_mosaic
@@ -329,26 +329,6 @@ def _b2(settings: Settings, device: torch.device) -> dict[str, Any]:
     return {"architecture": ARCHITECTURE, "mosaic": [768, 768], "window": window, "train": about, "rows": rows}
 
 
-def _status_mb(field: str) -> float | None:
-    """A memory figure of this process from /proc/self/status (Linux), in MB; None elsewhere."""
-    status = Path("/proc/self/status")
-    if not status.is_file():
-        return None
-    for line in status.read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024.0
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset this process's RSS high-water mark (``echo 5 > /proc/self/clear_refs``, Linux 4.0+)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def _peak_memory(size: int, settings: Settings) -> dict[str, Any]:
     """In a fresh process: B2 and a ``size`` x ``size`` mosaic, then the fast mode; RSS before and peak during.
 
@@ -363,8 +343,8 @@ def _peak_memory(size: int, settings: Settings) -> dict[str, Any]:
     base, _ = make_rcm_mosaic(side, side, seed=0)
     image = np.ascontiguousarray(np.tile(base, (math.ceil(size / side),) * 2)[:size, :size])
     del base
-    before = _status_mb("VmRSS")
-    reset = _reset_peak()
+    before = status_mb("VmRSS")
+    reset = reset_peak()
     result = stitch_mosaic(
         model, image, window=settings.window, step=settings.step, sigma=settings.sigma, share=settings.share,
         tile=settings.tile, batch_size=settings.batch_size,
@@ -376,7 +356,7 @@ def _peak_memory(size: int, settings: Settings) -> dict[str, Any]:
         "tile": settings.tile,
         "seconds": result.seconds,
         "rss_before_mb": before,
-        "peak_rss_mb": _status_mb("VmHWM"),
+        "peak_rss_mb": status_mb("VmHWM"),
         "peak_reset": reset,
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "mosaic_mb": image.nbytes / 2**20,

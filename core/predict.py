@@ -28,6 +28,7 @@ from core.data.preprocess import display_image, prepare, square_box
 from core.heatmaps import colorize, five_views, get_method, list_methods, overlay
 from core.heatmaps.mosaic import MosaicResult, stitch_mosaic
 from core.models import get_spec, load_checkpoint
+from core.runtime import tune_allocator
 from core.train.recipe import pick_device
 
 __all__ = ["Diagnosis", "Predictor", "views_of", "write_heatmap_files"]
@@ -50,6 +51,7 @@ class Predictor:
     """A model ready for diagnosis: modality, input size, operating threshold and a lock for shared use."""
 
     def __init__(self, model: nn.Module, config: dict[str, Any], threshold: float, device: str = "auto") -> None:
+        tune_allocator()  # activations stay in the heap between calls (core/runtime.py): no page faults per call
         self.device = pick_device(device)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.config = dict(config)

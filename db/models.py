@@ -269,6 +269,52 @@ class Prediction(Base):
     image: Mapped[SpecimenImage | None] = relationship()
 
 
+class Clip(Base):
+    """A clip a user uploaded (CLE frames: a multi-page TIFF, a video, or a zip of frames), kept as uploaded."""
+
+    __tablename__ = "clips"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    original_name: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(8))  # tiff | video | frames
+    modality: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    n_frames: Mapped[int]
+    fps: Mapped[float | None] = mapped_column(Float)
+    height: Mapped[int]
+    width: Mapped[int]
+
+    user: Mapped[User | None] = relationship()
+
+
+class ClipTriage(Base):
+    """One model's triage of a clip: a probability per frame (a .npy file in the workspace), how many frames were
+    diagnostic at the model's threshold, and the top frames (``top``: index, probability, frame PNG, heatmap .npy)."""
+
+    __tablename__ = "clip_triages"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    clip_id: Mapped[int] = mapped_column(ForeignKey("clips.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    threshold: Mapped[float] = mapped_column(Float)
+    n_frames: Mapped[int]
+    n_positive: Mapped[int]
+    max_probability: Mapped[float] = mapped_column(Float)
+    probabilities_path: Mapped[str] = mapped_column(String(512))
+    heatmap_method: Mapped[str | None] = mapped_column(String(32))
+    top: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    device: Mapped[str | None] = mapped_column(String(16))
+    seconds: Mapped[float | None] = mapped_column(Float)
+
+    clip: Mapped[Clip] = relationship()
+    model: Mapped[ModelRecord] = relationship()
+
+
 class Study(Base):
     """A blind reader study: cases read by invited readers in one or more arms, frozen once the first read exists."""
 

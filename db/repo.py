@@ -22,6 +22,8 @@ from db.models import (
     MODALITIES,
     ROLES,
     SPLITS,
+    Clip,
+    ClipTriage,
     Label,
     ModelEvaluation,
     ModelRecord,
@@ -644,6 +646,31 @@ def _uploads(session: Session) -> pd.DataFrame:
     return pd.DataFrame(session.execute(stmt).mappings().all())
 
 
+def _clips(session: Session) -> pd.DataFrame:
+    """Each triage of an uploaded clip: the clip, the model, and how many of its frames were diagnostic."""
+    stmt = (
+        select(
+            ClipTriage.id,
+            ClipTriage.created_at,
+            User.username.label("user"),
+            Clip.original_name.label("clip"),
+            Clip.kind,
+            ClipTriage.n_frames.label("frames"),
+            Clip.fps,
+            ModelRecord.name.label("model"),
+            ClipTriage.n_positive.label("diagnostic_frames"),
+            ClipTriage.max_probability,
+            ClipTriage.threshold,
+            Clip.sha256,
+        )
+        .join(Clip, ClipTriage.clip_id == Clip.id)
+        .join(ModelRecord, ClipTriage.model_id == ModelRecord.id)
+        .outerjoin(User, ClipTriage.user_id == User.id)
+        .order_by(ClipTriage.created_at.desc(), ClipTriage.id.desc())
+    )
+    return pd.DataFrame(session.execute(stmt).mappings().all())
+
+
 def _predictions(session: Session) -> pd.DataFrame:
     stmt = (
         select(
@@ -679,6 +706,7 @@ TABLES = {
     "models": _models,
     "uploads": _uploads,
     "predictions": _predictions,
+    "clips": _clips,
     "audit": audit_table,
 }
 

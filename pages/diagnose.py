@@ -16,7 +16,7 @@ import streamlit as st
 
 from app.auth import USER_KEY, current_user, require_role
 from app.resources import predictor_for
-from app.widgets import heatmap_viewer, job_header, open_prediction
+from app.widgets import heatmap_viewer, job_header, open_prediction, triage_viewer
 from core.data.preprocess import MODALITIES
 from core.heatmaps import method_title
 from core.heatmaps.mosaic import FAST_METHODS
@@ -24,16 +24,19 @@ from core.stats.thresholds import POLICY_TEXT
 from core.text import md_escape
 from core.train import DECISIONS
 from db import repo
+from services.clips import recent_triages, triage_view
 from services.diagnose import diagnose_files
 from services.jobs import service, store
 from services.jobs.incoming import discard_upload, keep_upload
 from services.jobs.store import ACTIVE, JobInfo
 
 REFRESH_SECONDS = 2
-_JOB_KINDS = ("mosaic", "scorecam")
+_JOB_KINDS = ("mosaic", "scorecam", "clip")
 _JOBS_SHOWN = 10
 _FOLLOW = "diagnose_follow"  # jobs this session queued: their result opens when they succeed
 _OPEN = "diagnose_job_open"  # the prediction of a job opened under "Your jobs"
+_OPEN_CLIP = "diagnose_clip_open"  # the clip triage opened (a clip job's result, or from the history)
+_CLIP_TYPES = ["tif", "tiff", "mp4", "avi", "mov", "mkv", "webm", "zip"]
 
 user = require_role("pi", "clinician")
 st.title("Diagnose")
@@ -156,8 +159,43 @@ def mosaic_flow() -> None:
         )
 
 
+def clip_flow() -> None:
+    """A CLE clip (seed 000): every frame's diagnostic probability over time, the most diagnostic frames with their
+    heatmaps. The triage runs as a job on the cluster; its result opens under "Your jobs" and stays in the history."""
+    st.info(
+        f"**{md_escape(model.name)}** scores every frame of a clip (diagnostic or not: blood, motion), and shows the "
+        "most diagnostic frames with their heatmaps. A clip is a multi-page TIFF, an MP4, AVI, MOV or MKV video, or a "
+        "zip of frames. The triage runs as a job on the cluster: you may leave this page meanwhile."
+    )
+    with st.form("clip_form", clear_on_submit=True):
+        file = st.file_uploader("A CLE clip", type=_CLIP_TYPES, key="clip_file")
+        top = st.number_input("Top frames to show with heatmaps", 1, 20, 5, key="clip_top")
+        submitted = st.form_submit_button("Triage clip", type="primary")
+    if submitted:
+        if file is None:
+            st.warning("Choose a clip file first.")
+        else:
+            params = {"model": model.name, "top": int(top), "heatmap": method}
+            job_id, refused = _queue("clip", file.name, file.getvalue(), params, "clip")
+            st.session_state["clip_queued"] = {"name": file.name, "job": job_id, "error": refused}
+    queued = st.session_state.get("clip_queued")
+    if queued and queued["error"]:
+        st.error(f"**{md_escape(queued['name'])}** was not processed: {md_escape(queued['error'])}")
+    elif queued:
+        st.success(
+            f"**{md_escape(queued['name'])}** is queued as job {queued['job']}: its timeline and top frames open under "
+            "Your jobs when it is done. You may leave this page; the result lands in your earlier clips."
+        )
+
+
+clips_offered = modality == "CLE" and model.task != "aspecific"
+upload_clip = clips_offered and (
+    st.radio("Upload", ["Frames", "A clip"], horizontal=True, key="diagnose_cle_what") == "A clip"
+)
 if model.task == "aspecific":
     mosaic_flow()
+elif upload_clip:
+    clip_flow()
 else:
     with st.form("diagnose_form", clear_on_submit=True):
         files = st.file_uploader(
@@ -254,15 +292,15 @@ def _job_row(job: JobInfo) -> None:
         job_header(job)
         if job.error:
             st.error(md_escape(job.error))
-        prediction_id = job.result.get("prediction_id")
+        prediction_id, triage_id = job.result.get("prediction_id"), job.result.get("triage_id")
         if job.state in ACTIVE:
             st.button("Cancel", key=f"diagnose_job_cancel_{job.id}", on_click=_cancel, args=(job.id,))
         elif (
             job.state == "succeeded"
-            and prediction_id is not None
+            and (prediction_id, triage_id) != (None, None)
             and st.button("Open result", key=f"diagnose_job_open_{job.id}")
         ):
-            st.session_state[_OPEN] = int(prediction_id)
+            _open_result(job)
             st.rerun()  # the whole page: the result opens below the list
 
 
@@ -276,16 +314,36 @@ def _own_jobs(following: bool) -> None:
         _job_row(job)
 
 
+def _open_result(job: JobInfo) -> None:
+    """Open a succeeded job's result: a clip's triage, or a prediction (one result open at a time)."""
+    if job.result.get("triage_id") is not None:
+        st.session_state.pop(_OPEN, None)
+        st.session_state[_OPEN_CLIP] = int(job.result["triage_id"])
+    elif job.result.get("prediction_id") is not None:
+        st.session_state.pop(_OPEN_CLIP, None)
+        st.session_state[_OPEN] = int(job.result["prediction_id"])
+
+
 def _open_finished() -> None:
     """Open the result of a job this session queued once it succeeded (the page was left open while it ran)."""
     still = []
     for job_id in st.session_state.get(_FOLLOW, []):
         job = store.get_job(job_id)
-        if job is not None and job.state == "succeeded" and job.result.get("prediction_id") is not None:
-            st.session_state[_OPEN] = int(job.result["prediction_id"])
+        if job is not None and job.state == "succeeded":
+            _open_result(job)
         elif job is not None and job.state in ACTIVE:
             still.append(job_id)
     st.session_state[_FOLLOW] = still
+
+
+def _opened_clip(key: str) -> None:
+    """The opened clip triage, when it is the signed-in user's own."""
+    opened = st.session_state.get(_OPEN_CLIP)
+    view = triage_view(int(opened)) if opened is not None else None
+    if view is not None and view["user_id"] == user.id:
+        with st.container(border=True):
+            triage_viewer(view, key=f"{key}_{view['id']}", user_id=user.id)
+            st.button("Close", key=f"{key}_close", on_click=st.session_state.pop, args=(_OPEN_CLIP, None))
 
 
 if store.list_jobs(kinds=_JOB_KINDS, user_id=user.id, limit=1):
@@ -299,6 +357,25 @@ if store.list_jobs(kinds=_JOB_KINDS, user_id=user.id, limit=1):
         with st.container(border=True):
             heatmap_viewer(view, key="diagnose_job_view")
             st.button("Close", key="diagnose_job_close", on_click=st.session_state.pop, args=(_OPEN, None))
+    _opened_clip("diagnose_job_clip")
+
+if clips_offered:
+    clips = recent_triages(user_id=user.id)
+    with st.expander("Your earlier clips", expanded=False):
+        if not clips:
+            st.caption("None yet.")
+        else:
+            table = pd.DataFrame(clips).drop(columns=["by"])
+            st.dataframe(table, hide_index=True, key="diagnose_clips_table")
+            names = {c["id"]: c["clip"] for c in clips}
+            chosen = st.selectbox(
+                "Open", list(names), format_func=lambda i: f"#{i} · {names[i]}", index=None, key="diagnose_clips_pick"
+            )
+            if chosen is not None and st.session_state.get(_OPEN_CLIP) != chosen:
+                st.session_state[_OPEN_CLIP] = int(chosen)
+                st.rerun()
+    if not store.list_jobs(kinds=_JOB_KINDS, user_id=user.id, limit=1):
+        _opened_clip("diagnose_history_clip")
 
 recent = st.session_state.get("diagnose_last") or st.session_state.get(_OPEN) is not None
 with st.expander("Your earlier diagnoses", expanded=not recent):

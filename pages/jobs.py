@@ -17,9 +17,10 @@ from typing import Any
 import streamlit as st
 
 from app.auth import USER_KEY, current_user, require_role
-from app.widgets import heatmap_viewer, job_header
+from app.widgets import heatmap_viewer, job_header, triage_viewer
 from core.text import md_escape
 from db import repo
+from services.clips import triage_view
 from services.jobs import service, store
 from services.jobs.kinds import KINDS
 from services.jobs.store import ACTIVE, FINAL, JobInfo
@@ -29,6 +30,7 @@ STATES = (*ACTIVE, *FINAL)
 RETRIABLE = ("failed", "cancelled", "interrupted")
 _NOTICE = "jobs_notice"  # (level, text) of the last button's outcome
 _OPEN = "jobs_open"  # the prediction opened from a job
+_OPEN_CLIP = "jobs_open_clip"  # the clip triage opened from a job
 _INTERNAL = {"model_id", "upload_id", "uploads"}  # result entries that name rows, shown through other entries
 
 user = require_role("pi")
@@ -100,10 +102,20 @@ def _products(job: JobInfo) -> None:
         st.markdown(f"Highest probability {float(result['probability']):.3f}.")
     for prediction_id in predictions:
         if st.button(f"Open prediction #{int(prediction_id)}", key=f"jobs_open_{job.id}_{int(prediction_id)}"):
+            st.session_state.pop(_OPEN_CLIP, None)
             st.session_state[_OPEN] = int(prediction_id)
             st.rerun()  # the whole page: the prediction opens above the list
+    triages = list(dict.fromkeys(_listed(result.get("triage_id", [])) + _listed(result.get("triages", []))))
+    if result.get("frames") is not None:
+        st.markdown(f"Triaged a clip of {int(result['frames']):,} frames.")
+    for triage_id in triages:
+        if st.button(f"Open clip triage #{int(triage_id)}", key=f"jobs_open_clip_{job.id}_{int(triage_id)}"):
+            st.session_state.pop(_OPEN, None)
+            st.session_state[_OPEN_CLIP] = int(triage_id)
+            st.rerun()  # the whole page: the triage opens above the list
     known = {"models", "model", "evaluations", "evaluation_id", "specimens", "imported_specimens", "images"}
     known |= {"imported_images", "skipped", "computed", "prediction_id", "predictions", "probability", *_INTERNAL}
+    known |= {"triage_id", "triages", "clip_id", "clips", "frames"}
     rest = {key: value for key, value in result.items() if key not in known}
     if rest:
         st.text("\n".join(f"{key}: {value}" for key, value in rest.items()))
@@ -170,6 +182,17 @@ if opened is not None:
         else:
             heatmap_viewer(view, key="jobs_view")
         st.button("Close", key="jobs_open_close", on_click=st.session_state.pop, args=(_OPEN, None))
+
+opened_clip = st.session_state.get(_OPEN_CLIP)
+if opened_clip is not None:
+    with st.container(border=True):
+        st.subheader(f"Clip triage #{int(opened_clip)}")
+        clip_view = triage_view(int(opened_clip))
+        if clip_view is None:
+            st.warning("This clip triage is no longer stored.")
+        else:
+            triage_viewer(clip_view, key=f"jobs_clip_{clip_view['id']}", user_id=user.id)
+        st.button("Close", key="jobs_open_clip_close", on_click=st.session_state.pop, args=(_OPEN_CLIP, None))
 
 following = bool(store.active_job_ids())
 st.fragment(_jobs, run_every=REFRESH_SECONDS if following else None)(tuple(states), tuple(kinds), following)

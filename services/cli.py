@@ -1,8 +1,7 @@
 """The command line: ``python -m core <command>``.
 
-Commands: ``demo``, ``jobs``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``heatmaps``, ``users``,
-``studies``, ``analyze``, ``audit``, ``evaluate-localization``, ``synth``, ``localization-study``.
-Errors a
+Commands: ``demo``, ``jobs``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``clip``, ``heatmaps``,
+``users``, ``studies``, ``analyze``, ``audit``, ``evaluate-localization``, ``synth``, ``localization-study``. Errors a
 user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
 
@@ -18,10 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from core.data.io import ImageError, read_image
+from core.data.io import Image, ImageError, read_image
 from core.data.localization_set import KINDS
+from core.data.preprocess import display_image
 from core.heatmaps import list_methods, method_title
 from core.heatmaps.mosaic import MODES
+from core.heatmaps.render import to_uint8
 from core.models import list_models as list_architectures
 from core.predict import Predictor, write_heatmap_files
 from core.settings import workspace_dir
@@ -360,6 +361,70 @@ def _cmd_mosaic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_clip(args: argparse.Namespace) -> int:
+    from core.data.clips import ClipError, open_clip
+
+    from core.triage import default_method, frames_csv, triage_clip
+
+    model = _choose_model(args.model, "diagnostic")
+    predictor = Predictor.from_checkpoint(
+        workspace_dir() / model.checkpoint_path, model.threshold, sha256=model.checkpoint_sha256, device=args.device
+    )
+    method = {"none": None, "default": default_method(predictor.methods)}.get(args.heatmap, args.heatmap)
+    if method is not None and method not in predictor.methods:
+        raise UsageError(
+            f"heatmap {method!r} does not apply to model {model.name}; use one of: {', '.join(predictor.methods)}"
+        )
+    if args.top < 0 or args.batch_size < 1:
+        raise UsageError("--top must be 0 or more and --batch-size at least 1")
+
+    def report(done: int, total: int | None) -> None:
+        if done % (args.batch_size * 25) == 0 or done == total:
+            print(f"  {done:,} of {total:,} frames" if total else f"  {done:,} frames", file=sys.stderr, flush=True)
+
+    try:
+        with open_clip(args.file, args.file) as clip:
+            triage = triage_clip(
+                predictor, clip, batch_size=args.batch_size, top_k=args.top, heatmap=method, progress=report
+            )
+    except (ClipError, ImageError) as error:
+        print(f"error: {args.file}: {error.reason}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frames.csv").write_text(frames_csv(triage.probabilities, triage.threshold))
+    top = []
+    for frame in triage.top:
+        stem = f"frame-{frame.index:06d}"
+        image = Image(np.ascontiguousarray(frame.frame), name=stem, format="NPY")
+        PILImage.fromarray(to_uint8(display_image(image, model.modality))).save(out / f"{stem}.png")
+        paths = {"frame": str(out / f"{stem}.png")}
+        if frame.heatmap is not None:
+            paths |= write_heatmap_files(image, model.modality, frame.heatmap, out, stem)
+        top.append({"frame": frame.index, "probability": frame.probability, **paths})
+    summary = {
+        "file": args.file,
+        "model": model.name,
+        "model_id": model.id,
+        "frames": triage.n_frames,
+        "fps": triage.fps,
+        "threshold": triage.threshold,
+        "diagnostic_frames": triage.n_positive,
+        "heatmap": triage.method,
+        "top": top,
+        "device": triage.device,
+        "seconds": triage.seconds,
+    }
+    (out / "clip.json").write_text(json.dumps(summary, indent=2))
+    negative, positive = DECISIONS[model.task]
+    print(
+        f"{args.file}: {triage.n_frames:,} frames, {triage.n_positive:,} {positive} at threshold "
+        f"{triage.threshold:.3f} ({triage.frames_per_second:.1f} frames/s on {triage.device}); "
+        f"top frames: {', '.join(f'{f.index} (p={f.probability:.3f})' for f in triage.top) or 'none'}"
+    )
+    return 0
+
+
 def _cmd_heatmaps(_args: argparse.Namespace) -> int:
     for name, summary in list_methods().items():
         print(f"{name:<16} {method_title(name):<24} {summary}")
@@ -649,6 +714,24 @@ def _parser() -> argparse.ArgumentParser:
     mosaic.add_argument("--out", required=True, help="output folder")
     mosaic.add_argument("--device", default="auto")
     mosaic.set_defaults(run=_cmd_mosaic)
+
+    clip = sub.add_parser(
+        "clip",
+        help="triage a CLE clip (multi-page TIFF, MP4/AVI/MOV, zip or folder of frames): frames.csv + top frames",
+    )
+    clip.add_argument("file", metavar="FILE")
+    clip.add_argument("--model", help="registered name or id (may be omitted when one diagnostic-frame model exists)")
+    clip.add_argument(
+        "--heatmap",
+        default="default",
+        choices=["default", *list_methods(), "none"],
+        help="the top frames' heatmap; default: the model's own map (MLCAM-LICI, CompSegNet), else CELM, else Grad-CAM",
+    )
+    clip.add_argument("--top", type=int, default=5, help="the K most diagnostic frames (half a second apart) (5)")
+    clip.add_argument("--batch-size", type=int, default=8, help="frames per forward pass (8)")
+    clip.add_argument("--out", required=True, help="output folder: frames.csv, clip.json, top frames and heatmaps")
+    clip.add_argument("--device", default="auto")
+    clip.set_defaults(run=_cmd_clip)
 
     heatmaps = sub.add_parser("heatmaps", help="list the registered heatmap methods")
     heatmaps.set_defaults(run=_cmd_heatmaps)

@@ -15,7 +15,16 @@ from db.audit import log_event
 from db.session import run_transaction
 from services import studies
 
-__all__ = ["cases_csv", "cases_export", "predictions_csv", "reads_csv", "reads_export", "table_csv"]
+__all__ = [
+    "cases_csv",
+    "cases_export",
+    "clip_frames_csv",
+    "clip_top_frames",
+    "predictions_csv",
+    "reads_csv",
+    "reads_export",
+    "table_csv",
+]
 
 
 def _audited(action: str, *, user_id: int | None, study_id: int | None, **detail: object) -> None:
@@ -63,3 +72,22 @@ def predictions_csv(study_id: int, arm: str, *, model: int | str | None, user_id
 
     frame, _ = export_predictions(study_id, arm, model=model, user_id=user_id)
     return csv_bytes(frame)
+
+
+def clip_frames_csv(view: dict[str, object], *, user_id: int | None) -> bytes:
+    """A stored clip triage's per-frame table (``frame,probability,decision``, as ``python -m core clip`` writes it),
+    audited as ``csv_downloaded``."""
+    from services.clips import triage_csv
+
+    data = triage_csv(view).encode()
+    _audited("csv_downloaded", user_id=user_id, study_id=None, table="clip frames", triage=view["id"])
+    return data
+
+
+def clip_top_frames(view: dict[str, object], *, user_id: int | None) -> bytes:
+    """A stored clip triage's top frames and their overlays as PNGs in a zip, audited as ``frames_downloaded``."""
+    from services.clips import top_frames_zip
+
+    data = top_frames_zip(view)
+    _audited("frames_downloaded", user_id=user_id, study_id=None, triage=view["id"], frames=len(view["top"]))
+    return data

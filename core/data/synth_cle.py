@@ -29,23 +29,63 @@ What it models (lengths below are for ``size=128`` and scale with ``size``):
   also has a slow gain field, vignetting and multiplicative noise.
 * The image-level label follows the paper's rule: a frame is diagnostic if it shows any diagnostic feature, i.e. if
   ``intermediate`` has any 255 pixel.
+
+Clips (:func:`make_cle_clip`): a probe streaming up to 20 frames/s over a biopsy site, as triage sees it: the probe
+dwells on diagnostic tissue and sweeps fast (motion blur, more blood) over nondiagnostic tissue between, so labels come
+in stretches and neighbouring frames are near copies. :func:`write_clip` writes one as a multi-page TIFF, an MP4 or AVI
+video or a zip of PNG frames, the containers :mod:`core.data.clips` reads.
 """
 
 from __future__ import annotations
 
+import math
+import zipfile
 from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 
+import av
 import numpy as np
+import tifffile
 from scipy import ndimage as ndi
 
+from core.data.io import Image, encode_clean
 from core.data.synth_rcm import NEGATIVE, POSITIVE, UNLABELED, _smooth_field
 
-__all__ = ["NEGATIVE", "POSITIVE", "UNLABELED", "CLEFrame", "make_cle_frame", "make_cle_frames"]
+__all__ = [
+    "NEGATIVE",
+    "POSITIVE",
+    "UNLABELED",
+    "CLEClip",
+    "CLEFrame",
+    "make_cle_clip",
+    "make_cle_frame",
+    "make_cle_frames",
+    "write_clip",
+]
 
 _REFERENCE_SIZE = 128
 _RBC_PROBABILITY = 0.4
 _MOTION_PROBABILITY = 0.3
 _RBC_TRIES = 20
+_SPECKLE = 0.08
+# Clips: the probe dwells on diagnostic sites and sweeps between them (speeds in px/s at the 128 px reference).
+_DWELL_SECONDS = 2.5
+_DWELL_SPEED = (8.0, 30.0)
+_SWEEP_SPEED = (50.0, 160.0)
+_BLOOD_PROBABILITY = 0.7
+_TILE_OVERLAP = 16
+_BLUR_FROM = 1.5
+
+
+@dataclass(frozen=True)
+class CLEClip:
+    """A synthetic CLE clip: ``frames`` (N, size, size) uint8, ``labels`` (N,) 1 diagnostic / 0 nondiagnostic, and
+    the frame rate it was made for."""
+
+    frames: np.ndarray
+    labels: np.ndarray
+    fps: float
 
 
 @dataclass(frozen=True)
@@ -266,19 +306,14 @@ def _red_blood_cells(
     return image * (1.0 - centre_dark) * (1.0 + 0.35 * rim), True
 
 
-def make_cle_frame(seed: int, size: int = 128, *, diagnostic: bool) -> CLEFrame:
-    """One synthetic CLE frame with its masks; the same ``seed``, ``size`` and ``diagnostic`` give the same frame.
+def _tissue(
+    rng: np.random.Generator, size: int, scale: float, *, diagnostic: bool, with_rbc: bool, with_motion: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Tissue as it reaches the probe's optics: (image, region, nuclei, artefacts), the image a float field near 0-1.
 
-    A diagnostic frame carries 1-3 hypercellular regions with large pleomorphic nuclei, a nondiagnostic frame none;
-    artefacts are drawn first, with the same probabilities in both. Lengths scale with ``size`` (128 px reference).
+    The ground with its fibres and small cells, the hypercellular regions of a diagnostic frame with their large
+    nuclei, then the artefacts asked for (red blood cells kept off the regions, motion blur).
     """
-    if size < 32:
-        raise ValueError(f"a CLE frame needs at least 32 x 32 px, not {size}")
-    rng = np.random.default_rng(seed)
-    scale = size / _REFERENCE_SIZE
-    with_rbc = rng.random() < _RBC_PROBABILITY
-    with_motion = rng.random() < _MOTION_PROBABILITY
-
     ground = 0.5 + 0.07 * _smooth_field(rng, size, size, 24.0 * scale) + 0.04 * _fine_field(rng, size, 2.0 * scale)
     ground += 0.3 * _fibres(rng, size, scale)
     count = rng.poisson(size * size / 450.0)
@@ -323,26 +358,61 @@ def make_cle_frame(seed: int, size: int = 128, *, diagnostic: bool) -> CLEFrame:
     if with_motion:
         image = _motion_blur(rng, image, scale)
         artefacts.append("motion")
+    return image, region, nuclei, tuple(artefacts)
 
+
+def _optics(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's vignetting (centre drawn near the middle) and slow gain field, both multiplicative."""
     yy = (np.arange(size, dtype=np.float32) + 0.5) / size - rng.uniform(0.45, 0.55)
     xx = (np.arange(size, dtype=np.float32) + 0.5) / size - rng.uniform(0.45, 0.55)
     vignette = 1.0 - 1.2 * (yy[:, None] ** 2 + xx[None, :] ** 2)
-    gain_field = 1.0 + 0.1 * _smooth_field(rng, size, size, 0.5 * size)
-    speckle = 1.0 + 0.08 * rng.standard_normal((size, size), dtype=np.float32)
-    image = np.clip(image * vignette * gain_field * speckle, 0.0, 1.0)
+    return vignette, 1.0 + 0.1 * _smooth_field(rng, size, size, 0.5 * size)
 
+
+def _speckle(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Multiplicative detector noise of one frame."""
+    return 1.0 + _SPECKLE * rng.standard_normal((size, size), dtype=np.float32)
+
+
+def _masks(region: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The intermediate (0/128/255, unlabeled band along region edges) and restrictive (0/255) masks."""
     intermediate = np.where(region, POSITIVE, NEGATIVE).astype(np.uint8)
-    band = _band(size)
+    band = _band(region.shape[0])
     edge = ndi.binary_dilation(region, iterations=band) & ~ndi.binary_erosion(region, iterations=band, border_value=1)
     intermediate[edge] = UNLABELED
-    restrictive = np.where(nuclei, POSITIVE, NEGATIVE).astype(np.uint8)
+    return intermediate, np.where(nuclei, POSITIVE, NEGATIVE).astype(np.uint8)
+
+
+def make_cle_frame(seed: int, size: int = 128, *, diagnostic: bool) -> CLEFrame:
+    """One synthetic CLE frame with its masks; the same ``seed``, ``size`` and ``diagnostic`` give the same frame.
+
+    A diagnostic frame carries 1-3 hypercellular regions with large pleomorphic nuclei, a nondiagnostic frame none;
+    artefacts are drawn first, with the same probabilities in both. Lengths scale with ``size`` (128 px reference).
+    """
+    _check_size(size)
+    rng = np.random.default_rng(seed)
+    scale = size / _REFERENCE_SIZE
+    with_rbc = rng.random() < _RBC_PROBABILITY
+    with_motion = rng.random() < _MOTION_PROBABILITY
+    image, region, nuclei, artefacts = _tissue(
+        rng, size, scale, diagnostic=diagnostic, with_rbc=with_rbc, with_motion=with_motion
+    )
+    vignette, gain_field = _optics(rng, size)
+    image = np.clip(image * vignette * gain_field * _speckle(rng, size), 0.0, 1.0)
+    intermediate, restrictive = _masks(region, nuclei)
     return CLEFrame(
         image=np.round(image * 255.0).astype(np.uint8),
         intermediate=intermediate,
         restrictive=restrictive,
         label=int(np.any(intermediate == POSITIVE)),
-        artefacts=tuple(artefacts),
+        artefacts=artefacts,
     )
+
+
+def _check_size(size: int) -> None:
+    """Refuse frames too small to hold the model's structures."""
+    if size < 32:
+        raise ValueError(f"a CLE frame needs at least 32 x 32 px, not {size}")
 
 
 def make_cle_frames(n: int, size: int = 128, *, seed: int = 0, positive_fraction: float = 0.5) -> list[CLEFrame]:
@@ -362,3 +432,185 @@ def make_cle_frames(n: int, size: int = 128, *, seed: int = 0, positive_fraction
         make_cle_frame(int(child.generate_state(1, np.uint64)[0]), size, diagnostic=bool(flag))
         for child, flag in zip(children, diagnostic, strict=True)
     ]
+
+
+def make_cle_clip(
+    n_frames: int, size: int = 128, *, seed: int = 0, fps: float = 20.0, diagnostic_fraction: float = 0.3
+) -> CLEClip:
+    """A clip of a probe moving over tissue: dwells on diagnostic sites, sweeps across nondiagnostic tissue between.
+
+    The clip is a sequence of stretches, nondiagnostic and diagnostic in turn (nondiagnostic first and last),
+    ``round(n_frames * diagnostic_fraction)`` frames in diagnostic stretches of about 2.5 s each. Each stretch is one
+    pass of the probe over a strip of tissue made of frames of :func:`make_cle_frame`'s tissue placed side by side
+    and blended over 16 px: the probe dwells over diagnostic tissue (8-30 px/s at 128 px) and sweeps nondiagnostic
+    tissue fast (50-160 px/s), which blurs it along the sweep, and that tissue has red blood cells more often (0.7
+    against 0.4). Between stretches the probe jumps (a cut), and each stretch runs in one of four directions. The
+    probe's vignetting and gain field are the same in every frame; detector noise is drawn per frame.
+
+    A frame's label follows :func:`make_cle_frame`'s rule on the part of the strip it shows: 1 when that part holds
+    a pixel of a diagnostic region (255 in the intermediate mask), so a diagnostic stretch can have frames between
+    regions labelled 0. The same arguments give the same clip.
+    """
+    if n_frames < 1:
+        raise ValueError(f"a clip needs at least one frame, not {n_frames}")
+    if not 0.0 <= diagnostic_fraction <= 1.0:
+        raise ValueError(f"diagnostic_fraction must lie in [0, 1], not {diagnostic_fraction}")
+    if not fps > 0.0:
+        raise ValueError(f"fps must be positive, not {fps}")
+    _check_size(size)
+    rng = np.random.default_rng(seed)
+    scale = size / _REFERENCE_SIZE
+    vignette, gain_field = _optics(rng, size)
+    frames = np.empty((n_frames, size, size), dtype=np.uint8)
+    labels = np.empty(n_frames, dtype=np.int64)
+    start = 0
+    for diagnostic, length in _stretches(rng, n_frames, diagnostic_fraction, fps):
+        for crop, positive in _pass(rng, size, scale, length, fps, diagnostic=diagnostic):
+            image = np.clip(crop * vignette * gain_field * _speckle(rng, size), 0.0, 1.0)
+            frames[start] = np.round(image * 255.0).astype(np.uint8)
+            labels[start] = int(positive)
+            start += 1
+    return CLEClip(frames=frames, labels=labels, fps=float(fps))
+
+
+def _stretches(rng: np.random.Generator, n_frames: int, fraction: float, fps: float) -> list[tuple[bool, int]]:
+    """(diagnostic, frames) of each stretch, in clip order: nondiagnostic and diagnostic in turn, lengths random."""
+    diagnostic = round(n_frames * fraction)
+    sites = 0 if diagnostic == 0 else max(1, round(diagnostic / (_DWELL_SECONDS * fps)))
+    dwells = _split(rng, diagnostic, sites)
+    sweeps = _split(rng, n_frames - diagnostic, len(dwells) + 1)
+    order = [(False, sweeps[0])] if sweeps else []
+    for index, dwell in enumerate(dwells):
+        order.append((True, dwell))
+        if index + 1 < len(sweeps):
+            order.append((False, sweeps[index + 1]))
+    return order
+
+
+def _split(rng: np.random.Generator, total: int, parts: int) -> list[int]:
+    """``total`` as a uniformly random sum of ``min(parts, total)`` positive integers."""
+    parts = min(parts, total)
+    if parts == 0:
+        return []
+    cuts = np.sort(rng.choice(np.arange(1, total), size=parts - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total]])).astype(int).tolist()
+
+
+def _pass(
+    rng: np.random.Generator, size: int, scale: float, length: int, fps: float, *, diagnostic: bool
+) -> list[tuple[np.ndarray, bool]]:
+    """One pass of the probe over a strip of tissue: (tissue seen, any diagnostic pixel in it) per frame."""
+    speed = rng.uniform(*(_DWELL_SPEED if diagnostic else _SWEEP_SPEED)) * scale / fps
+    step = size - round(_TILE_OVERLAP * scale)
+    travel = speed * (length - 1)
+    tiles = 1 + math.ceil((travel + 1.0) / step)
+    strip, positive = _strip(rng, size, scale, tiles, diagnostic=diagnostic)
+    if speed > _BLUR_FROM:
+        strip = ndi.convolve(strip, _line_kernel(speed, 0.0), mode="reflect")
+    slack = strip.shape[1] - size - travel
+    offsets = np.round(rng.uniform(0.0, slack) + speed * np.arange(length)).astype(int)
+    offsets = np.clip(offsets, 0, strip.shape[1] - size)
+    transpose, flip = bool(rng.integers(2)), bool(rng.integers(2))
+    out = []
+    for offset in offsets:
+        crop = strip[:, offset : offset + size]
+        crop = crop[:, ::-1] if flip else crop
+        out.append((crop.T if transpose else crop, bool(positive[:, offset : offset + size].any())))
+    return out
+
+
+def _strip(
+    rng: np.random.Generator, size: int, scale: float, tiles: int, *, diagnostic: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``tiles`` frames of tissue side by side, cross-faded where they overlap, and where they are diagnostic.
+
+    The second array is True on the pixels that are 255 in a tile's intermediate mask, taken from the tile nearer
+    in the overlaps.
+    """
+    overlap = round(_TILE_OVERLAP * scale)
+    step = size - overlap
+    width = size + (tiles - 1) * step
+    image = np.zeros((size, width), dtype=np.float32)
+    positive = np.zeros((size, width), dtype=bool)
+    weight = np.ones(size, dtype=np.float32)
+    weight[:overlap] = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+    blood = _RBC_PROBABILITY if diagnostic else _BLOOD_PROBABILITY
+    for index in range(tiles):
+        tile_rng = np.random.default_rng(rng.integers(2**63))
+        tissue, region, nuclei, _ = _tissue(
+            tile_rng, size, scale, diagnostic=diagnostic, with_rbc=bool(rng.random() < blood), with_motion=False
+        )
+        intermediate, _ = _masks(region, nuclei)
+        left = index * step
+        ramp = weight if index else np.ones(size, dtype=np.float32)
+        window = image[:, left : left + size]
+        image[:, left : left + size] = window * (1.0 - ramp) + tissue * ramp
+        cut = overlap // 2 if index else 0
+        positive[:, left + cut : left + size] = intermediate[:, cut:] == POSITIVE
+    return image, positive
+
+
+def write_clip(clip_frames: np.ndarray, path: Path, *, fps: float = 20.0) -> Path:
+    """Write frames (N, H, W) or (N, H, W, 3) to ``path`` in the format its suffix names; returns ``path``.
+
+    ``.tif``/``.tiff``: a multi-page ImageJ TIFF (tifffile, lossless) stating ``fps``; ``.mp4``: H.264 (or MPEG-4
+    part 2 where this PyAV has no H.264 encoder), moov atom first; ``.avi``: MPEG-4 part 2 (or Motion JPEG); ``.zip``:
+    lossless PNG entries ``frame00001.png``, ... Videos take uint8 frames of even width and height, grey frames
+    encoded as YUV 4:2:0 with neutral chroma; TIFF and zip also take uint16 grey frames.
+    """
+    frames = np.asarray(clip_frames)
+    path = Path(path)
+    if frames.ndim not in (3, 4) or (frames.ndim == 4 and frames.shape[3] != 3) or len(frames) == 0:
+        raise ValueError(f"frames must have shape (N, H, W) or (N, H, W, 3) with N >= 1, not {frames.shape}")
+    if frames.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"frames must be uint8 or uint16, not {frames.dtype}")
+    if not fps > 0.0:
+        raise ValueError(f"fps must be positive, not {fps}")
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        axes = "TYXS" if frames.ndim == 4 else "TYX"
+        tifffile.imwrite(path, frames, imagej=True, metadata={"axes": axes, "fps": float(fps), "finterval": 1.0 / fps})
+    elif suffix == ".zip":
+        digits = max(5, len(str(len(frames))))
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+            for index, frame in enumerate(frames, start=1):
+                data, extension = encode_clean(Image(array=np.ascontiguousarray(frame), name=path.name, format="NPY"))
+                archive.writestr(f"frame{index:0{digits}d}{extension}", data)
+    elif suffix in (".mp4", ".avi"):
+        _write_video(frames, path, fps, ("libx264", "mpeg4") if suffix == ".mp4" else ("mpeg4", "mjpeg"))
+    else:
+        raise ValueError(f"cannot write a clip as {suffix or 'a file without suffix'}: use .tif, .mp4, .avi or .zip")
+    return path
+
+
+def _write_video(frames: np.ndarray, path: Path, fps: float, encoders: tuple[str, ...]) -> None:
+    """Encode frames with the first of ``encoders`` this PyAV has, at high quality."""
+    height, width = frames.shape[1:3]
+    if frames.dtype != np.uint8 or height % 2 or width % 2:
+        raise ValueError(f"a video takes uint8 frames of even width and height, not {frames.dtype} {width} x {height}")
+    codec = next((name for name in encoders if _has_encoder(name)), None)
+    if codec is None:
+        raise ValueError(f"this PyAV has none of the encoders {', '.join(encoders)}")
+    options = {"movflags": "faststart"} if path.suffix.lower() == ".mp4" else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "16", "preset": "fast"}
+        else:
+            stream.bit_rate = 4 * width * height * max(1, round(fps))
+        source = "rgb24" if frames.ndim == 4 else "gray"
+        for frame in frames:
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=source)
+            container.mux(stream.encode(picture.reformat(format=stream.pix_fmt)))
+        container.mux(stream.encode())
+
+
+def _has_encoder(name: str) -> bool:
+    """Whether this PyAV build can encode with codec ``name``."""
+    try:
+        av.codec.Codec(name, "w")
+    except ValueError:
+        return False
+    return True

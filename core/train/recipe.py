@@ -46,6 +46,7 @@ from torch import nn
 from core.data.preprocess import channels_for, train_augment
 from core.metrics.classification import auc, binary_metrics
 from core.models import create_model
+from core.runtime import tune_allocator
 from core.stats.thresholds import choose_threshold
 
 __all__ = [
@@ -364,6 +365,7 @@ def fit(
     if train_images.ndim != 4 or train_images.shape[1] != expected:
         raise ValueError(f"{config.modality} images must be (N, {expected}, S, S); got {tuple(train_images.shape)}")
     torch.manual_seed(config.seed)
+    tune_allocator()  # saved activations stay in the heap between steps (core/runtime.py): no page faults per step
     device = pick_device(config.device)
     alpha_p, alpha_n = class_weights(train_labels)
     model = create_model(

@@ -25,6 +25,7 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
     "cohort": (".zip",),
     "mosaic": (".png", ".tif", ".tiff", ".npy"),
     "image": _IMAGES,
+    "clip": (".tif", ".tiff", ".mp4", ".avi", ".mov", ".mkv", ".webm", ".zip"),
 }
 # the first bytes of each image format the readers accept (core.data.io sniffs the same ones)
 _IMAGE_MAGIC = (
@@ -53,8 +54,9 @@ def _suffix(original_name: str, kind: str) -> str:
 def keep_upload(data: bytes, original_name: str, *, kind: str, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
     """Write an upload to ``<workspace>/incoming/<uuid><suffix>``; its workspace-relative POSIX path.
 
-    ``kind`` is ``cohort`` (a .zip), ``mosaic`` or ``image``. ``ValueError`` says what is wrong: a suffix the kind
-    does not take, an empty file, one over ``max_bytes``, or an image upload whose bytes are no accepted image."""
+    ``kind`` is ``cohort`` (a .zip), ``mosaic``, ``image`` or ``clip``. ``ValueError`` says what is wrong: a suffix
+    the kind does not take, an empty file, one over ``max_bytes``, or an image or clip upload whose bytes are not
+    one."""
     suffix = _suffix(original_name, kind)
     if not data:
         raise ValueError(f"{original_name} is empty (0 bytes); choose the file again")
@@ -63,7 +65,15 @@ def keep_upload(data: bytes, original_name: str, *, kind: str, max_bytes: int = 
             f"{original_name} is {len(data) / 1024 / 1024:,.1f} MiB; files up to {max_bytes / 1024 / 1024:,.0f} MiB "
             "are accepted"
         )
-    if kind != "cohort" and not data.startswith(_IMAGE_MAGIC):
+    if kind == "clip":
+        from core.data.clips import is_clip
+
+        if not is_clip(data[:64]):
+            raise ValueError(
+                f"{original_name} is not a clip (a multi-page TIFF, an MP4, AVI, MOV or MKV video, or a zip of "
+                "frames); check the file"
+            )
+    elif kind != "cohort" and not data.startswith(_IMAGE_MAGIC):
         raise ValueError(f"{original_name} is not an image (PNG, JPEG, TIFF or NumPy .npy); check the file")
     relative = PurePosixPath(FOLDER) / f"{uuid.uuid4().hex}{suffix}"
     write_atomic(workspace_dir() / relative, data)

@@ -7,8 +7,8 @@ what the job produced (also recorded product by product through ``context.claim`
 
 Kinds: ``train`` (every architecture and recipe ``python -m core train`` offers; from the cohort, a localisation
 set, or RCM mosaics), ``import`` (a cohort folder or zip with ``manifest.csv``), ``localization-study``,
-``mosaic`` (a whole-mosaic stitched heatmap), ``scorecam`` (Score-CAM on a large image), ``study-ai`` (an aided
-arm's AI output) and ``demo`` (the demo workspace, part by part).
+``mosaic`` (a whole-mosaic stitched heatmap), ``scorecam`` (Score-CAM on a large image), ``clip`` (a CLE clip's
+triage), ``study-ai`` (an aided arm's AI output) and ``demo`` (the demo workspace, part by part).
 """
 
 from __future__ import annotations
@@ -381,6 +381,61 @@ def _run_scorecam(context: JobContext, params: dict[str, Any]) -> dict[str, Any]
     return {"prediction_id": outcome.prediction_id, "upload_id": outcome.upload_id, "probability": outcome.probability}
 
 
+# --- CLE clips ----------------------------------------------------------------------------------------------------
+
+
+def _check_clip(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    from core.heatmaps import list_methods
+
+    model = _model(params.get("model"), modality="CLE")
+    _workspace_file(params.get("file"), "the clip")
+    complete = {
+        "model": model.name,
+        "file": str(params["file"]),
+        "name": str(params.get("name") or PurePosixPath(str(params["file"])).name)[:255],
+        "top": _int(params, "top", 5, 0, 50),
+        "batch_size": _int(params, "batch_size", 8, 1, 256),
+    }
+    heatmap = params.get("heatmap", "default")
+    if heatmap not in (None, "none", "default") and heatmap not in list_methods():
+        raise ValueError(f"unknown heatmap {heatmap!r}; choose default, none or one of {', '.join(list_methods())}")
+    complete["heatmap"] = None if heatmap in (None, "none") else str(heatmap)
+    return f"Triage of clip {complete['name']} with {model.name}", complete
+
+
+def _run_clip(context: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+    from services.clips import triage_and_store
+    from services.predictions import cached_predictor
+
+    model = _model(params["model"])
+    context.log(f"loading {model.name} on {context.device}")
+    predictor = cached_predictor(model, context.device)
+    span = context.span(0.0, 0.95)
+
+    def report(done: int, total: int | None) -> None:
+        span(done, total or done + 1, f"{done:,} of {total:,} frames" if total else f"{done:,} frames")
+
+    source = workspace_dir() / params["file"]
+    stored = triage_and_store(
+        predictor,
+        model,
+        source,
+        name=params["name"],
+        user_id=context.submitted_by,
+        batch_size=params["batch_size"],
+        top_k=params["top"],
+        heatmap=params["heatmap"],
+        progress=report,
+    )
+    source.unlink(missing_ok=True)
+    triage = stored.triage
+    context.log(
+        f"{triage.n_frames:,} frames, {triage.n_positive:,} diagnostic at {triage.threshold:.3f}, "
+        f"{triage.frames_per_second:.1f} frames/s on {triage.device}"
+    )
+    return {"triage_id": stored.triage_id, "clip_id": stored.clip_id, "frames": triage.n_frames}
+
+
 # --- a study's AI output -----------------------------------------------------------------------------------------
 
 
@@ -457,6 +512,7 @@ KINDS: dict[str, Kind] = {
         Kind("localization-study", "Localisation study", _check_localization, _run_localization, cpus=2),
         Kind("mosaic", "Mosaic heatmap", _check_mosaic, _run_mosaic),
         Kind("scorecam", "Score-CAM heatmap", _check_scorecam, _run_scorecam),
+        Kind("clip", "Clip triage", _check_clip, _run_clip),
         Kind("study-ai", "Study AI output", _check_study_ai, _run_study_ai),
         Kind("demo", "Demo workspace", _check_demo, _run_demo, cpus=2),
     )

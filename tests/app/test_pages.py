@@ -117,7 +117,7 @@ def test_data_page_lists_tables_and_filters(clinician_diagnosis):
     at = _app(ids["pi"])
     at.switch_page("../pages/data.py").run()
     assert not at.exception
-    assert [t.label for t in at.tabs] == ["Patients", "Specimens", "Models", "Uploads", "Predictions", "Audit"]
+    assert [t.label for t in at.tabs] == ["Patients", "Specimens", "Models", "Uploads", "Predictions", "Clips", "Audit"]
     total = at.caption[1].value
     at.text_input(key="data_specimens_text").input("P001").run()
     assert not at.exception

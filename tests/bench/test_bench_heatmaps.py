@@ -2,6 +2,8 @@
 not judged here)."""
 
 import math
+import platform
+import sys
 
 import pytest
 import torch
@@ -51,21 +53,35 @@ def test_peer_rows_cover_every_implementation_with_equal_maps(document):
             assert row["x_peer"] == 1.0 and row["max_abs_diff"] == 0.0
 
 
-def test_cle_rows_give_frame_rates_for_every_heatmap_and_batch(document):
+def test_cle_rows_give_frame_rates_for_every_heatmap_batch_and_allocator(document):
     rows = document["cle"]
-    assert sorted((r["heatmap"] or "", r["batch"]) for r in rows) == [
-        ("", 1),
-        ("", 2),
-        ("cam", 1),
-        ("cam", 2),
-        ("gradcam", 1),
-        ("gradcam", 2),
+    assert sorted((r["heatmap"] or "", r["batch"], r["allocator"], r["thread"]) for r in rows) == [
+        (heatmap, batch, allocator, "main")
+        for heatmap in ("", "cam", "gradcam")
+        for batch in (1, 2)
+        for allocator in ("default", "tuned")
     ]
     assert len({r["memory_format"] for r in rows}) == 1  # the predictor's one model
     assert rows[0]["memory_format"] in ("contiguous", "channels_last")
+    rate = {(r["heatmap"], r["batch"], r["allocator"]): r["frames_per_s"] for r in rows}
     for row in rows:
         assert row["size"] == 64 and row["repeats"] == 2
         assert row["frames_per_s"] == pytest.approx(row["batch"] * 1000.0 / row["median_ms"])
         assert row["x_realtime"] == pytest.approx(row["frames_per_s"] / CLE_FPS)
+        single = rate[row["heatmap"], 1, row["allocator"]]
+        assert row["x_single"] == pytest.approx(row["frames_per_s"] / single)
+        assert row["x_default"] == pytest.approx(row["frames_per_s"] / rate[row["heatmap"], row["batch"], "default"])
         assert row["p90_ms"] >= row["median_ms"] > 0
         assert isinstance(row["page_faults"], int) and row["page_faults"] >= 0
+        assert row["peak_rss_mb"] >= row["rss_after_mb"] > 0  # Linux: from /proc/self/status
+
+
+def test_each_cle_arm_ran_in_its_own_process_with_its_allocator(document):
+    processes = document["cle_processes"]
+    assert sorted((p["allocator"], p["thread"], p["size"]) for p in processes) == [
+        ("default", "main", 64),
+        ("tuned", "main", 64),
+    ]
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    for process in processes:
+        assert process["tuned"] is (glibc and process["allocator"] == "tuned"), process
