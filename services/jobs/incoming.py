@@ -68,7 +68,7 @@ def keep_upload(data: bytes, original_name: str, *, kind: str, max_bytes: int = 
     if kind == "clip":
         from core.data.clips import is_clip
 
-        if not is_clip(data[:64]):
+        if not is_clip(data[:256]):
             raise ValueError(
                 f"{original_name} is not a clip (a multi-page TIFF, an MP4, AVI, MOV or MKV video, or a zip of "
                 "frames); check the file"
