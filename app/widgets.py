@@ -27,6 +27,7 @@ from services.jobs.store import JobInfo
 
 __all__ = [
     "JOB_BADGES",
+    "clicked_frames",
     "filterable_table",
     "heatmap_viewer",
     "job_header",
@@ -136,6 +137,22 @@ def _frame_shown(frame: np.ndarray) -> np.ndarray:
     return display_image(Image(np.ascontiguousarray(frame), name="frame", format="NPY"), "CLE")
 
 
+def clicked_frames(event: object) -> list[int]:
+    """The frame numbers of the points selected on a clip's timeline (Streamlit's plotly selection event): each
+    point carries its frame as ``customdata`` (a number, or a one-element list); the frames line's points also by
+    their index."""
+    selection = event.get("selection", {}) if isinstance(event, dict) else {}
+    frames = []
+    for point in selection.get("points", []) if isinstance(selection, dict) else []:
+        data = point.get("customdata")
+        data = data[0] if isinstance(data, list | tuple) and data else data
+        if isinstance(data, int | float) and not isinstance(data, bool):
+            frames.append(int(data))
+        elif point.get("curve_number") == 0 and isinstance(point.get("point_index"), int):
+            frames.append(int(point["point_index"]))
+    return frames
+
+
 def triage_viewer(view: dict, key: str, user_id: int | None) -> None:
     """A stored clip triage: its figures, the probability of every frame over time with the threshold (click a
     point to see that frame), a scrubber over the frames, the top frames with their heatmaps, and downloads."""
@@ -172,10 +189,7 @@ def triage_viewer(view: dict, key: str, user_id: int | None) -> None:
     event = st.plotly_chart(
         figure, key=f"{key}_timeline", on_select="rerun", selection_mode="points", config={"displaylogo": False}
     )
-    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else []
-    picked = [int(p["customdata"]) for p in points if isinstance(p.get("customdata"), int | float)]
-    if not picked:
-        picked = [int(p["point_index"]) for p in points if p.get("curve_number") == 0 and "point_index" in p]
+    picked = clicked_frames(event)
     slider_key = f"{key}_frame"
     if picked and st.session_state.get(f"{key}_picked") != picked[0]:
         st.session_state[f"{key}_picked"] = picked[0]

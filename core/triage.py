@@ -7,8 +7,8 @@ The clip is read as a stream (:class:`core.data.clips.Clip`): frames go through 
 dropped, so a 10-minute clip never sits in memory; only the per-frame probabilities (4 bytes a frame) and a bounded
 pool of candidate top frames are kept. The top frames are chosen apart from each other (at least ``min_gap`` frames,
 half a second by default), since neighbouring frames of a clip are near copies, and only they get heatmaps: the
-model's own map where it has one (MLCAM-LICI's final diagnostic feature map, CompSegNet's activation map), else
-CELM, else Grad-CAM.
+model's own map where it has one (MLCAM-LICI's final diagnostic feature map, CompSegNet's activation map, CELM for a
+CeLNet), else Grad-CAM.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from core.data.clips import Clip
 from core.data.io import Image, ImageError
 from core.predict import Predictor
 
-__all__ = ["OWN_MAPS", "TopFrame", "Triage", "default_method", "frames_csv", "pick_top", "triage_clip"]
+__all__ = ["TopFrame", "Triage", "default_method", "frames_csv", "pick_top", "triage_clip"]
 
-OWN_MAPS = ("mlcam-lici", "compsegnet", "celm", "gradcam")  # a model's own map first, then the generic ones
 _POOL_PER_TOP = 8  # candidate windows kept per requested top frame while the clip streams by
 
 
@@ -77,11 +76,17 @@ def _image(frame: np.ndarray, clip: str, index: int) -> Image:
     return Image(np.asarray(frame), name=f"{clip} frame {index}", format="NPY")
 
 
-def default_method(methods: dict[str, str] | list[str] | tuple[str, ...]) -> str | None:
-    """The heatmap a clip's top frames get by default: the model's own map where it has one, else CELM, else
-    Grad-CAM, else the first method that applies; None when none does."""
+def default_method(
+    methods: dict[str, str] | list[str] | tuple[str, ...], architecture: str | None = None
+) -> str | None:
+    """The heatmap a model's frames get by default: its own map where it computes one (MLCAM-LICI's final diagnostic
+    feature map, CompSegNet's activation map), CELM for a CeLNet (seed 001's own method), else Grad-CAM, else the
+    first method that applies; None when none does."""
     names = list(methods)
-    return next((m for m in OWN_MAPS if m in names), names[0] if names else None)
+    own = [m for m in ("mlcam-lici", "compsegnet") if m in names]
+    if architecture == "celnet" and "celm" in names:
+        own.append("celm")
+    return next(iter(own), "gradcam" if "gradcam" in names else names[0] if names else None)
 
 
 def pick_top(probabilities: np.ndarray, k: int, min_gap: int, candidates: np.ndarray | None = None) -> list[int]:
@@ -125,7 +130,9 @@ def triage_clip(
     :class:`core.data.clips.ClipError`."""
     if batch_size < 1 or top_k < 0:
         raise ValueError("batch_size must be at least 1 and top_k at least 0")
-    method = default_method(predictor.methods) if heatmap == "default" else heatmap
+    method = (
+        default_method(predictor.methods, predictor.config.get("architecture")) if heatmap == "default" else heatmap
+    )
     if method is not None and method not in predictor.methods:
         raise ValueError(f"heatmap {method!r} does not apply to this model; use one of: {', '.join(predictor.methods)}")
     info = clip.info

@@ -23,6 +23,7 @@ from core.heatmaps.mosaic import FAST_METHODS
 from core.stats.thresholds import POLICY_TEXT
 from core.text import md_escape
 from core.train import DECISIONS
+from core.triage import default_method
 from db import repo
 from services.clips import recent_triages, triage_view
 from services.diagnose import diagnose_files
@@ -76,7 +77,7 @@ methods = list(predictor.methods)
 method = right.selectbox(
     "Heatmap",
     methods,
-    index=methods.index("gradcam") if "gradcam" in methods else 0,
+    index=methods.index(default_method(methods, model.architecture)) if methods else 0,
     format_func=method_title,
     key="diagnose_method",
     help="\n".join(f"- {summary}" for summary in predictor.methods.values()),

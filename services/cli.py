@@ -363,14 +363,14 @@ def _cmd_mosaic(args: argparse.Namespace) -> int:
 
 def _cmd_clip(args: argparse.Namespace) -> int:
     from core.data.clips import ClipError, open_clip
-
     from core.triage import default_method, frames_csv, triage_clip
 
     model = _choose_model(args.model, "diagnostic")
     predictor = Predictor.from_checkpoint(
         workspace_dir() / model.checkpoint_path, model.threshold, sha256=model.checkpoint_sha256, device=args.device
     )
-    method = {"none": None, "default": default_method(predictor.methods)}.get(args.heatmap, args.heatmap)
+    own = default_method(predictor.methods, model.architecture)
+    method = {"none": None, "default": own}.get(args.heatmap, args.heatmap)
     if method is not None and method not in predictor.methods:
         raise UsageError(
             f"heatmap {method!r} does not apply to model {model.name}; use one of: {', '.join(predictor.methods)}"
@@ -725,7 +725,7 @@ def _parser() -> argparse.ArgumentParser:
         "--heatmap",
         default="default",
         choices=["default", *list_methods(), "none"],
-        help="the top frames' heatmap; default: the model's own map (MLCAM-LICI, CompSegNet), else CELM, else Grad-CAM",
+        help="top frames' heatmap; default: the model's own map (MLCAM-LICI, CompSegNet, CeLNet: CELM), else Grad-CAM",
     )
     clip.add_argument("--top", type=int, default=5, help="the K most diagnostic frames (half a second apart) (5)")
     clip.add_argument("--batch-size", type=int, default=8, help="frames per forward pass (8)")

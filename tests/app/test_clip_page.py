@@ -119,3 +119,15 @@ def test_a_file_that_is_no_clip_is_refused_at_once_and_nothing_is_queued(cle_wor
     assert any("is not a clip" in e.value for e in at.error)
     assert store.list_jobs(user_id=owner) == []
     assert not (cle_workspace / FOLDER).exists() or not list((cle_workspace / FOLDER).iterdir())
+
+
+def test_a_click_on_the_timeline_names_the_frame_whatever_form_the_point_takes() -> None:
+    from app.widgets import clicked_frames
+
+    assert clicked_frames({"selection": {"points": [{"curve_number": 1, "point_index": 0, "customdata": [17]}]}}) == [
+        17
+    ]
+    assert clicked_frames({"selection": {"points": [{"curve_number": 0, "point_index": 4, "customdata": 4}]}}) == [4]
+    assert clicked_frames({"selection": {"points": [{"curve_number": 0, "point_index": 9}]}}) == [9]
+    assert clicked_frames({"selection": {"points": [{"curve_number": 1, "point_index": 2}]}}) == []  # no frame
+    assert clicked_frames({"selection": {"points": []}}) == [] == clicked_frames(None) == clicked_frames({})
