@@ -370,11 +370,11 @@ if clips_offered:
             st.dataframe(table, hide_index=True, key="diagnose_clips_table")
             names = {c["id"]: c["clip"] for c in clips}
             chosen = st.selectbox(
-                "Open", list(names), format_func=lambda i: f"#{i} · {names[i]}", index=None, key="diagnose_clips_pick"
+                "Clip", list(names), format_func=lambda i: f"#{i} · {names[i]}", key="diagnose_clips_pick"
             )
-            if chosen is not None and st.session_state.get(_OPEN_CLIP) != chosen:
-                st.session_state[_OPEN_CLIP] = int(chosen)
-                st.rerun()
+            st.button(
+                "Open clip", key="diagnose_clips_open", on_click=st.session_state.__setitem__, args=(_OPEN_CLIP, chosen)
+            )
     if not store.list_jobs(kinds=_JOB_KINDS, user_id=user.id, limit=1):
         _opened_clip("diagnose_history_clip")
 
