@@ -105,6 +105,19 @@ def _queue(kind: str, name: str, data: bytes, params: dict[str, Any], upload: st
     return job_id, ""
 
 
+def _queued_notice(key: str, result: str, history: str) -> None:
+    """What became of the file a flow last queued (kept under ``key``): refused with its reason, or its job and
+    where its ``result`` (a phrase with its verb) will be."""
+    queued = st.session_state.get(key)
+    if queued and queued["error"]:
+        st.error(f"**{md_escape(queued['name'])}** was not processed: {md_escape(queued['error'])}")
+    elif queued:
+        st.success(
+            f"**{md_escape(queued['name'])}** is queued as job {queued['job']}: {result} under Your jobs when it is "
+            f"done. You may leave this page; the result lands in {history}."
+        )
+
+
 def mosaic_flow() -> None:
     """One whole mosaic: the patch classifier slid over it, its stitched heatmap with pan and zoom (seed 002). The
     stitching runs as a job on the cluster; its result opens under "Your jobs" and stays in the history."""
@@ -150,14 +163,7 @@ def mosaic_flow() -> None:
             }
             job_id, refused = _queue("mosaic", file.name, file.getvalue(), params, "mosaic")
             st.session_state["mosaic_queued"] = {"name": file.name, "job": job_id, "error": refused}
-    queued = st.session_state.get("mosaic_queued")
-    if queued and queued["error"]:
-        st.error(f"**{md_escape(queued['name'])}** was not processed: {md_escape(queued['error'])}")
-    elif queued:
-        st.success(
-            f"**{md_escape(queued['name'])}** is queued as job {queued['job']}: its stitched heatmap opens under "
-            "Your jobs when it is done. You may leave this page; the result lands in your earlier diagnoses."
-        )
+    _queued_notice("mosaic_queued", "its stitched heatmap opens", "your earlier diagnoses")
 
 
 def clip_flow() -> None:
@@ -179,14 +185,7 @@ def clip_flow() -> None:
             params = {"model": model.name, "top": int(top), "heatmap": method}
             job_id, refused = _queue("clip", file.name, file.getvalue(), params, "clip")
             st.session_state["clip_queued"] = {"name": file.name, "job": job_id, "error": refused}
-    queued = st.session_state.get("clip_queued")
-    if queued and queued["error"]:
-        st.error(f"**{md_escape(queued['name'])}** was not processed: {md_escape(queued['error'])}")
-    elif queued:
-        st.success(
-            f"**{md_escape(queued['name'])}** is queued as job {queued['job']}: its timeline and top frames open under "
-            "Your jobs when it is done. You may leave this page; the result lands in your earlier clips."
-        )
+    _queued_notice("clip_queued", "its timeline and top frames open", "your earlier clips")
 
 
 clips_offered = modality == "CLE" and model.task != "aspecific"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from core.data.io import Image, ImageError, read_image
+from core.data.io import FileError, Image, ImageError, read_image
 from core.data.localization_set import KINDS
 from core.data.preprocess import display_image
 from core.heatmaps import list_methods, method_title
@@ -362,7 +362,7 @@ def _cmd_mosaic(args: argparse.Namespace) -> int:
 
 
 def _cmd_clip(args: argparse.Namespace) -> int:
-    from core.data.clips import ClipError, open_clip
+    from core.data.clips import open_clip
     from core.triage import default_method, frames_csv, triage_clip
 
     model = _choose_model(args.model, "diagnostic")
@@ -387,7 +387,7 @@ def _cmd_clip(args: argparse.Namespace) -> int:
             triage = triage_clip(
                 predictor, clip, batch_size=args.batch_size, top_k=args.top, heatmap=method, progress=report
             )
-    except (ClipError, ImageError) as error:
+    except FileError as error:  # the clip, or one of its frames
         print(f"error: {args.file}: {error.reason}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,16 @@ import torch
 from core.settings import environment, pointing_at
 
 torch.set_num_threads(2)
+
+
+def copy_workspace(source: Path, target: Path) -> None:
+    """Files copied; the database through SQLite's backup (consistent even while another connection has it open)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("study.db*"))
+    with (
+        contextlib.closing(sqlite3.connect(source / "study.db")) as src,
+        contextlib.closing(sqlite3.connect(target / "study.db")) as dst,
+    ):
+        src.backup(dst)
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ import av
 import numpy as np
 import tifffile
 
-from core.data.io import MAX_BYTES, ImageError, read_image
+from core.data.io import MAX_BYTES, FileError, ImageError, read_image
 
 __all__ = ["Clip", "ClipError", "ClipInfo", "ClipLimits", "is_clip", "open_clip"]
 
@@ -71,21 +71,8 @@ _OTHER_MAGIC: tuple[tuple[int, bytes, str], ...] = (
 _TEXT_BYTES = frozenset(bytes(range(32, 127)) + b"\t\n\r\x0b\x0c")
 
 
-class ClipError(ValueError):
-    """A clip that cannot be used, with the reason in words a clinician can act on.
-
-    ``str(error)`` is ``"<name>: <reason>"`` so it can be shown as is; ``.name`` and ``.reason`` are kept apart for
-    tables that list many files.
-    """
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"{name}: {reason}")
-        self.name = name
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type[ClipError], tuple[str, str]]:
-        """Pickle by (name, reason), so the error survives worker processes and caches."""
-        return type(self), (self.name, self.reason)
+class ClipError(FileError):
+    """A clip that cannot be used (see :class:`core.data.io.FileError`: ``"<name>: <reason>"``, pickled by both)."""
 
 
 @dataclass(frozen=True)

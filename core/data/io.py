@@ -34,6 +34,7 @@ __all__ = [
     "MAX_PIXELS",
     "MOSAIC_MAX_PIXELS",
     "MIN_SIDE",
+    "FileError",
     "Image",
     "ImageError",
     "encode_clean",
@@ -89,7 +90,7 @@ _EXIF_ORIENTATION = 0x0112
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-class ImageError(ValueError):
+class FileError(ValueError):
     """A file that cannot be used, with the reason in words a clinician can act on.
 
     ``str(error)`` is ``"<name>: <reason>"`` so it can be shown as is; ``.name`` and ``.reason`` are kept apart for
@@ -101,9 +102,13 @@ class ImageError(ValueError):
         self.name = name
         self.reason = reason
 
-    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
+    def __reduce__(self) -> tuple[type[FileError], tuple[str, str]]:
         """Pickle by (name, reason), so the error survives worker processes and caches."""
         return type(self), (self.name, self.reason)
+
+
+class ImageError(FileError):
+    """An image file that cannot be used (see :class:`FileError`)."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ triage from the Jobs page; the Data page lists it."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +14,11 @@ from core.data.localization_set import generate_set
 from core.data.synth_cle import make_cle_clip, write_clip
 from core.text import md_escape
 from core.train import TrainConfig
-from db import repo
-from db.session import init_db, session_scope
 from services.clips import recent_triages
 from services.jobs import engine, service, store
 from services.jobs.incoming import FOLDER
 from services.localization import train_on_set
+from tests.app.test_jobs_pages import _page, _user
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = str(ROOT / "app" / "main.py")
@@ -41,19 +39,6 @@ def cle_workspace(workspace: Path, cle_set, ray_cluster: str) -> Iterator[Path]:
     train_on_set(config, cle_set, name="cle-clips", log=lambda _: None)
     yield workspace
     engine.stop_supervisor()
-
-
-def _user(role: str) -> int:
-    init_db()
-    with session_scope() as s:
-        return repo.create_user(s, f"{role}-{uuid.uuid4().hex[:6]}", "pw-long-enough-1", role).id
-
-
-def _page(user_id: int, script: str) -> AppTest:
-    at = AppTest.from_file(MAIN, default_timeout=120)
-    at.session_state["auth_user_id"] = user_id
-    at.run()
-    return at.switch_page(script).run()
 
 
 def _clip_page(user_id: int) -> AppTest:

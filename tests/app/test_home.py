@@ -7,10 +7,7 @@ written straight into the jobs table (no cluster involved).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from db.session import init_db, read_scope, session_scope
 from services import dashboard, studies
 from services.diagnose import diagnose_files, load_predictor
 from services.studies import ArmSpec
+from tests.conftest import copy_workspace
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = str(ROOT / "app" / "main.py")
@@ -54,16 +52,6 @@ class Seeded:
     codes: tuple[str, ...]  # the study's specimen and patient codes
 
 
-def _copy_workspace(source: Path, target: Path) -> None:
-    """Files copied; the database through SQLite's backup (consistent even while another connection has it open)."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("study.db*"))
-    with (
-        contextlib.closing(sqlite3.connect(source / "study.db")) as src,
-        contextlib.closing(sqlite3.connect(target / "study.db")) as dst,
-    ):
-        src.backup(dst)
-
-
 def _answer(study_id: int, reader_id: int, arm_number: int, cases: int) -> None:
     """``cases`` answers of this reader in this arm, each on the case the protocol serves."""
     for i in range(cases):
@@ -83,7 +71,7 @@ def _answer(study_id: int, reader_id: int, arm_number: int, cases: int) -> None:
 @pytest.fixture(scope="module")
 def seeded(trained_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     root = tmp_path_factory.mktemp("home") / "ws"
-    _copy_workspace(trained_workspace, root)
+    copy_workspace(trained_workspace, root)
     with pointing_at(root):
         tag = uuid.uuid4().hex[:6]
         with session_scope() as s:

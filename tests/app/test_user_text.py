@@ -14,13 +14,10 @@ in a browser) and are left out; data frames are plain text.
 from __future__ import annotations
 
 import ast
-import contextlib
 import html
 import json
 import os
 import re
-import shutil
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +37,7 @@ from db.session import session_scope
 from services import studies
 from services.diagnose import diagnose_files, load_predictor
 from services.studies import ArmSpec
+from tests.conftest import copy_workspace
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "app" / "main.py"
@@ -149,16 +147,6 @@ class Hostile:
     wl_model: str
 
 
-def _copy_workspace(source: Path, target: Path) -> None:
-    """Files copied; the database through SQLite's backup (consistent even while another connection has it open)."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("study.db*"))
-    with (
-        contextlib.closing(sqlite3.connect(source / "study.db")) as src,
-        contextlib.closing(sqlite3.connect(target / "study.db")) as dst,
-    ):
-        src.backup(dst)
-
-
 def _read_arm(study_id: int, reader_id: int, arm_number: int, now: datetime | None = None, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     while True:
@@ -175,7 +163,7 @@ def _read_arm(study_id: int, reader_id: int, arm_number: int, now: datetime | No
 @pytest.fixture(scope="module")
 def seeded(trained_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     root = tmp_path_factory.mktemp("hostile") / "ws"
-    _copy_workspace(trained_workspace, root)
+    copy_workspace(trained_workspace, root)
     with pointing_at(root):
         tag = uuid.uuid4().hex[:6]
         with session_scope() as s:
