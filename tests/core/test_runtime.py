@@ -123,7 +123,11 @@ def test_repeated_batched_calls_take_far_fewer_page_faults_once_tuned():
     assert min(default["faults"]) > 10_000  # each call maps its activations afresh: about 37,000 pages
     for arm in ("tuned", "predictor"):
         assert results[arm]["tuned"] is True, arm
-        assert max(results[arm]["faults"]) < min(default["faults"]) / 20, (arm, results[arm], default)
+        # steady state: calls take (almost) nothing fresh from the kernel; the heap may still grow once early on,
+        # so all the measured calls together take less than one call does with glibc's defaults
+        faults = sorted(results[arm]["faults"])
+        assert faults[len(faults) // 2] < min(default["faults"]) / 20, (arm, results[arm], default)
+        assert sum(faults) < min(default["faults"]), (arm, results[arm], default)
 
 
 def test_predictor_and_training_tune_the_allocator(monkeypatch):
