@@ -143,6 +143,7 @@ class Specimen(Base):
     code: Mapped[str] = mapped_column(String(64), unique=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="RESTRICT"), index=True)
     split: Mapped[str | None] = mapped_column(String(8))
+    site: Mapped[str | None] = mapped_column(String(64))  # the biopsy site within the patient (CLE), if known
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     patient: Mapped[Patient] = relationship(back_populates="specimens")
@@ -167,13 +168,18 @@ class SpecimenImage(Base):
     height: Mapped[int]
     width: Mapped[int]
     mask_path: Mapped[str | None] = mapped_column(String(512))
+    # a CLE frame imported from a clip: the clip it was decoded from and its 0-based frame index there
+    clip_id: Mapped[int | None] = mapped_column(ForeignKey("clips.id", ondelete="SET NULL"), index=True)
+    frame: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     specimen: Mapped[Specimen] = relationship(back_populates="images")
 
 
 class Label(Base):
-    """Pathology ground truth of a specimen; each field may be unknown (NULL)."""
+    """Ground truth of a specimen; each field may be unknown (NULL). ``tumor``, ``grade`` and ``ki67`` come from
+    pathology; ``diagnostic`` is a CLE frame's (does it show diagnostic tissue features, seed 000) and ``aspecific`` an
+    RCM mosaic's (does it hold an aspecific region, seed 002)."""
 
     __tablename__ = "labels"
     __table_args__ = (
@@ -186,6 +192,8 @@ class Label(Base):
     tumor: Mapped[bool | None]
     grade: Mapped[str | None] = mapped_column(String(8))
     ki67: Mapped[str | None] = mapped_column(String(8))
+    diagnostic: Mapped[bool | None]
+    aspecific: Mapped[bool | None]
     source: Mapped[str] = mapped_column(String(64), default="pathology")
 
     specimen: Mapped[Specimen] = relationship(back_populates="label")

@@ -303,10 +303,13 @@ def add_specimen(
     tumor: bool | None = None,
     grade: str | None = None,
     ki67: str | None = None,
+    diagnostic: bool | None = None,
+    aspecific: bool | None = None,
+    site: str | None = None,
 ) -> int:
     """Get or create the patient and the specimen (with its label row); returns the specimen id.
 
-    Re-importing the same specimen updates its split and label instead of duplicating it.
+    Re-importing the same specimen updates its split, site and label instead of duplicating it.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
@@ -317,18 +320,20 @@ def add_specimen(
         session.flush()
     specimen = session.scalar(select(Specimen).where(Specimen.code == specimen_code))
     if specimen is None:
-        specimen = Specimen(code=specimen_code, patient_id=patient.id, split=split)
+        specimen = Specimen(code=specimen_code, patient_id=patient.id, split=split, site=site)
         session.add(specimen)
         session.flush()
     elif specimen.patient_id != patient.id:
         raise ValueError(f"specimen {specimen_code} already belongs to another patient")
     else:
-        specimen.split = split
+        specimen.split, specimen.site = split, site
+    truth = {"tumor": tumor, "grade": grade, "ki67": ki67, "diagnostic": diagnostic, "aspecific": aspecific}
     label = session.scalar(select(Label).where(Label.specimen_id == specimen.id))
     if label is None:
-        session.add(Label(specimen_id=specimen.id, tumor=tumor, grade=grade, ki67=ki67))
+        session.add(Label(specimen_id=specimen.id, **truth))
     else:
-        label.tumor, label.grade, label.ki67 = tumor, grade, ki67
+        for field, value in truth.items():
+            setattr(label, field, value)
     return specimen.id
 
 
@@ -341,8 +346,12 @@ def add_specimen_image(
     height: int,
     width: int,
     mask_path: str | None = None,
+    *,
+    clip_id: int | None = None,
+    frame: int | None = None,
 ) -> int:
-    """Attach (or replace) the specimen's image in one modality; returns the image id."""
+    """Attach (or replace) the specimen's image in one modality; returns the image id. A CLE frame decoded from a
+    stored clip names it (``clip_id``) and its 0-based ``frame`` index."""
     if modality not in MODALITIES:
         raise ValueError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
     image = session.scalar(
@@ -352,6 +361,7 @@ def add_specimen_image(
         image = SpecimenImage(specimen_id=specimen_id, modality=modality)
         session.add(image)
     image.path, image.sha256, image.height, image.width, image.mask_path = path, sha256, height, width, mask_path
+    image.clip_id, image.frame = clip_id, frame
     session.flush()
     return image.id
 
@@ -608,10 +618,13 @@ def _specimens(session: Session) -> pd.DataFrame:
             Specimen.id,
             Specimen.code.label("specimen"),
             Patient.code.label("patient"),
+            Specimen.site,
             Specimen.split,
             Label.tumor,
             Label.grade,
             Label.ki67,
+            Label.diagnostic,
+            Label.aspecific,
             fl.sha256.label("fl_sha256"),
             wl.sha256.label("wl_sha256"),
         )
@@ -621,7 +634,18 @@ def _specimens(session: Session) -> pd.DataFrame:
         .outerjoin(wl, (wl.specimen_id == Specimen.id) & (wl.modality == "WL"))
         .order_by(Specimen.code)
     )
-    return pd.DataFrame(session.execute(stmt).mappings().all())
+    table = pd.DataFrame(session.execute(stmt).mappings().all())
+    if table.empty:
+        return table
+    images: dict[int, list[str]] = {}
+    for specimen_id, modality, clip_id, frame in session.execute(
+        select(SpecimenImage.specimen_id, SpecimenImage.modality, SpecimenImage.clip_id, SpecimenImage.frame)
+        .order_by(SpecimenImage.specimen_id, SpecimenImage.modality)
+    ):  # fmt: skip
+        where = f" (clip #{clip_id} frame {frame})" if clip_id is not None else ""
+        images.setdefault(specimen_id, []).append(modality + where)
+    table.insert(4, "images", [", ".join(images.get(int(i), [])) for i in table["id"]])
+    return table
 
 
 def _models(session: Session) -> pd.DataFrame:

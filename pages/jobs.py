@@ -93,7 +93,10 @@ def _products(job: JobInfo) -> None:
     images = result.get("images", result.get("imported_images"))
     if images is not None:
         skipped = f" ({int(result['skipped'])} rows skipped, see the log)" if result.get("skipped") else ""
-        st.markdown(f"Imported {int(specimens or 0)} specimens and {int(images)} images{skipped}: see the Data page.")
+        clips = f" (frames of {int(result['imported_clips'])} clips)" if result.get("imported_clips") else ""
+        st.markdown(
+            f"Imported {int(specimens or 0)} specimens and {int(images)} images{clips}{skipped}: see the Data page."
+        )
         st.page_link("../pages/data.py", label="Data page", icon=":material/table:")
     if result.get("computed") is not None:
         st.markdown(f"AI output computed for {int(result['computed'])} images.")
@@ -115,7 +118,7 @@ def _products(job: JobInfo) -> None:
             st.rerun()  # the whole page: the triage opens above the list
     known = {"models", "model", "evaluations", "evaluation_id", "specimens", "imported_specimens", "images"}
     known |= {"imported_images", "skipped", "computed", "prediction_id", "predictions", "probability", *_INTERNAL}
-    known |= {"triage_id", "triages", "clip_id", "clips", "frames"}
+    known |= {"triage_id", "triages", "clip_id", "clips", "frames", "imported_clips"}
     rest = {key: value for key, value in result.items() if key not in known}
     if rest:
         st.text("\n".join(f"{key}: {value}" for key, value in rest.items()))

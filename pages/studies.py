@@ -16,28 +16,35 @@ from db import repo
 from db.audit import audit_table
 from db.models import MODALITIES
 from services import exports, studies
-from services.studies import ArmSpec, StudyError, StudyInfo
+from services.studies import STUDY_TASKS, ArmSpec, StudyError, StudyInfo
 
 user = require_role("pi")
 _NO_HEATMAP = "none"
-_HEATMAPS = (_NO_HEATMAP, "gradcam", "cam", "guided-gradcam", "scorecam")
-_TASKS = ("tumor", "grade", "ki67")
+_OWN_MAP = "default"  # the model's own map: MLCAM-LICI's, CompSegNet's, CELM for a CeLNet, else Grad-CAM
+_HEATMAPS = (_NO_HEATMAP, _OWN_MAP, "gradcam", "cam", "guided-gradcam", "scorecam")
+_TASKS = tuple(STUDY_TASKS)
+_TASK_HELP = (
+    "Tumor, grade and Ki-67 ask about specimens (FL, WL); diagnostic asks whether a CLE frame shows diagnostic "
+    "features; aspecific whether an RCM mosaic holds an aspecific region. Heatmap 'default' is the model's own map."
+)
 
 
-def _arms_editor() -> list[ArmSpec] | None:
-    """The arms as an editable table; None (with the reason shown) when a row is incomplete."""
-    models = {m.name: m for m in repo.list_models() if m.task in _TASKS}
+def _arms_editor(task: str) -> list[ArmSpec] | None:
+    """The arms as an editable table (starting from the modalities ``task`` is asked of); None (with the reason
+    shown) when a row is incomplete."""
+    models = {m.name: m for m in repo.list_models() if m.task == task}
+    modalities = ("FL", "WL") if task in ("tumor", "grade", "ki67") else STUDY_TASKS[task][:1]
     default = pd.DataFrame(
         [
-            {"name": "FL", "modality": "FL", "model": None, "probability": False, "decision": False},
-            {"name": "WL", "modality": "WL", "model": None, "probability": False, "decision": False},
+            {"name": modality, "modality": modality, "model": None, "probability": False, "decision": False}
+            for modality in modalities
         ]
     ).assign(heatmap=_NO_HEATMAP, washout_days=0)
     edited = st.data_editor(
         default,
         num_rows="dynamic",
         hide_index=True,
-        key="studies_arms",
+        key=f"studies_arms_{task}",
         column_config={
             "name": st.column_config.TextColumn("Arm", required=True, max_chars=64),
             "modality": st.column_config.SelectboxColumn("Modality", options=MODALITIES, required=True),
@@ -72,9 +79,11 @@ def _new_study() -> None:
     st.subheader("New study")
     title = st.text_input("Title", key="studies_title", placeholder="e.g. FL vs WL, three neurosurgeons")
     description = st.text_area("Instructions for readers (optional)", key="studies_description")
-    task = st.selectbox("Question", _TASKS, format_func=lambda t: " / ".join(DECISIONS[t]), key="studies_task")
+    task = st.selectbox(
+        "Question", _TASKS, format_func=lambda t: " / ".join(DECISIONS[t]), key="studies_task", help=_TASK_HELP
+    )
     st.markdown("**Arms**: what readers see in each reading condition, read in this order.")
-    arms = _arms_editor()
+    arms = _arms_editor(task)
     if arms is None:
         return
     splits = st.multiselect("Cases from the splits", ("test", "val", "train"), default=["test"], key="studies_splits")

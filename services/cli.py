@@ -73,7 +73,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if not manifest.is_file():
         raise UsageError(f"{manifest} not found; give the manifest with --manifest")
     report = import_manifest(manifest, fractions=tuple(args.split), seed=args.seed)
-    print(f"imported {report.specimens} specimens, {report.images} images into {workspace_dir()}")
+    clips = f" (frames of {report.clips} clips)" if report.clips else ""
+    print(f"imported {report.specimens} specimens, {report.images} images{clips} into {workspace_dir()}")
     for error in report.errors:
         print(f"error: {error}", file=sys.stderr)
     return 2 if report.errors else 0

@@ -43,6 +43,8 @@ __all__ = [
     "StoredTriage",
     "clip_folder",
     "clip_frame",
+    "keep_clip",
+    "keep_clip_file",
     "recent_triages",
     "triage_and_store",
     "triage_csv",
@@ -68,7 +70,7 @@ def clip_folder(sha256: str) -> str:
     return f"clips/{sha256[:2]}/{sha256}"
 
 
-def _keep(source: Path, suffix: str) -> tuple[str, str]:
+def keep_clip_file(source: Path, suffix: str) -> tuple[str, str]:
     """Copy ``source`` into the workspace by content (streamed: hashed while copied); (relative path, sha256)."""
     root = workspace_dir()
     incoming = root / "clips" / ".incoming"
@@ -88,6 +90,18 @@ def _keep(source: Path, suffix: str) -> tuple[str, str]:
     else:
         temp.replace(target)
     return relative, sha256
+
+
+def keep_clip(source: Path, name: str, kind: str) -> tuple[str, str]:
+    """Keep a clip file (or a folder of frames, zipped) in the workspace by content; (relative path, sha256).
+    ``name`` and ``kind`` (:class:`core.data.clips.ClipInfo`) choose the kept file's suffix."""
+    if source.is_dir():
+        archive = Path(tempfile.mkdtemp(prefix="ioai-clip-")) / "frames"
+        try:
+            return keep_clip_file(Path(shutil.make_archive(str(archive), "zip", source)), ".zip")
+        finally:
+            shutil.rmtree(archive.parent, ignore_errors=True)
+    return keep_clip_file(source, _suffix(name, kind))
 
 
 def _suffix(name: str, kind: str) -> str:
@@ -125,14 +139,7 @@ def triage_and_store(
         triage = triage_clip(predictor, clip, batch_size=batch_size, top_k=top_k, heatmap=heatmap, progress=progress)
     if triage.n_frames == 0:
         raise ClipError(shown_name, "the clip holds no frames; export it again")
-    if source.is_dir():
-        archive = Path(tempfile.mkdtemp(prefix="ioai-clip-")) / "frames"
-        try:
-            clip_path, sha256 = _keep(Path(shutil.make_archive(str(archive), "zip", source)), ".zip")
-        finally:
-            shutil.rmtree(archive.parent, ignore_errors=True)
-    else:
-        clip_path, sha256 = _keep(source, _suffix(shown_name, info.kind))
+    clip_path, sha256 = keep_clip(source, shown_name, info.kind)
     root = workspace_dir()
     folder = clip_folder(sha256)
     tag = f"{model.checkpoint_sha256[:16]}"

@@ -21,10 +21,11 @@ from torch import nn
 from core.data.io import MOSAIC_MAX_PIXELS, Image, ImageError, read_image
 from core.data.preprocess import channels_for, standardize, to_model_array
 from core.data.synth_rcm import NEGATIVE, POSITIVE, UNLABELED, sample_patches
+from core.heatmaps.mosaic import MosaicResult
 from core.predict import Predictor
 from core.train import Progress, TrainConfig, fit
 from db.repo import ModelInfo
-from services.predictions import UploadTarget, store_prediction
+from services.predictions import SpecimenTarget, StoredPrediction, UploadTarget, store_prediction
 from services.training import check_model_name, register_trained
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "mosaic_array",
     "patch_tensors",
     "read_mosaic_folder",
+    "stitch_and_store",
+    "study_step",
     "train_patch_classifier",
 ]
 
@@ -172,6 +175,42 @@ def _reduced(heatmap: np.ndarray, side: int = MAP_SIDE) -> np.ndarray:
     return reduced.numpy().astype(np.float16)
 
 
+def study_step(window: int) -> int:
+    """The window step a study's mosaics are stitched with: seed 002's 50 px for its 256 px windows, a fifth of a
+    smaller window."""
+    return max(1, min(50, window // 5))
+
+
+def stitch_and_store(
+    predictor: Predictor,
+    model: ModelInfo,
+    mosaic: np.ndarray,
+    target: UploadTarget | SpecimenTarget,
+    *,
+    step: int = 50,
+    sigma: float | None = 5.0,
+    mode: str = "fast",
+    method: str = "cam",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[StoredPrediction, MosaicResult]:
+    """Stitch ``model``'s map over ``mosaic`` (:meth:`core.predict.Predictor.stitch`) and store it for ``target``: the
+    map reduced to ``MAP_SIDE`` and a prediction whose probability is the highest window's (a mosaic is aspecific
+    when any window is)."""
+    result = predictor.stitch(mosaic, step=step, sigma=sigma, mode=mode, method=method, progress=progress)
+    stored = store_prediction(
+        model,
+        target,
+        probability=float(result.window_probabilities.max()),
+        threshold=model.threshold,
+        method=method,
+        heatmap=_reduced(result.map),
+        mosaic_step=step,
+        device=result.device,
+        seconds=result.seconds,
+    )
+    return stored, result
+
+
 def diagnose_mosaic(
     predictor: Predictor,
     model: ModelInfo,
@@ -198,20 +237,12 @@ def diagnose_mosaic(
             )
     except ImageError as error:
         return MosaicOutcome(name=name, error=error.reason)
-    result = predictor.stitch(mosaic, step=step, sigma=sigma, mode=mode, method=method, progress=progress)
+    stored, result = stitch_and_store(
+        predictor, model, mosaic, UploadTarget(image, user_id), step=step, sigma=sigma, mode=mode, method=method,
+        progress=progress,
+    )  # fmt: skip
     probabilities = result.window_probabilities
     probability = float(probabilities.max())
-    stored = store_prediction(
-        model,
-        UploadTarget(image, user_id),
-        probability=probability,
-        threshold=model.threshold,
-        method=method,
-        heatmap=_reduced(result.map),
-        mosaic_step=step,
-        device=result.device,
-        seconds=result.seconds,
-    )
     return MosaicOutcome(
         name=image.name,
         upload_id=stored.upload_id,

@@ -13,11 +13,12 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
-from core.data.io import ImageError, read_image
+from core.data.io import MOSAIC_MAX_PIXELS, ImageError, read_image
 from core.settings import workspace_dir
 from db import repo
 from db.models import ArmCase, Prediction, SpecimenImage, StudyArm, StudyCase
 from db.session import read_scope
+from services.mosaic import mosaic_array, stitch_and_store, study_step
 from services.predictions import SpecimenTarget, cached_predictor, store_prediction
 
 __all__ = ["ensure_case_ai", "missing_ai", "predict_images", "prepare_study_ai"]
@@ -115,8 +116,18 @@ def _predict_one(model_id: int, image_id: int, method: str | None) -> None:
     with read_scope() as session:
         image = session.get(SpecimenImage, image_id)
         model = repo.find_model(session, model_id)
-        path = image.path
-    (result,) = cached_predictor(model).diagnose([read_image(workspace_dir() / path)], heatmap=method)
+        path, modality = image.path, image.modality
+    predictor = cached_predictor(model)
+    if model.task == "aspecific":  # an RCM patch classifier: its map is stitched over the whole mosaic (seed 002)
+        mosaic = mosaic_array(read_image(workspace_dir() / path, max_pixels=MOSAIC_MAX_PIXELS), modality)
+        window = predictor.image_size
+        if min(mosaic.shape) < window:
+            raise ImageError(path, f"the mosaic is smaller than one {window} px window of {model.name}")
+        stitch_and_store(
+            predictor, model, mosaic, SpecimenTarget(image_id), step=study_step(window), method=method or "cam"
+        )
+        return
+    (result,) = predictor.diagnose([read_image(workspace_dir() / path)], heatmap=method)
     if isinstance(result, ImageError):
         raise result
     store_prediction(

@@ -120,6 +120,23 @@ def rcm_workspace(tmp_path_factory):
     return root, info
 
 
+def train_tiny_rcm(name: str):
+    """A tiny RCM patch classifier (32 px windows, one epoch on three 128 px mosaics) registered in the current
+    workspace as ``name``; its ModelInfo. For tests that need a mosaic model, not a good one."""
+    from core.data.synth_rcm import make_rcm_mosaic
+    from core.train import TrainConfig
+    from services.mosaic import train_patch_classifier
+
+    info, _ = train_patch_classifier(
+        TrainConfig(architecture="tiny_cnn", task="aspecific", modality="RCM", image_size=32, epochs=1),
+        [make_rcm_mosaic(128, 128, seed=50 + i, blobs=3) for i in range(3)],
+        name=name,
+        patches_per_mosaic=48,
+        log=lambda _: None,
+    )
+    return info
+
+
 @pytest.fixture
 def in_rcm(rcm_workspace, monkeypatch):
     root, info = rcm_workspace

@@ -62,6 +62,7 @@ __all__ = [
     "make_cle_frame",
     "make_cle_frames",
     "write_clip",
+    "write_cle_cohort",
 ]
 
 _REFERENCE_SIZE = 128
@@ -614,3 +615,40 @@ def _has_encoder(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def write_cle_cohort(
+    out: str | Path,
+    *,
+    patients: int = 3,
+    sites_per_patient: int = 2,
+    frames_per_clip: int = 60,
+    size: int = 64,
+    step: int = 3,
+    seed: int = 0,
+    formats: tuple[str, ...] = (".tif", ".mp4"),
+    fps: float = 20.0,
+) -> Path:
+    """A CLE cohort as a surgeon's team would hand it over: one clip per biopsy site (:func:`make_cle_clip`, written
+    in ``formats`` in turn) and ``out/manifest.csv`` with one row per stretch of frames that share a label (seed
+    000's diagnostic / nondiagnostic), picking every ``step``-th frame of it (``frames`` as ``first-last/step``), with
+    the patient, the site and no split (the import splits by patient). Returns the manifest's path."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["patient_id,specimen_id,site,modality,path,diagnostic,frames"]
+    number = 0
+    for patient in range(1, patients + 1):
+        for site in range(1, sites_per_patient + 1):
+            clip = make_cle_clip(frames_per_clip, size, seed=seed * 1000 + patient * 10 + site, fps=fps)
+            name = f"P{patient:02d}-site{site}{formats[number % len(formats)]}"
+            number += 1
+            write_clip(clip.frames, root / name, fps=clip.fps)
+            changes = np.flatnonzero(np.diff(clip.labels)) + 1
+            for first, last in zip(np.r_[0, changes], np.r_[changes, len(clip.labels)] - 1, strict=True):
+                lines.append(
+                    f"CLE-P{patient:02d},CLE-P{patient:02d}-S{site},site {site},CLE,{name},"
+                    f"{int(clip.labels[first])},{first}-{last}/{step}"
+                )
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest

@@ -44,6 +44,7 @@ __all__ = [
     "mosaic_seeds",
     "sample_patches",
     "write_mosaic_folder",
+    "write_rcm_cohort",
 ]
 
 NEGATIVE = 0
@@ -225,3 +226,22 @@ def write_mosaic_folder(
             write_atomic(partial / split / f"mosaic-{number}-mask.png", png_bytes(mask))
     partial.rename(root)
     return {split: [root / split / f"mosaic-{number}.png" for number in numbers] for split, numbers in seeds.items()}
+
+
+def write_rcm_cohort(out: str | Path, *, mosaics: int = 4, size: int = 384, seed: int = 0) -> Path:
+    """RCM mosaics as a cohort to import: ``mosaics`` synthetic mosaics (every other one benign, without aspecific
+    regions) with their masks as PNG, one patient each, and ``out/manifest.csv`` saying whether each holds an
+    aspecific region (seed 002). Returns the manifest's path."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["patient_id,specimen_id,modality,path,mask_path,aspecific"]
+    for number in range(1, mosaics + 1):
+        blobs = 0 if number % 2 == 0 else 3
+        image, mask = make_rcm_mosaic(size, size, seed=seed * 100 + 8000 + number, blobs=blobs)
+        name = f"mosaic-{number:02d}"
+        write_atomic(root / f"{name}.png", png_bytes(image))
+        write_atomic(root / f"{name}-mask.png", png_bytes(mask))
+        lines.append(f"RCM-P{number:02d},RCM-M{number:02d},RCM,{name}.png,{name}-mask.png,{int(blobs > 0)}")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest

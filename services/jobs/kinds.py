@@ -246,10 +246,16 @@ def _run_import(context: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     )
     for error in report.errors:
         context.log(f"skipped {error}")
-    context.log(f"imported {report.specimens} specimens, {report.images} images")
+    clips = f" (frames of {report.clips} clips)" if report.clips else ""
+    context.log(f"imported {report.specimens} specimens, {report.images} images{clips}")
     if report.images == 0:
         raise ValueError("no image was imported; " + (report.errors[0] if report.errors else "the manifest is empty"))
-    return {"specimens": report.specimens, "images": report.images, "skipped": len(report.errors)}
+    return {
+        "specimens": report.specimens,
+        "images": report.images,
+        "imported_clips": report.clips,
+        "skipped": len(report.errors),
+    }
 
 
 # --- localisation studies ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from services.studies.protocol import (
 from services.studies.setup import (
     MAX_COMMENT,
     RATING_RANGES,
+    STUDY_TASKS,
     ArmInfo,
     ArmSpec,
     CasePools,
@@ -53,6 +54,7 @@ __all__ = [
     "EXPORT_COLUMNS",
     "MAX_COMMENT",
     "RATING_RANGES",
+    "STUDY_TASKS",
     "VIEW_SIDE",
     "AiShown",
     "ArmInfo",

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.stats.ratings import RATING_SCALES as RATING_RANGES  # scale -> (lowest, highest) rating
-from core.train import DECISIONS, TASKS, task_label
+from core.train import DECISIONS, task_label
 from db.audit import log_event
 from db.models import (
     MODALITIES,
@@ -39,6 +39,7 @@ __all__ = [
     "ArmSpec",
     "MAX_COMMENT",
     "RATING_RANGES",
+    "STUDY_TASKS",
     "StudyError",
     "CasePools",
     "StudyInfo",
@@ -136,9 +137,23 @@ class StudyInfo:
 # ----------------------------------------------------------------------------------------------------- set-up
 
 
+# the questions a reader study can ask: the FL-CNN cascade's (seed 003) of specimens, whether a CLE frame is
+# diagnostic (seed 000), whether an RCM mosaic holds an aspecific region (seed 002); the modalities each fits best
+STUDY_TASKS: dict[str, tuple[str, ...]] = {
+    "tumor": ("FL", "WL", "CLE", "RCM"),
+    "grade": ("FL", "WL", "CLE"),
+    "ki67": ("FL", "WL", "CLE"),
+    "diagnostic": ("CLE",),
+    "aspecific": ("RCM",),
+}
+
+
 def _truth(task: str, label: Label | None) -> int | None:
     if label is None:
         return None
+    if task in ("diagnostic", "aspecific"):  # image-level truths of frames and mosaics, not of the pathology
+        value = getattr(label, task)
+        return None if value is None else int(bool(value))
     return task_label(task, {"tumor": label.tumor, "grade": label.grade, "ki67": label.ki67})
 
 
@@ -148,8 +163,8 @@ def eligible_specimens(
 ) -> pd.DataFrame:
     """Specimens a study can use: in ``splits``, with an image in every modality of ``modalities`` and a known
     label for ``task``. Columns: specimen_id, specimen, split, truth."""
-    if task not in DECISIONS or task == "aspecific":
-        raise StudyError(f"reader studies need a specimen-level task: one of tumor, grade, ki67 (not {task!r})")
+    if task not in STUDY_TASKS:
+        raise StudyError(f"reader studies ask one of {', '.join(STUDY_TASKS)} (not {task!r})")
     wanted = sorted(set(modalities))
     counts = (
         select(SpecimenImage.specimen_id, func.count(SpecimenImage.id).label("n"))
@@ -227,6 +242,30 @@ def _check_arms(session: Session, task: str, arms: Sequence[ArmSpec]) -> None:
                     f"arm {arm.name}: model {model.name} reads {model.modality} for {model.task}, "
                     f"but the arm shows {arm.modality} for {task}"
                 )
+            _arm_method(model, arm)
+
+
+# the model's own map where its architecture computes one (as core.triage.default_method picks it), else Grad-CAM
+_OWN_MAPS = {"mlcam_lici": "mlcam-lici", "compsegnet": "compsegnet", "celnet": "celm"}
+_MOSAIC_MAPS = ("cam", "scorecam")  # seed 002 stitches CAM or Score-CAM over the mosaic
+
+
+def _arm_method(model: ModelRecord | None, arm: ArmSpec) -> str | None:
+    """The heatmap method an arm stores: ``default`` resolved to the model's own map (CAM for an RCM patch
+    classifier, stitched over the mosaic); a method a mosaic cannot be stitched with is refused."""
+    method = arm.heatmap_method or None
+    if method is None or model is None or not arm.aided:
+        return method
+    if model.task == "aspecific":
+        if method == "default":
+            return "cam"
+        if method not in _MOSAIC_MAPS:
+            raise StudyError(
+                f"arm {arm.name}: an RCM mosaic's map is stitched from CAM or Score-CAM windows (seed 002); "
+                f"choose cam, scorecam or default, not {method}"
+            )
+        return method
+    return _OWN_MAPS.get(model.architecture, "gradcam") if method == "default" else method
 
 
 def _check_specimens(session: Session, task: str, arms: Sequence[ArmSpec], specimen_ids: Sequence[int]) -> None:
@@ -286,7 +325,7 @@ def _add_arms(session: Session, study_id: int, arms: Sequence[ArmSpec]) -> None:
                 model_id=arm.model_id if arm.aided else None,
                 show_probability=arm.show_probability,
                 show_decision=arm.show_decision,
-                heatmap_method=arm.heatmap_method or None,
+                heatmap_method=_arm_method(session.get(ModelRecord, arm.model_id) if arm.model_id else None, arm),
                 washout_days=int(arm.washout_days),
             )
         )
@@ -314,8 +353,8 @@ def create_study(
         raise StudyError("give the study a title")
     if session.scalar(select(Study.id).where(Study.title == title)) is not None:
         raise StudyError(f"a study titled {title!r} exists already; choose another title")
-    if task not in TASKS:
-        raise StudyError(f"unknown task {task!r}")
+    if task not in STUDY_TASKS:
+        raise StudyError(f"unknown task {task!r}; reader studies ask one of {', '.join(STUDY_TASKS)}")
     if rating_scale not in RATING_SCALES:
         raise StudyError(f"rating scale must be one of {', '.join(RATING_SCALES)}")
     if not specimen_ids:
