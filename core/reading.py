@@ -6,7 +6,8 @@ No database and no Streamlit here; ``services.studies`` puts them together.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image as PILImage
@@ -14,7 +15,7 @@ from PIL import Image as PILImage
 from core.data.store import png_bytes
 from core.heatmaps.render import COLORMAPS, lut, to_uint8
 
-__all__ = ["COLORMAPS", "DEFAULT_COLORMAP", "blind_png", "fit_side", "reader_order", "windowed"]
+__all__ = ["COLORMAPS", "DEFAULT_COLORMAP", "blind_png", "fit_side", "reader_order", "view_size", "windowed"]
 
 DEFAULT_COLORMAP = "Inferno"
 
@@ -53,6 +54,25 @@ def fit_side(picture: np.ndarray, side: int) -> np.ndarray:
     image = PILImage.fromarray(picture)
     image.thumbnail((side, side), PILImage.Resampling.LANCZOS)
     return np.asarray(image)
+
+
+def view_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) of a ``height`` x ``width`` picture after :func:`fit_side` with ``side``, without the pixels:
+    Pillow's thumbnail rule (the aspect ratio kept, each side rounded to the nearer whole pixel that keeps it
+    best)."""
+    if max(height, width) <= side:
+        return height, width
+    aspect = width / height
+
+    def nearest(number: float, error: Callable[[int], float]) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=error), 1)
+
+    x, y = side, side
+    if x / y >= aspect:
+        x = nearest(y * aspect, lambda n: abs(aspect - n / y))
+    else:
+        y = nearest(x / aspect, lambda n: 0 if n == 0 else abs(aspect - x / n))
+    return y, x
 
 
 def blind_png(picture: np.ndarray, compress_level: int = 1) -> bytes:

@@ -1,8 +1,8 @@
 """Reads and the audit log: append-only in the database, tamper-evident by a hash chain.
 
-**Append-only.** Triggers refuse every ``UPDATE`` and ``DELETE`` of ``reads`` and ``audit_log`` (and ``TRUNCATE`` on
-PostgreSQL), whoever sends it: the app, a script, or a person at an SQL prompt. A correction is a new read version;
-nothing is ever rewritten.
+**Append-only.** Triggers refuse every ``UPDATE`` and ``DELETE`` of ``reads``, ``annotations`` and ``audit_log``
+(and ``TRUNCATE`` on PostgreSQL), whoever sends it: the app, a script, or a person at an SQL prompt. A correction is
+a new read version; nothing is ever rewritten.
 
 **Tamper-evident.** Each row carries ``row_hash = sha256(previous row's row_hash + "\\n" + the row's content)``, in
 insertion (id) order, one chain per table, set when the row is inserted (a mapper event, so every way of adding a
@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Column, Connection, Engine, Table, event, select, text
 from sqlalchemy.orm import Session
 
-from db.models import AuditEvent, Read
+from db.models import Annotation, AuditEvent, Read
 
 __all__ = [
     "CHAINED",
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 GENESIS = "0" * 64
-CHAINED: dict[str, type] = {"audit_log": AuditEvent, "reads": Read}
+CHAINED: dict[str, type] = {"audit_log": AuditEvent, "reads": Read, "annotations": Annotation}
 _CACHE = "ioai_chain_heads"  # connection.info key: table -> the last row_hash appended in this transaction
 
 

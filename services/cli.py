@@ -586,10 +586,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         reports = verify(session)
         known = {args_head: None for args_head in args.head}
         if known:
-            from db.chain import chain_rows
+            from db.chain import CHAINED, GENESIS, chain_rows
 
+            if GENESIS in known:  # the head of a chain that was empty then: the start of every chain
+                known[GENESIS] = ("an empty chain's start", 0)
             connection = session.connection()
-            for table in ("audit_log", "reads"):
+            for table in CHAINED:
                 for row in chain_rows(connection, table):
                     if row["row_hash"] in known:
                         known[row["row_hash"]] = (table, row["id"])
@@ -601,7 +603,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             problems.append(f"{report.table}: the chain breaks at row id {report.broken_at}: {report.reason}")
     for head, found in known.items():
         if found is None:
-            problems.append(f"head {head} recorded earlier is not in either chain: history before it was rewritten")
+            problems.append(f"head {head} recorded earlier is not in any chain: history before it was rewritten")
         else:
             print(f"head {head} recorded earlier: still {found[0]} row id {found[1]}")
     for problem in problems:

@@ -8,6 +8,7 @@ import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -210,3 +211,48 @@ def cohort_workspace(workspace: Path) -> Path:
     )
     assert not import_manifest(manifest, fractions=(0.5, 0.25, 0.25), seed=0).errors
     return workspace
+
+
+# a CLE cohort as write_cle_cohort writes it for the frames workspace (tests recompute its clips from these)
+FRAMES_COHORT = {"patients": 3, "sites_per_patient": 2, "frames_per_clip": 40, "size": 64, "step": 4}
+
+
+@pytest.fixture(scope="session")
+def frame_cohorts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The manifests of a synthetic CLE cohort (clips of biopsy sites, per-stretch labels) and of four RCM mosaics."""
+    from core.data.synth_cle import write_cle_cohort
+    from core.data.synth_rcm import write_rcm_cohort
+
+    root = tmp_path_factory.mktemp("cohorts")
+    return write_cle_cohort(root / "cle", **FRAMES_COHORT), write_rcm_cohort(root / "rcm", mosaics=4, size=160)
+
+
+@pytest.fixture(scope="session")
+def frames_workspace(tmp_path_factory: pytest.TempPathFactory, frame_cohorts) -> tuple[Path, dict[str, Any]]:
+    """A workspace with both cohorts imported, a tiny MLCAM-LICI frame model and a tiny RCM patch classifier:
+    (root, {"CLE": model info, "RCM": model info})."""
+    from core.data.localization_set import generate_set
+    from core.train import TrainConfig
+    from db.session import init_db
+    from services.importer import import_manifest
+    from services.localization import train_on_set
+
+    root = tmp_path_factory.mktemp("frames_ws")
+    with pointing_at(root):
+        init_db()
+        for manifest in frame_cohorts:
+            assert not import_manifest(manifest).errors
+        cle_set = generate_set("cle", root / "set", counts=(16, 8, 8), size=FRAMES_COHORT["size"], seed=3)
+        config = TrainConfig(architecture="mlcam_lici", epochs=1, batch_size=8, lr=0.01, model_kwargs={"width": 8})
+        cle_model, _ = train_on_set(config, cle_set, name="tiny-MLCAM", log=lambda _: None)
+        rcm_model = train_tiny_rcm("tiny-RCM")
+    return root, {"CLE": cle_model, "RCM": rcm_model}
+
+
+@pytest.fixture
+def in_frames(frames_workspace, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Point the settings at the shared frames workspace for one test; its models."""
+    root, models = frames_workspace
+    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
+    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
+    return models

@@ -197,6 +197,9 @@ def import_reads(
     if study.status != "open":
         report.errors.append("the study is closed; reopen it to import reads")
         return report
+    if study.question == "regions":
+        report.errors.append("this study's readers draw regions; labels alone cannot be imported into it")
+        return report
     info = get_study(session, study_id)
     arms = {a.name: a for a in info.arms}
     cases = dict(

@@ -13,6 +13,7 @@ from core.reading import reader_order
 from core.train import DECISIONS
 from db.audit import log_event
 from db.models import (
+    Annotation,
     ArmCase,
     AuditEvent,
     Label,
@@ -32,6 +33,7 @@ from services.studies.setup import MAX_COMMENT, RATING_RANGES, ArmInfo, StudyErr
 
 __all__ = [
     "AiShown",
+    "DrawnRegions",
     "ReadResult",
     "ReaderCase",
     "ReaderState",
@@ -77,6 +79,8 @@ class ReaderCase:
     image_path: str = field(repr=False)
     ai: AiShown | None = None
     previous: tuple[int, int | None, str | None] | None = None  # (label, rating, comment) when revising
+    layers: tuple[str, ...] = ()  # a regions study: the layers the reader draws (a label study: none)
+    starts_from_ai: bool = False  # a regions study's aided arm: the drawing starts from the model's heatmap
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,8 @@ def _reader_case(
         image_path=image.path,
         ai=_ai_shown(session, arm, image.id),
         previous=previous,
+        layers=study.layers if study.question == "regions" else (),
+        starts_from_ai=study.question == "regions" and arm.starts_from_ai,
     )
 
 
@@ -415,11 +421,34 @@ def case_for_revision(
     )
 
 
+@dataclass(frozen=True)
+class DrawnRegions:
+    """What a reader drew on a case of a regions study, its masks already stored: ``layers`` maps each layer to
+    (mask file, area in pixels), at ``height`` x ``width`` (the case as the reader was shown it)."""
+
+    layers: dict[str, tuple[str, int]]
+    height: int
+    width: int
+    empty: bool
+    started_from_ai: bool = False
+
+    def as_json(self) -> dict[str, dict[str, object]]:
+        """The ``annotations.layers`` value: layer -> {path, pixels}."""
+        return {layer: {"path": path, "pixels": int(area)} for layer, (path, area) in self.layers.items()}
+
+    @property
+    def label(self) -> int:
+        """The read's label: 1 when any region was drawn."""
+        return int(any(area > 0 for _, area in self.layers.values()))
+
+
 def _check_answer(study: StudyInfo, label: int, rating: int | None, comment: str | None) -> None:
     if label not in (0, 1):
         raise StudyError("choose a diagnosis")
     low, high = RATING_RANGES[study.rating_scale]
-    if rating is None or not low <= int(rating) <= high:
+    if study.question == "regions" and rating is None:
+        pass  # a drawing needs no confidence
+    elif rating is None or not low <= int(rating) <= high:
         raise StudyError(f"choose a confidence from {low} to {high}")
     if comment is not None and len(comment) > MAX_COMMENT:
         raise StudyError(f"the comment is longer than {MAX_COMMENT} characters; please shorten it")
@@ -437,8 +466,13 @@ def record_read(
     shown_at: datetime | None = None,
     revise: bool = False,
     now: datetime | None = None,
+    regions: DrawnRegions | None = None,
 ) -> ReadResult:
     """Store one answer, in its own transaction (retried if it lost a race for the database).
+
+    A regions study's answer is a drawing: ``regions`` (stored with the read, as an :class:`Annotation`, in the
+    same savepoint; see :func:`services.studies.annotations.record_annotation`), never a bare label, and a label
+    study takes no drawing.
 
     The reader's account must still be active, and the case must be the one the server would serve this reader now
     (or, with ``revise``, one they already answered in the arm they may correct, see ``_revisable_arm``). A second
@@ -463,6 +497,12 @@ def record_read(
         case = _arm_case(session, study_id, arm_id, token) if arm is not None else None
         if case is None:
             raise StudyError(_NO_CASE)
+        if (study.question == "regions") != (regions is not None):
+            raise StudyError(
+                "This study asks you to draw the regions; use the drawing tools."
+                if regions is None
+                else "This study asks for a diagnosis, not a drawing."
+            )
         _check_answer(study, label, rating, comment)
         versions = session.scalars(
             select(Read.version).where(Read.reader_id == reader_id, Read.arm_id == arm_id, Read.case_id == case.id)
@@ -502,6 +542,16 @@ def record_read(
             with session.begin_nested():  # a savepoint: a lost race leaves the transaction usable
                 session.add(read)
                 session.flush()
+                if regions is not None:
+                    session.add(
+                        Annotation(
+                            read_id=read.id, study_id=study_id, arm_id=arm_id, case_id=case.id, reader_id=reader_id,
+                            version=version, layers=regions.as_json(),
+                            height=regions.height, width=regions.width, empty=regions.empty,
+                            started_from_ai=regions.started_from_ai, created_at=moment,
+                        )
+                    )  # fmt: skip
+                    session.flush()
         except IntegrityError:
             if not revise:
                 return ReadResult("duplicate", 1, "This case was already answered; nothing was changed.")

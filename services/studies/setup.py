@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from db.models import (
     MODALITIES,
     RATING_SCALES,
     SPLITS,
+    STUDY_QUESTIONS,
     ArmCase,
     Label,
     ModelRecord,
@@ -74,10 +76,15 @@ class ArmSpec:
     show_decision: bool = False
     heatmap_method: str | None = None
     washout_days: int = 0
+    start_threshold: float | None = None  # regions studies: the model's heatmap at this level is the editable start
 
     @property
     def aided(self) -> bool:
-        return self.show_probability or self.show_decision or bool(self.heatmap_method)
+        return self.show_probability or self.show_decision or bool(self.heatmap_method) or self.starts_from_ai
+
+    @property
+    def starts_from_ai(self) -> bool:
+        return self.start_threshold is not None
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,15 @@ class ArmInfo(ArmSpec):
             show_decision=arm.show_decision,
             heatmap_method=arm.heatmap_method,
             washout_days=arm.washout_days,
+            start_threshold=arm.start_threshold,
         )
 
     def describe(self) -> str:
         shown = [w for w, on in (("probability", self.show_probability), ("decision", self.show_decision)) if on]
         if self.heatmap_method:
             shown.append(f"{self.heatmap_method} heatmap")
+        if self.starts_from_ai:
+            shown.append(f"drawing starts from the heatmap at {self.start_threshold:g}")
         ai = f"AI-aided ({', '.join(shown)})" if shown else "unaided"
         wait = f", after a {self.washout_days}-day wash-out" if self.washout_days else ""
         return f"{self.name}: {self.modality}, {ai}{wait}"
@@ -124,6 +134,8 @@ class StudyInfo:
     n_cases: int
     n_training: int
     reader_ids: tuple[int, ...]
+    question: str = "label"  # label: readers answer a label; regions: they draw the regions (issue 16)
+    layers: tuple[str, ...] = ("region",)  # what readers draw in a regions study
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -268,6 +280,33 @@ def _arm_method(model: ModelRecord | None, arm: ArmSpec) -> str | None:
     return _OWN_MAPS.get(model.architecture, "gradcam") if method == "default" else method
 
 
+MAX_LAYERS = 2  # seed 000's intermediate and restrictive features
+_LAYER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def _check_question(question: str, layers: Sequence[str], arms: Sequence[ArmSpec]) -> tuple[str, ...]:
+    """The study's layers, checked against its question; refuses start thresholds outside a regions study."""
+    if question not in STUDY_QUESTIONS:
+        raise StudyError(f"the question must be one of {', '.join(STUDY_QUESTIONS)}, not {question!r}")
+    names = tuple(str(name).strip().lower() for name in layers)
+    if question == "regions":
+        if not 1 <= len(names) <= MAX_LAYERS or len(set(names)) != len(names):
+            raise StudyError(f"a regions study asks for 1 to {MAX_LAYERS} layers with different names")
+        bad = [n for n in names if not _LAYER_NAME.match(n)]
+        if bad:
+            raise StudyError(f"layer names are short lower-case words (letters, digits, - and _), not {bad[0]!r}")
+    for arm in arms:
+        if arm.start_threshold is None:
+            continue
+        if question != "regions":
+            raise StudyError(f"arm {arm.name}: only a regions study starts readers from the AI's heatmap")
+        if not arm.heatmap_method or arm.model_id is None:
+            raise StudyError(f"arm {arm.name}: starting from the AI's heatmap needs a model and a heatmap method")
+        if not 0.0 < float(arm.start_threshold) < 1.0:
+            raise StudyError(f"arm {arm.name}: the start threshold must lie between 0 and 1, not {arm.start_threshold}")
+    return names if question == "regions" else ("region",)
+
+
 def _check_specimens(session: Session, task: str, arms: Sequence[ArmSpec], specimen_ids: Sequence[int]) -> None:
     if len(set(specimen_ids)) != len(specimen_ids):
         raise StudyError("a specimen is listed twice")
@@ -327,6 +366,7 @@ def _add_arms(session: Session, study_id: int, arms: Sequence[ArmSpec]) -> None:
                 show_decision=arm.show_decision,
                 heatmap_method=_arm_method(session.get(ModelRecord, arm.model_id) if arm.model_id else None, arm),
                 washout_days=int(arm.washout_days),
+                start_threshold=None if arm.start_threshold is None else float(arm.start_threshold),
             )
         )
 
@@ -346,8 +386,13 @@ def create_study(
     reader_ids: Sequence[int] = (),
     created_by: int | None = None,
     simulated: bool = False,
+    question: str = "label",
+    layers: Sequence[str] = ("region",),
 ) -> StudyInfo:
-    """Set up a study in one transaction (the caller's); refused with a :class:`StudyError` saying what to fix."""
+    """Set up a study in one transaction (the caller's); refused with a :class:`StudyError` saying what to fix.
+
+    ``question`` is ``label`` (readers answer the task's label with a confidence) or ``regions`` (readers draw the
+    regions that carry the diagnosis in each of ``layers``, or say there is none)."""
     title = title.strip()
     if not title:
         raise StudyError("give the study a title")
@@ -361,6 +406,7 @@ def create_study(
         raise StudyError("choose at least one case")
     if set(training_specimen_ids) & set(specimen_ids):
         raise StudyError("a training case (shown with its truth) cannot also be a study case")
+    layers = _check_question(question, layers, arms)
     _check_arms(session, task, arms)
     _check_specimens(session, task, arms, list(specimen_ids) + list(training_specimen_ids))
     _check_readers(session, reader_ids)
@@ -372,6 +418,8 @@ def create_study(
         allow_revisions=allow_revisions,
         simulated=simulated,
         created_by=created_by,
+        question=question,
+        layers=list(layers),
     )
     session.add(study)
     session.flush()
@@ -433,6 +481,7 @@ def update_study(
         changes["rating_scale"] = study.rating_scale = rating_scale
     current_arms = arms if arms is not None else [ArmInfo.of(a) for a in study.arms]
     if arms is not None:
+        _check_question(study.question, study.layers, arms)
         _check_arms(session, study.task, arms)
     if specimen_ids is not None or arms is not None:
         cases = session.scalars(select(StudyCase).where(StudyCase.study_id == study_id)).all()
@@ -531,6 +580,8 @@ def get_study(session: Session, study_id: int) -> StudyInfo | None:
         n_cases=int(counts.get(False, 0)),
         n_training=int(counts.get(True, 0)),
         reader_ids=tuple(readers),
+        question=study.question,
+        layers=tuple(study.layers or ("region",)),
     )
 
 

@@ -13,59 +13,24 @@ import pytest
 from sqlalchemy import func, select
 
 from core.data.io import read_image
-from core.data.localization_set import generate_set
 from core.data.manifest import parse_frames, read_manifest
-from core.data.synth_cle import make_cle_clip, write_cle_cohort, write_clip
-from core.data.synth_rcm import write_rcm_cohort
-from core.settings import pointing_at, workspace_dir
-from core.train import TrainConfig
+from core.data.synth_cle import make_cle_clip, write_clip
+from core.settings import workspace_dir
 from db import repo
 from db.models import Clip, Label, Prediction, Specimen, SpecimenImage
-from db.session import init_db, read_scope, session_scope
+from db.session import read_scope, session_scope
 from services import studies
 from services.importer import frame_code, import_manifest
-from services.localization import train_on_set
 from services.studies import ArmSpec, StudyError
 from services.study_ai import prepare_study_ai
-from tests.conftest import train_tiny_rcm
+from tests.conftest import FRAMES_COHORT
 
-FRAMES, SIZE, STEP, PATIENTS, SITES = 40, 64, 4, 3, 2
+FRAMES, SIZE, STEP = FRAMES_COHORT["frames_per_clip"], FRAMES_COHORT["size"], FRAMES_COHORT["step"]
+PATIENTS, SITES = FRAMES_COHORT["patients"], FRAMES_COHORT["sites_per_patient"]
 
 
 def _clip_seed(patient: int, site: int, seed: int = 0) -> int:
     return seed * 1000 + patient * 10 + site  # as write_cle_cohort draws them
-
-
-@pytest.fixture(scope="module")
-def cohorts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("cohorts")
-    cle = write_cle_cohort(
-        root / "cle", patients=PATIENTS, sites_per_patient=SITES, frames_per_clip=FRAMES, size=SIZE, step=STEP
-    )
-    return cle, write_rcm_cohort(root / "rcm", mosaics=4, size=160)
-
-
-@pytest.fixture(scope="module")
-def studied(tmp_path_factory: pytest.TempPathFactory, cohorts) -> tuple[Path, dict[str, repo.ModelInfo]]:
-    """A workspace with both cohorts imported, a tiny MLCAM-LICI frame model and a tiny RCM patch classifier."""
-    root = tmp_path_factory.mktemp("frames_ws")
-    with pointing_at(root):
-        init_db()
-        for manifest in cohorts:
-            assert not import_manifest(manifest).errors
-        cle_set = generate_set("cle", root / "set", counts=(16, 8, 8), size=SIZE, seed=3)
-        config = TrainConfig(architecture="mlcam_lici", epochs=1, batch_size=8, lr=0.01, model_kwargs={"width": 8})
-        cle_model, _ = train_on_set(config, cle_set, name="tiny-MLCAM", log=lambda _: None)
-        rcm_model = train_tiny_rcm("tiny-RCM")
-    return root, {"CLE": cle_model, "RCM": rcm_model}
-
-
-@pytest.fixture
-def in_studied(studied, monkeypatch: pytest.MonkeyPatch):
-    root, models = studied
-    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
-    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
-    return models
 
 
 def _counts() -> tuple[int, int, int]:
@@ -107,8 +72,8 @@ def test_a_manifest_needs_a_label_column_and_frames_only_for_cle(tmp_path: Path)
 # ------------------------------------------------------------------------------------------------ the import
 
 
-def test_a_cle_cohort_becomes_one_specimen_per_picked_frame_with_its_site_and_label(workspace, cohorts) -> None:
-    cle, _ = cohorts
+def test_a_cle_cohort_becomes_one_specimen_per_picked_frame_with_its_site_and_label(workspace, frame_cohorts) -> None:
+    cle, _ = frame_cohorts
     report = import_manifest(cle)
     assert not report.errors and report.clips == PATIENTS * SITES
     per_clip = len(range(0, FRAMES, STEP))  # every stretch starts its own step, so at least this many
@@ -168,8 +133,10 @@ def test_refused_clip_rows_store_nothing_of_themselves_and_the_rest_is_imported(
     assert clips == ["good.tif"]  # the refused clips are not kept
 
 
-def test_an_rcm_mosaic_is_aspecific_by_its_manifest_or_else_by_its_mask(workspace, cohorts, tmp_path: Path) -> None:
-    _, rcm = cohorts
+def test_an_rcm_mosaic_is_aspecific_by_its_manifest_or_else_by_its_mask(
+    workspace, frame_cohorts, tmp_path: Path
+) -> None:
+    _, rcm = frame_cohorts
     shutil.copytree(rcm.parent, tmp_path / "rcm")
     text = (tmp_path / "rcm" / "manifest.csv").read_text().splitlines()
     header, rows = text[0].split(","), [line.split(",") for line in text[1:]]
@@ -195,7 +162,7 @@ def _people(tag: str) -> tuple[int, list[int]]:
         return pi, [repo.create_user(s, f"r{i}-{tag}", "pw-reader-1", "reader").id for i in range(2)]
 
 
-def test_a_study_of_cle_frames_asks_diagnostic_and_shows_the_models_own_map(in_studied) -> None:
+def test_a_study_of_cle_frames_asks_diagnostic_and_shows_the_models_own_map(in_frames) -> None:
     tag = uuid.uuid4().hex[:8]
     pi, readers = _people(tag)
     with read_scope() as s:
@@ -204,7 +171,7 @@ def test_a_study_of_cle_frames_asks_diagnostic_and_shows_the_models_own_map(in_s
     cases = [int(i) for i in pool.groupby("truth").head(3)["specimen_id"]]
     arms = [
         ArmSpec("CLE", "CLE"),
-        ArmSpec("CLE + AI", "CLE", model_id=in_studied["CLE"].id, show_probability=True, heatmap_method="default"),
+        ArmSpec("CLE + AI", "CLE", model_id=in_frames["CLE"].id, show_probability=True, heatmap_method="default"),
     ]
     with session_scope() as s:
         study = studies.create_study(
@@ -233,10 +200,10 @@ def test_a_study_of_cle_frames_asks_diagnostic_and_shows_the_models_own_map(in_s
         assert studies.reader_state(s, study.id, readers[0]).kind == "done"
 
 
-def test_a_study_of_rcm_mosaics_asks_aspecific_with_the_map_stitched_over_each_mosaic(in_studied) -> None:
+def test_a_study_of_rcm_mosaics_asks_aspecific_with_the_map_stitched_over_each_mosaic(in_frames) -> None:
     tag = uuid.uuid4().hex[:8]
     pi, readers = _people(tag)
-    model = in_studied["RCM"]
+    model = in_frames["RCM"]
     with read_scope() as s:
         pool = studies.eligible_specimens(s, task="aspecific", modalities=["RCM"], splits=("train", "val", "test"))
     assert set(pool["truth"]) == {0, 1}
@@ -276,7 +243,7 @@ def test_a_study_of_rcm_mosaics_asks_aspecific_with_the_map_stitched_over_each_m
     assert studies.case_png(case.image_path, "RCM", heatmap_path=case.ai.heatmap_path).startswith(b"\x89PNG")
 
 
-def test_the_pi_sets_up_a_study_of_cle_frames_on_the_studies_page(in_studied) -> None:
+def test_the_pi_sets_up_a_study_of_cle_frames_on_the_studies_page(in_frames) -> None:
     """The Studies page asks "diagnostic?" of CLE frames: the arms start as one CLE arm, the eligible frames are
     counted by truth, and the study is created with them."""
     from streamlit.testing.v1 import AppTest
