@@ -1,5 +1,6 @@
 """The demo workspace: a synthetic cohort, a patient-level split, the FL-CNN and WL-CNN, an RCM patch classifier
-for whole-mosaic heatmaps (with sample mosaics to upload), reader studies, and one user per role.
+for whole-mosaic heatmaps (with sample mosaics to upload), reader studies, the MLCAM-LICI study on synthetic CLE
+frames, synthetic CLE clips triaged by its model, and one user per role.
 
 Built in parts (:data:`DEMO_PARTS`, in that order: accounts, cohort, FL-CNN first, ...); each part is skipped when it
 is already there, so an interrupted build resumes where it stopped and each part is usable as it lands. ``make run``
@@ -11,6 +12,7 @@ because they are demo data, not secrets.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,20 +24,25 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.data.synth import CohortConfig, write_cohort
+from core.data.synth_cle import make_cle_clip, write_clip
 from core.data.synth_rcm import make_rcm_mosaic
 from core.settings import workspace_dir
 from core.train import Progress, TrainConfig
 from db import repo
-from db.models import Read, Specimen, Study, StudyCase, User, utcnow
+from db.models import Clip, ClipTriage, Read, Specimen, Study, StudyCase, User, utcnow
 from db.session import init_db, session_scope
 from services import studies
+from services.clips import triage_and_store
 from services.demo_accounts import DEMO_BUILDING, DEMO_MARKER, DEMO_USERS, demo_ready
 from services.importer import import_manifest
 from services.localization import run_study
 from services.mosaic import train_patch_classifier
+from services.predictions import cached_predictor
 from services.training import print_progress, train_and_register
 
 __all__ = [
+    "DEMO_CLIPS",
+    "DEMO_CLIP_OWNER",
     "DEMO_PARTS",
     "DEMO_STUDY",
     "SIMULATED_STUDY",
@@ -44,6 +51,7 @@ __all__ = [
     "build_demo",
     "build_demo_part",
     "ensure_demo_accounts",
+    "ensure_demo_clips",
     "demo_ready",
     "ensure_demo_study",
     "start_first_run",
@@ -65,6 +73,7 @@ _DEMO_CONTENT = (
     "heatmaps",
     "mosaics",
     "datasets",
+    "clips",
     "study.db",
     "study.db-wal",
     "study.db-shm",
@@ -91,6 +100,7 @@ class DemoConfig:
     cle_counts: tuple[int, int, int] = (240, 60, 100)  # the MLCAM-LICI study at demo size (Models page)
     cle_size: int = 96
     cle_epochs: int = 8
+    clip_frames: tuple[int, int] = (160, 100)  # frames of each of DEMO_CLIPS, at cle_size px and 20 frames/s
 
 
 def workspace_has_data() -> bool:
@@ -137,8 +147,9 @@ DEMO_PARTS = {  # in build order: the FL-CNN, the first thing a surgeon uses, co
     "wl": "WL-CNN (tumor, white light)",
     "rcm": "RCM patch classifier and sample mosaics",
     "localization": "MLCAM-LICI localisation study (CLE)",
+    "clips": "synthetic CLE clips triaged by MLCAM-LICI",
 }
-_PART_WEIGHTS = {"accounts": 1, "cohort": 8, "fl": 28, "study": 2, "wl": 28, "rcm": 18, "localization": 15}
+_PART_WEIGHTS = {"accounts": 1, "cohort": 8, "fl": 28, "study": 2, "wl": 28, "rcm": 18, "localization": 15, "clips": 2}
 
 
 def _part_done(part: str) -> bool:
@@ -156,6 +167,8 @@ def _part_done(part: str) -> bool:
             return DEMO_STUDY in titles and SIMULATED_STUDY in titles
         if part == "rcm":
             return repo.find_model(session, "RCM-patch-aspecific") is not None
+        if part == "clips":
+            return not _missing_clips(session)
         return repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-main") is not None
 
 
@@ -204,8 +217,10 @@ def _build_part(
         ensure_demo_study(log)
     elif part == "rcm":
         _rcm_demo(config, cohort / "mosaics", log, progress)
-    else:
+    elif part == "localization":
         ensure_demo_localization(config, log)
+    else:
+        ensure_demo_clips(config, log)
 
 
 def build_demo_part(
@@ -331,6 +346,59 @@ def ensure_demo_localization(config: DemoConfig = DemoConfig(), log: Callable[[s
         log=log,
         progress=None,
     )
+
+
+# the demo's synthetic CLE clips: (name, share of frames in diagnostic stretches); their lengths are
+# DemoConfig.clip_frames. The name says the clip is synthetic wherever it is shown (Diagnose, Data, the audit log).
+DEMO_CLIPS = (("synthetic-cle-clip-1.mp4", 0.3), ("synthetic-cle-clip-2.tif", 0.5))
+DEMO_CLIP_OWNER = "clinician"  # the clips show under this demo account's "Your earlier clips" on Diagnose
+_CLIP_FPS = 20.0
+_CLIP_BATCH = 32  # frames per forward pass: on 2 CPU cores about 1.5x the rate of 8
+
+
+def _missing_clips(session: Session) -> list[str]:
+    """The names in :data:`DEMO_CLIPS` not yet stored for the demo clinician with a triage by the demo's MLCAM-LICI
+    model (a clip and its triage are stored in one transaction, so a clip is either complete or absent)."""
+    owner = session.scalar(select(User.id).where(User.username == DEMO_CLIP_OWNER))
+    model = repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-main")
+    if owner is None or model is None:
+        return [name for name, _ in DEMO_CLIPS]
+    stored = set(
+        session.scalars(
+            select(Clip.original_name)
+            .join(ClipTriage, ClipTriage.clip_id == Clip.id)
+            .where(Clip.user_id == owner, ClipTriage.model_id == model.id)
+        )
+    )
+    return [name for name, _ in DEMO_CLIPS if name not in stored]
+
+
+def ensure_demo_clips(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> None:
+    """Synthetic CLE clips (:func:`core.data.synth_cle.make_cle_clip`: probe motion, red blood cells, nondiagnostic
+    stretches between diagnostic ones) triaged by the demo's MLCAM-LICI model with its own map, stored as the demo
+    clinician's, so Diagnose and Data show a clip's timeline and top frames on first start. Only missing clips are
+    made (the model first, if it is missing too), so a rerun or an interrupted build stores no clip twice."""
+    ensure_demo_localization(config, log)
+    with session_scope() as session:
+        owner = _demo_users(session)[DEMO_CLIP_OWNER].id
+        missing = set(_missing_clips(session))
+        model = repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-main")
+    if not missing:
+        return
+    predictor = cached_predictor(model)
+    with tempfile.TemporaryDirectory(prefix="ioai-demo-clips-") as folder:
+        for i, ((name, fraction), n_frames) in enumerate(zip(DEMO_CLIPS, config.clip_frames, strict=True)):
+            if name not in missing:
+                continue
+            clip = make_cle_clip(
+                n_frames, config.cle_size, seed=3000 + config.seed + i, fps=_CLIP_FPS, diagnostic_fraction=fraction
+            )
+            path = write_clip(clip.frames, Path(folder) / name, fps=clip.fps)
+            triage = triage_and_store(predictor, model, path, name=name, user_id=owner, batch_size=_CLIP_BATCH).triage
+            log(
+                f"demo clip {name}: {triage.n_frames} frames, {triage.n_positive} diagnostic by {model.name} "
+                f"({int(clip.labels.sum())} diagnostic by construction)"
+            )
 
 
 def ensure_demo_study(log: Callable[[str], None] = print) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from db import repo
-from services.demo import DEMO_PARTS, build_demo_part, start_first_run
+from services.clips import recent_triages
+from services.demo import DEMO_CLIPS, DEMO_PARTS, build_demo_part, start_first_run
 from services.demo_accounts import DEMO_USERS, demo_ready, demo_workspace
 from services.jobs import engine, service, store
 
@@ -27,6 +28,7 @@ TINY_DEMO = {
     "cle_counts": [12, 6, 6],
     "cle_size": 64,
     "cle_epochs": 1,
+    "clip_frames": [40, 30],
 }
 
 
@@ -43,6 +45,7 @@ def test_first_start_builds_the_demo_as_a_job_and_accounts_at_once(ray_cluster: 
         assert job.result["skipped"] == ["accounts"]
         names = {m.name for m in repo.list_models()}
         assert {"FL-CNN-tumor", "WL-CNN-tumor", "RCM-patch-aspecific"} <= names
+        assert sorted(t["clip"] for t in recent_triages()) == sorted(name for name, _ in DEMO_CLIPS)
         assert demo_ready() and not (workspace / ".demo-building").exists()
         assert start_first_run(TINY_DEMO) is None  # later starts build nothing
         assert [j.id for j in store.list_jobs(kinds=("demo",))] == [job_id]
