@@ -120,16 +120,17 @@ def chromium_path() -> str:
 
 
 @contextmanager
-def serving(workspace: Path, log: Path) -> Iterator[Server]:
-    """``streamlit run app/main.py`` on a free localhost port on ``workspace`` (the environment it inherits, e.g.
-    ``IOAI_RAY_ADDRESS``, besides), serving the PI account; stopped after the block."""
+def serving(workspace: Path, log: Path, script: str = "app/main.py") -> Iterator[Server]:
+    """``streamlit run app/main.py`` (or another ``script``, relative to the repository root) on a free localhost port
+    on ``workspace`` (the environment it inherits, e.g. ``IOAI_RAY_ADDRESS``, besides), serving the PI account;
+    stopped after the block."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
     env["IOAI_WORKSPACE"] = str(workspace)
     env["IOAI_DATABASE_URL"] = f"sqlite:///{workspace / 'study.db'}"
     env["PYTHONUNBUFFERED"] = "1"
-    command = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port)]
+    command = [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(port)]
     command += ["--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
