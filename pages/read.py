@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import threading
 
 import plotly.graph_objects as go
 import streamlit as st
 
 from app.auth import require_role
+from app.mask_canvas import mask_canvas
 from app.widgets import picture
 from core.reading import COLORMAPS, DEFAULT_COLORMAP
 from core.text import md_escape
@@ -27,6 +29,7 @@ STUDY_KEY = "read_study"
 REVISE_KEY = "read_revise"  # (arm id, token) of an answered case reopened for a correction
 SHOWN_KEY = "read_shown"  # (arm id, token) -> when this session first showed the case
 FLASH_KEY = "read_flash"
+CANVAS_KEY = "read_canvas"  # (arm id, token, revising) -> the drawing so far and the start it was drawn from
 _CONFIDENCE = {1: "1 · very unsure", 2: "2", 3: "3", 4: "4", 5: "5 · certain"}
 
 user = require_role("reader")
@@ -210,6 +213,73 @@ def _answer_form(case: ReaderCase, study: StudyInfo, revise: bool) -> None:
     st.caption("Keyboard: Tab and the arrow keys choose; Tab on to the comment box, then Ctrl+Enter (⌘+Enter) submits.")
 
 
+def _drawing(case: ReaderCase, png: bytes, revise: bool):
+    """The mask editor on the case (a regions study): its start is the reader's own previous drawing when correcting,
+    else the model's thresholded map in an arm that starts from the AI, else empty; a change of the display settings
+    (a new picture) carries the drawing so far over as the new start."""
+    memo = st.session_state.setdefault(CANVAS_KEY, {})
+    slot = (case.arm_id, case.token, revise)
+    digest = hashlib.sha256(png).hexdigest()
+    entry = memo.get(slot)
+    if entry is None:
+        start, no_region, from_ai = None, False, False
+        if revise:
+            own = studies.own_masks(case.study_id, user.id, case.arm_id, case.token)
+            if own is not None:
+                start, no_region = own
+        elif case.starts_from_ai:
+            start = studies.start_masks(case.study_id, user.id, case.arm_id, case.token)
+            from_ai = start is not None
+        entry = memo[slot] = {"image": digest, "start": start, "no_region": no_region, "drawn": None, "ai": from_ai}
+    elif entry["image"] != digest:
+        if entry["drawn"] is not None:
+            entry["start"], entry["no_region"] = entry["drawn"]
+        entry["image"] = digest
+    state = mask_canvas(
+        png,
+        key=f"read_mask_{_slot(case, revise)}",
+        layers=case.layers,
+        start=entry["start"],
+        start_no_region=entry["no_region"],
+    )
+    if state.error:
+        st.error(md_escape(f"Your last stroke could not be read ({state.error}); draw it again."))
+    elif state.version > 0:
+        entry["drawn"] = (dict(state.masks), state.no_region)
+    return state, entry["ai"]
+
+
+def _submit_drawing(case: ReaderCase, state, from_ai: bool, revise: bool) -> None:
+    """Store the drawing of the case it was drawn on (the button is keyed to the case's place, so a double click
+    can never submit it for the next case)."""
+    if state.masks is None:
+        st.session_state[FLASH_KEY] = ("error", "The drawing could not be read; draw it again.")
+        return
+    try:
+        result = studies.record_annotation(
+            study_id=case.study_id,
+            reader_id=user.id,
+            arm_id=case.arm_id,
+            token=case.token,
+            masks=state.masks,
+            empty=state.no_region,
+            shown_at=st.session_state.get(SHOWN_KEY, {}).get((case.arm_id, case.token)),
+            started_from_ai=from_ai,
+            revise=revise,
+        )
+    except StudyError as error:
+        st.session_state[FLASH_KEY] = ("error", str(error))
+        return
+    st.session_state.get(CANVAS_KEY, {}).pop((case.arm_id, case.token, revise), None)
+    if revise:
+        st.session_state.pop(REVISE_KEY, None)
+        st.session_state[FLASH_KEY] = ("success", f"Correction saved (version {result.version}).")
+    elif result.status == "duplicate":
+        st.session_state[FLASH_KEY] = ("info", result.message + " Here is your next case.")
+    else:
+        st.session_state[FLASH_KEY] = ("success", "Drawing saved.")
+
+
 def _render_ahead(study_id: int, colormap: str) -> None:
     """Render this reader's next cases in the background (kept in the case cache), so the next one is served from
     disk instead of being decoded, rendered and encoded while the reader waits."""
@@ -314,10 +384,27 @@ else:
     image_column, answer_column = st.columns([3, 1], gap="medium")
     with answer_column:  # drawn first: the picture depends on the display settings below the form
         _show_ai(case, study)
-        _answer_form(case, study, revise=bool(revising))
+        if not case.layers:
+            _answer_form(case, study, revise=bool(revising))
         with st.expander("Display", expanded=case.modality != "WL"):
             settings = _display_settings(case)
-    with image_column:
-        _show_image(case, *settings)
+    if case.layers:  # a regions study: the reader draws the regions that carry the diagnosis
+        with image_column:
+            layers = " and ".join(f"**{md_escape(layer)}**" for layer in case.layers)
+            st.markdown(
+                f"Draw the regions that carry the diagnosis ({layers}), or press **No region** if there is none."
+            )
+            drawing, from_ai = _drawing(case, _picture(case.image_path, case.modality, *settings), bool(revising))
+        with answer_column:
+            if from_ai:
+                st.caption("The drawing starts from the AI's map: correct it, or submit it as it is if you agree.")
+            if st.button(
+                "Save correction" if revising else "Submit drawing", type="primary", key=f"read_draw_{_slot(case)}"
+            ):
+                _submit_drawing(case, drawing, from_ai, bool(revising))
+                st.rerun()
+    else:
+        with image_column:
+            _show_image(case, *settings)
     if not revising:
         _render_ahead(study.id, st.session_state.get("read_colormap", DEFAULT_COLORMAP))

@@ -29,9 +29,9 @@ _TASK_HELP = (
 )
 
 
-def _arms_editor(task: str) -> list[ArmSpec] | None:
-    """The arms as an editable table (starting from the modalities ``task`` is asked of); None (with the reason
-    shown) when a row is incomplete."""
+def _arms_editor(task: str, regions: bool) -> list[ArmSpec] | None:
+    """The arms as an editable table (starting from the modalities ``task`` is asked of; in a regions study also the
+    level of the AI's map a drawing may start from); None (with the reason shown) when a row is incomplete."""
     models = {m.name: m for m in repo.list_models() if m.task == task}
     modalities = ("FL", "WL") if task in ("tumor", "grade", "ki67") else STUDY_TASKS[task][:1]
     default = pd.DataFrame(
@@ -40,11 +40,13 @@ def _arms_editor(task: str) -> list[ArmSpec] | None:
             for modality in modalities
         ]
     ).assign(heatmap=_NO_HEATMAP, washout_days=0)
+    if regions:
+        default = default.assign(start=None)
     edited = st.data_editor(
         default,
         num_rows="dynamic",
         hide_index=True,
-        key=f"studies_arms_{task}",
+        key=f"studies_arms_{task}_{int(regions)}",
         column_config={
             "name": st.column_config.TextColumn("Arm", required=True, max_chars=64),
             "modality": st.column_config.SelectboxColumn("Modality", options=MODALITIES, required=True),
@@ -53,6 +55,13 @@ def _arms_editor(task: str) -> list[ArmSpec] | None:
             "decision": st.column_config.CheckboxColumn("Show decision"),
             "heatmap": st.column_config.SelectboxColumn("Show heatmap", options=_HEATMAPS),
             "washout_days": st.column_config.NumberColumn("Wash-out (days)", min_value=0, max_value=365, step=1),
+            "start": st.column_config.NumberColumn(
+                "Drawing starts from the AI map at",
+                min_value=0.01,
+                max_value=0.99,
+                step=0.01,
+                help="Aided arms of a regions study: the model's heatmap at this level is each case's editable start.",
+            ),
         },
     )
     arms = []
@@ -70,6 +79,7 @@ def _arms_editor(task: str) -> list[ArmSpec] | None:
                 show_decision=bool(row.get("decision")),
                 heatmap_method=None if row.get("heatmap") in (None, _NO_HEATMAP) else row["heatmap"],
                 washout_days=int(row.get("washout_days") or 0),
+                start_threshold=None if pd.isna(row.get("start")) else float(row["start"]),
             )
         )
     return arms
@@ -82,8 +92,25 @@ def _new_study() -> None:
     task = st.selectbox(
         "Question", _TASKS, format_func=lambda t: " / ".join(DECISIONS[t]), key="studies_task", help=_TASK_HELP
     )
+    question = st.radio(
+        "Readers",
+        ("label", "regions"),
+        format_func={"label": "answer the question", "regions": "draw the regions that carry the diagnosis"}.get,
+        horizontal=True,
+        key="studies_question",
+    )
+    layers = ("region",)
+    if question == "regions":
+        typed = st.text_input(
+            "Layers (one, or two separated by a comma)",
+            value="region",
+            max_chars=70,
+            key="studies_layers",
+            help="e.g. 'intermediate, restrictive' for seed 000's two scales of features",
+        )
+        layers = tuple(part.strip() for part in typed.split(",") if part.strip())
     st.markdown("**Arms**: what readers see in each reading condition, read in this order.")
-    arms = _arms_editor(task)
+    arms = _arms_editor(task, question == "regions")
     if arms is None:
         return
     splits = st.multiselect("Cases from the splits", ("test", "val", "train"), default=["test"], key="studies_splits")
@@ -137,6 +164,8 @@ def _new_study() -> None:
                 training_specimen_ids=training,
                 reader_ids=invited,
                 created_by=user.id,
+                question=question,
+                layers=layers,
             )
         except StudyError as error:
             st.error(md_escape(error))
@@ -158,9 +187,13 @@ def _study_view(study: StudyInfo) -> None:
     st.markdown(f"### {md_escape(study.title)}  \n" + " · ".join(f"`{b}`" for b in badges))
     if study.description:
         st.caption(md_escape(study.description, multiline=True))
+    asks = (
+        f"readers draw the regions ({', '.join(study.layers)}) for {study.labels[1]}"
+        if study.question == "regions"
+        else f"question {' / '.join(study.labels)}, confidence {'1-5' if study.rating_scale == 'five' else '0-100'}"
+    )
     st.markdown(
-        f"{study.n_cases} cases ({study.n_training} training), question {' / '.join(study.labels)}, "
-        f"confidence {'1-5' if study.rating_scale == 'five' else '0-100'}, corrections "
+        f"{study.n_cases} cases ({study.n_training} training), {md_escape(asks)}, corrections "
         f"{'allowed' if study.allow_revisions else 'not allowed'}.  \n"
         + "  \n".join(f"Arm {a.position + 1}: {md_escape(a.describe())}" for a in study.arms)
     )

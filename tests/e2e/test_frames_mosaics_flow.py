@@ -173,3 +173,54 @@ def test_a_reader_reads_rcm_mosaics_with_the_stitched_map_of_an_aided_arm(page: 
     _read_all(page, ws, study_id, username, "RCM + AI", ["aspecific", "benign"])
     stored = _reads(ws, username)
     assert [(case, version, label) for case, version, label in stored] == [(order[0], 1, 1), (order[1], 1, 0)]
+
+
+def test_a_reader_draws_the_diagnostic_region_of_each_frame_and_the_mask_is_stored(
+    page: Page, frames_server: Workspace
+) -> None:
+    """A regions study of CLE frames: the reader draws a stroke with the mouse on the first frame and says "No
+    region" on the second; the stored masks are at the frame's resolution, cover where the pointer went (image
+    coordinates), and the reads' labels follow (1 drawn, 0 none)."""
+    from db.models import Annotation
+    from services.studies import load_mask
+
+    ws = frames_server
+    tag = uuid.uuid4().hex[:8]
+    with pointing_at(ws.root), session_scope(ws.db) as s:
+        reader = repo.create_user(s, f"frames-d-{tag}", PASSWORD, "reader")
+        pool = studies.eligible_specimens(s, task="diagnostic", modalities=["CLE"], splits=("train", "val", "test"))
+        chosen = [int(i) for i in pool["specimen_id"][:2]]
+        info = studies.create_study(
+            s, title=f"regions {tag}", task="diagnostic", specimen_ids=chosen, arms=[ArmSpec("CLE", "CLE")],
+            reader_ids=[reader.id], question="regions",
+        )  # fmt: skip
+    page.goto(f"{ws.url}/read?study={info.id}")
+    sign_in(page, reader.username, PASSWORD)
+    canvas = page.get_by_role("application", name="Mask drawing area")
+    expect(canvas).to_have_attribute("data-ready", "true")
+    box = canvas.bounding_box()
+    scale = box["width"] / 64  # the frames are 64 px square, shown larger
+    start, end = (16, 20), (48, 20)  # image coordinates of the stroke
+    page.mouse.move(box["x"] + start[0] * scale, box["y"] + start[1] * scale)
+    page.mouse.down()
+    page.mouse.move(box["x"] + end[0] * scale, box["y"] + end[1] * scale, steps=10)
+    page.mouse.up()
+    settled(page)
+    page.get_by_role("button", name="Submit drawing").click()
+    expect(page.get_by_test_id("stAlertContentSuccess").filter(has_text="Drawing saved.")).to_be_visible()
+    expect(canvas).to_have_attribute("data-ready", "true")
+    page.get_by_role("button", name="No region", exact=True).click()
+    settled(page)
+    page.get_by_role("button", name="Submit drawing").click()
+    expect(page.get_by_test_id("stAlertContentSuccess").filter(has_text=DONE)).to_have_text(DONE)
+    with pointing_at(ws.root), session_scope(ws.db) as s:
+        rows = s.execute(
+            select(Annotation, Read.label).join(Read, Read.id == Annotation.read_id)
+            .where(Annotation.reader_id == reader.id).order_by(Annotation.id)
+        ).all()  # fmt: skip
+        masks = [load_mask(a.layers["region"]["path"]) for a, _ in rows]
+    assert [(a.empty, label) for a, label in rows] == [(False, 1), (True, 0)]
+    drawn = masks[0]
+    assert drawn.shape == (64, 64) and not masks[1].any()
+    assert drawn[20, 20:45].all()  # along the stroke
+    assert not drawn[40:, :].any() and not drawn[:, :10].any()  # nowhere near it

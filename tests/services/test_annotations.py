@@ -232,3 +232,28 @@ def test_the_pi_exports_each_readers_masks_for_the_agreement_command(in_frames, 
         )) == 1  # fmt: skip
     with pytest.raises(StudyError, match="no arm 'WL'"):
         studies.export_masks(study.id, tmp_path / "x", user_id=pi, arm="WL")
+
+
+def test_the_pi_sets_up_a_regions_study_with_two_layers_on_the_studies_page(in_frames) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    tag = uuid.uuid4().hex[:8]
+    with session_scope() as s:
+        pi = repo.create_user(s, f"pi-{tag}", "pw-pi-123", "pi").id
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "pages" / "studies.py"), default_timeout=60)
+    at.session_state["auth_user_id"] = pi
+    at.run()
+    at.selectbox(key="studies_task").set_value("diagnostic")
+    at.radio(key="studies_question").set_value("regions")
+    at.multiselect(key="studies_splits").set_value(["train", "val", "test"])
+    at.run()
+    at.text_input(key="studies_layers").input("Intermediate, restrictive")
+    at.text_input(key="studies_title").input(f"Drawn on the page {tag}")
+    at.button(key="studies_create").click()
+    at.run()
+    assert not at.exception and any("created with" in s.value for s in at.success)
+    with read_scope() as s:
+        study = next(x for x in studies.list_studies(s) if x.title == f"Drawn on the page {tag}")
+    assert study.question == "regions" and study.layers == ("intermediate", "restrictive")
+    shown = [m.value.replace("\\", "") for m in at.markdown]  # the page escapes markdown in what it shows
+    assert any("readers draw the regions (intermediate, restrictive) for diagnostic" in m for m in shown)
