@@ -1,8 +1,9 @@
 """The command line: ``python -m core <command>``.
 
 Commands: ``demo``, ``jobs``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``clip``, ``heatmaps``,
-``users``, ``studies``, ``analyze``, ``audit``, ``evaluate-localization``, ``synth``, ``localization-study``. Errors a
-user can fix are printed as one ``error: ...`` line with exit status 2, never as a traceback.
+``users``, ``studies``, ``analyze``, ``audit``, ``evaluate-localization``, ``agreement``, ``synth``,
+``localization-study``. Errors a user can fix are printed as one ``error: ...`` line with exit status 2, never as a
+traceback.
 """
 
 from __future__ import annotations
@@ -649,6 +650,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo)
 
+    from services.agreement_cli import add_parser as add_agreement_parser
     from services.jobs.cli import add_parser as add_jobs_parser
 
     add_jobs_parser(sub)
@@ -813,6 +815,8 @@ def _parser() -> argparse.ArgumentParser:
     localize.add_argument("--seed", type=int, default=0)
     localize.add_argument("--out", required=True, help="report.json")
     localize.set_defaults(run=_cmd_evaluate_localization)
+
+    add_agreement_parser(sub)
 
     synth = sub.add_parser(
         "synth", help="write synthetic data with masks: a CLE or spectral localisation set, or RCM mosaics"
