@@ -273,6 +273,19 @@ def _exports(study: StudyInfo) -> None:
                                "text/csv", key=f"studies_x_history_{study.id}", on_click="ignore")  # fmt: skip
     columns[2].download_button("Cases with truth", cases, f"study-{study.id}-cases.csv", "text/csv",
                                key=f"studies_x_cases_{study.id}", on_click="ignore")  # fmt: skip
+    if study.question == "regions":
+        st.download_button(
+            "Drawn masks (zip: PNG per arm, layer, reader and case, and COCO RLE JSON)",
+            lambda: studies.masks_zip(study.id, user_id=user.id),
+            f"study-{study.id}-masks.zip",
+            "application/zip",
+            key=f"studies_x_masks_{study.id}",
+            on_click="ignore",
+        )
+        st.caption(
+            "Agreement from the command line: `python -m core studies export-masks "
+            f"{study.id} --out masks/` then `python -m core agreement --masks masks/ --out report.json`."
+        )
 
 
 def _import(study: StudyInfo) -> None:

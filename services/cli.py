@@ -529,6 +529,18 @@ def _cmd_studies(args: argparse.Namespace) -> int:
                 f"{arm} --threshold {float(model.threshold)!r} --out report.json"
             )
         return 0
+    if args.action == "export-masks":
+        if not args.out:
+            raise UsageError("studies export-masks needs --out DIR (written as DIR/<reader>/<case>.png)")
+        with session_scope() as session:
+            summary = studies.export_masks(
+                session, args.study, args.out, user_id=None, arm=args.arm, layer=args.layer, coco=args.coco
+            )
+        print(
+            f"{summary['masks']} masks of {len(summary['readers'])} readers (arm {summary['arm']}, layer "
+            f"{summary['layer']}) -> {args.out}" + (f"; every drawing as COCO RLE -> {args.coco}" if args.coco else "")
+        )
+        return 0
     if not args.file:
         raise UsageError("studies import needs --file READS.csv")
     with session_scope() as session:
@@ -755,16 +767,20 @@ def _parser() -> argparse.ArgumentParser:
     users.add_argument("--display-name")
     users.set_defaults(run=_cmd_users)
 
-    study = sub.add_parser("studies", help="list reader studies, export their reads, import reads")
-    study.add_argument("action", choices=["list", "export", "import"])
-    study.add_argument("study", nargs="?", type=int, help="study id (export, import)")
-    study.add_argument("--out", help="export: the reads CSV to write (long format)")
+    study = sub.add_parser("studies", help="list reader studies, export their reads or drawn masks, import reads")
+    study.add_argument("action", choices=["list", "export", "import", "export-masks"])
+    study.add_argument("study", nargs="?", type=int, help="study id (export, import, export-masks)")
+    study.add_argument("--out", help="export: the reads CSV to write (long format); export-masks: the folder")
+    study.add_argument("--layer", help="export-masks: the layer (default: the study's first)")
+    study.add_argument("--coco", help="export-masks: also write every arm's and layer's drawings as COCO RLE JSON")
     study.add_argument("--history", action="store_true", help="export every version of corrected answers")
     study.add_argument("--cases", help="export: also write the cases with their truth to this CSV")
     study.add_argument(
         "--predictions", help="export: also write one arm's model scores (case_id, truth, score) for analyze"
     )
-    study.add_argument("--arm", help="export --predictions: the arm (needed when the study has several)")
+    study.add_argument(
+        "--arm", help="export --predictions: the arm (needed when the study has several); export-masks: default first"
+    )
     study.add_argument("--model", help="export --predictions: the model, name or id (default: the arm's newest)")
     study.add_argument("--file", help="import: the reads CSV to read")
     study.add_argument("--create-readers", action="store_true", help="import: add unknown readers as inactive")

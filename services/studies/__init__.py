@@ -14,9 +14,11 @@ The rules live here, not in the pages, so every way in (browser, CLI, tests, a t
 
 from services.studies.annotations import (
     case_mask_size,
+    coco_masks,
     export_masks,
     latest_annotations,
     load_mask,
+    masks_zip,
     own_masks,
     record_annotation,
     start_masks,
@@ -81,6 +83,7 @@ __all__ = [
     "case_mask_size",
     "case_png",
     "case_pools",
+    "coco_masks",
     "complete_training",
     "create_study",
     "eligible_specimens",
@@ -93,6 +96,7 @@ __all__ = [
     "latest_annotations",
     "list_studies",
     "load_mask",
+    "masks_zip",
     "note_case_shown",
     "own_masks",
     "reader_state",

@@ -16,6 +16,7 @@ An aided arm may start each case from the model's heatmap at the arm's ``start_t
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -50,9 +51,11 @@ from services.studies.setup import StudyError, get_study
 __all__ = [
     "ANNOTATIONS",
     "case_mask_size",
+    "coco_masks",
     "export_masks",
     "latest_annotations",
     "load_mask",
+    "masks_zip",
     "own_masks",
     "record_annotation",
     "start_masks",
@@ -251,6 +254,42 @@ def _safe(name: str) -> str:
     return cleaned[:100]
 
 
+def coco_masks(table: pd.DataFrame, layers: tuple[str, ...]) -> dict[str, Any]:
+    """The drawings of :func:`latest_annotations` as one COCO-style document: an image per case, a category per
+    layer, an annotation per reader, arm, case and layer with the mask in COCO's compressed RLE (``iscrowd`` 1, as
+    COCO stores RLE masks) and the reader, arm, version and "no region" under ``attributes``."""
+    from core.metrics.agreement import rle_encode
+
+    categories = [{"id": number, "name": layer} for number, layer in enumerate(layers, start=1)]
+    images: dict[str, dict[str, Any]] = {}
+    annotations = []
+    for record in table.to_dict("records") if not table.empty else []:
+        image = images.setdefault(
+            record["case"],
+            {"id": len(images) + 1, "file_name": record["case"], "height": record["height"], "width": record["width"]},
+        )
+        for category in categories:
+            mask = load_mask(record[f"{category['name']}_path"])
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": category["id"],
+                    "segmentation": rle_encode(mask),
+                    "area": int(mask.sum()),
+                    "iscrowd": 1,
+                    "attributes": {
+                        "reader": record["reader"],
+                        "arm": record["arm"],
+                        "version": int(record["version"]),
+                        "no_region": bool(record["empty"]),
+                        "started_from_ai": bool(record["started_from_ai"]),
+                    },
+                }
+            )
+    return {"images": list(images.values()), "categories": categories, "annotations": annotations}
+
+
 @writes
 def export_masks(
     session: Session,
@@ -260,10 +299,12 @@ def export_masks(
     user_id: int | None,
     arm: str | None = None,
     layer: str | None = None,
+    coco: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the latest masks of one arm (default: the first) and one layer (default: the first) as
     ``out/<reader>/<case>.png`` (0 background, 255 region; "no region" as an all-zero mask), the layout
-    ``python -m core agreement`` reads. Audited (``masks_exported``). Returns what was written."""
+    ``python -m core agreement`` reads, and with ``coco`` every arm's and layer's drawings as one COCO RLE JSON
+    file (:func:`coco_masks`). Audited (``masks_exported``). Returns what was written."""
     study = get_study(session, study_id)
     if study is None:
         raise StudyError(f"no study #{study_id}")
@@ -275,9 +316,8 @@ def export_masks(
     chosen_layer = layer or study.layers[0]
     if chosen_layer not in study.layers:
         raise StudyError(f"study #{study_id} has no layer {chosen_layer!r}; one of {', '.join(study.layers)}")
-    table = latest_annotations(session, study_id)
-    if not table.empty:
-        table = table[table["arm_id"] == chosen_arm.id]
+    every = latest_annotations(session, study_id)
+    table = every[every["arm_id"] == chosen_arm.id] if not every.empty else every
     root = Path(out)
     written = 0
     for record in table.to_dict("records"):
@@ -285,6 +325,8 @@ def export_masks(
         target = root / _safe(record["reader"]) / f"{_safe(record['case'])}.png"
         write_atomic(target, png_bytes(np.where(mask, 255, 0).astype(np.uint8)))
         written += 1
+    if coco is not None:
+        write_atomic(Path(coco), json.dumps(coco_masks(every, study.layers)).encode())
     log_event(
         session,
         "masks_exported",
@@ -293,6 +335,31 @@ def export_masks(
         arm=chosen_arm.name,
         layer=chosen_layer,
         masks=written,
+        coco=coco is not None,
     )
     readers = sorted(set(table["reader"])) if written else []
     return {"arm": chosen_arm.name, "layer": chosen_layer, "masks": written, "readers": readers, "out": str(root)}
+
+
+@writes
+def masks_zip(session: Session, study_id: int, *, user_id: int | None) -> bytes:
+    """Every arm's and layer's latest drawings as one zip (PI): ``<arm>/<layer>/<reader>/<case>.png`` (0/255, the
+    layout ``python -m core agreement`` reads per arm and layer) and ``masks.coco.json`` (:func:`coco_masks`).
+    Audited (``masks_exported``)."""
+    import io
+    import zipfile
+
+    study = get_study(session, study_id)
+    if study is None or study.question != "regions":
+        raise StudyError(f"study #{study_id} has no drawn masks")
+    table = latest_annotations(session, study_id)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for record in table.to_dict("records") if not table.empty else []:
+            for layer in study.layers:
+                mask = load_mask(record[f"{layer}_path"])
+                name = f"{_safe(record['arm'])}/{_safe(layer)}/{_safe(record['reader'])}/{_safe(record['case'])}.png"
+                archive.writestr(name, png_bytes(np.where(mask, 255, 0).astype(np.uint8)))
+        archive.writestr("masks.coco.json", json.dumps(coco_masks(table, study.layers)))
+    log_event(session, "masks_exported", user_id=user_id, study_id=study_id, masks=len(table), zip=True)
+    return buffer.getvalue()

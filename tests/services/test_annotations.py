@@ -257,3 +257,43 @@ def test_the_pi_sets_up_a_regions_study_with_two_layers_on_the_studies_page(in_f
     assert study.question == "regions" and study.layers == ("intermediate", "restrictive")
     shown = [m.value.replace("\\", "") for m in at.markdown]  # the page escapes markdown in what it shows
     assert any("readers draw the regions (intermediate, restrictive) for diagnostic" in m for m in shown)
+
+
+def test_the_export_masks_command_feeds_the_agreement_command_and_writes_coco_rle(in_frames, tmp_path: Path) -> None:
+    """`python -m core studies export-masks STUDY --out DIR` as contracted, then `python -m core agreement` on DIR:
+    the two readers' Dice is the one of their drawings; the COCO file decodes to the same masks."""
+    import json
+
+    from core.metrics.agreement import rle_decode
+    from services.cli import main as cli
+
+    study, _, readers = _study(in_frames, n_cases=1)
+    drawn = {}
+    for number, reader in enumerate(readers):
+        for _ in range(study.n_cases):
+            case = _served(study.id, reader)
+            size = studies.case_mask_size(study.id, reader, case.arm_id, case.token)
+            mask = _disc(size, (32, 28 + 8 * number), 10)  # the second reader's disc is shifted
+            _draw(study, reader, {"region": mask})
+            drawn.setdefault(reader, []).append(mask)
+    out, coco = tmp_path / "masks", tmp_path / "masks.coco.json"
+    assert cli(["studies", "export-masks", str(study.id), "--out", str(out), "--coco", str(coco)]) == 0
+    assert cli(["agreement", "--masks", str(out), "--out", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    (pair,) = report["pairwise"]
+    a, b = drawn[readers[0]][0], drawn[readers[1]][0]
+    assert pair["dice"] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert pair["n_cases"] == study.n_cases
+    document = json.loads(coco.read_text())
+    assert len(document["annotations"]) == 2 * study.n_cases and document["categories"] == [{"id": 1, "name": "region"}]
+    decoded = sorted(int(rle_decode(x["segmentation"]).sum()) for x in document["annotations"])
+    assert decoded == sorted(int(m.sum()) for masks in drawn.values() for m in masks)
+    assert cli(["studies", "export-masks", "999999", "--out", str(out)]) == 2
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(studies.masks_zip(study.id, user_id=None))) as archive:
+        names = archive.namelist()
+        assert json.loads(archive.read("masks.coco.json")) == document
+    pngs = sorted(n for n in names if n.endswith(".png"))
+    assert pngs == sorted(f"CLE/region/{p.parent.name}/{p.name}" for p in out.glob("*/*.png"))
