@@ -31,6 +31,7 @@ __all__ = [
     "filterable_table",
     "heatmap_viewer",
     "job_header",
+    "live_viewer",
     "open_prediction",
     "picture",
     "triage_viewer",
@@ -245,6 +246,68 @@ def triage_viewer(view: dict, key: str, user_id: int | None) -> None:
             key=f"{key}_zip",
             on_click="ignore",
         )
+
+
+def live_viewer(view: dict, key: str, user_id: int) -> None:
+    """The live view of a stored clip triage (issue 15): the clip replayed at its frame rate as the probe would stream
+    it (:class:`core.live.Replay`: the newest frame that has arrived, stale ones dropped), each shown frame with the
+    model's own map over it, the running probability and decision over the last half second, and whether this
+    machine keeps up. Only the triage's owner may play it (:func:`services.clips.live_source`, audited). Any widget
+    interaction reruns the page, which ends the replay: that is all Stop does."""
+    from app.resources import predictor_for
+    from core.data.clips import ClipError, open_clip
+    from core.data.io import ImageError
+    from core.live import DEFAULT_FPS, DEFAULT_WINDOW_S, Replay
+    from services.clips import live_source
+
+    negative, positive = DECISIONS[view["task"]]
+    fps = view.get("fps") or DEFAULT_FPS
+    st.markdown("**Live view**")
+    st.caption(
+        f"The clip at {fps:g} frames/s, as the probe streams it: each frame is scored when it arrives, and a frame "
+        "that arrives while the model is still busy is dropped, as on a live display. The decision is the mean "
+        f"probability of the last {DEFAULT_WINDOW_S:g} s against the threshold {view['threshold']:.3f}."
+    )
+    left, middle, right = st.columns([1, 1, 2], vertical_alignment="center")
+    play = left.button("Play live", key=f"{key}_play", type="primary", icon=":material/play_arrow:")
+    middle.button("Stop", key=f"{key}_stop", icon=":material/stop:")  # its rerun ends a replay that runs
+    with_map = right.toggle("Heatmap overlay", value=True, key=f"{key}_map")
+    last = f"{key}_last"
+    if not play:
+        if st.session_state.get(last):
+            st.caption(f"Last replay: {st.session_state[last]}")
+        return
+    source = live_source(user_id, int(view["id"]))
+    if source is None:
+        st.error("Only whoever triaged this clip can play it. Open one of your own clips under Your earlier clips.")
+        return
+    predictor = predictor_for(source.model)
+    frame_slot, decision_slot, pace_slot = st.empty(), st.empty(), st.empty()
+    try:
+        with open_clip(source.path, source.name) as clip:
+            replay = Replay(predictor, clip, heatmap="default" if with_map else None)
+            for shown in replay:
+                image = _frame_shown(shown.frame)
+                pixels = (
+                    to_uint8(image)
+                    if shown.heatmap is None
+                    else overlay(image, resize_map(shown.heatmap, image.shape[:2]), 0.45)
+                )
+                with frame_slot.container():
+                    picture(
+                        _fit(pixels, 600),
+                        f"Live: frame {shown.index} · {shown.arrival:.2f} s · probability {shown.probability:.3f}"
+                        + (f" · {method_title(replay.method)}" if shown.heatmap is not None else ""),
+                    )
+                decision_slot.markdown(
+                    f"Last {replay.window_s:g} s: probability **{shown.running_probability:.3f}** · "
+                    f"**{positive if shown.decision else negative}**"
+                )
+                stats = replay.stats()
+                st.session_state[last] = stats.summary()
+                pace_slot.markdown(f":{'green' if stats.keeps_up else 'orange'}[{stats.summary()}]")
+    except (ClipError, ImageError) as error:
+        st.error(f"The clip cannot be played: {md_escape(str(error))}")
 
 
 def filterable_table(

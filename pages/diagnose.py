@@ -16,7 +16,7 @@ import streamlit as st
 
 from app.auth import USER_KEY, current_user, require_role
 from app.resources import predictor_for
-from app.widgets import heatmap_viewer, job_header, open_prediction, triage_viewer
+from app.widgets import heatmap_viewer, job_header, live_viewer, open_prediction, triage_viewer
 from core.data.preprocess import MODALITIES
 from core.heatmaps import method_title
 from core.heatmaps.mosaic import FAST_METHODS
@@ -343,6 +343,7 @@ def _opened_clip(key: str) -> None:
     if view is not None and view["user_id"] == user.id:
         with st.container(border=True):
             triage_viewer(view, key=f"{key}_{view['id']}", user_id=user.id)
+            live_viewer(view, key=f"{key}_{view['id']}_live", user_id=user.id)
             st.button("Close", key=f"{key}_close", on_click=st.session_state.pop, args=(_OPEN_CLIP, None))
 
 

@@ -40,9 +40,11 @@ from db.session import reads, run_transaction
 from services.jobs.context import claim
 
 __all__ = [
+    "LiveSource",
     "StoredTriage",
     "clip_folder",
     "clip_frame",
+    "live_source",
     "keep_clip",
     "keep_clip_file",
     "recent_triages",
@@ -63,6 +65,18 @@ class StoredTriage:
     clip_id: int
     triage_id: int
     triage: Triage
+
+
+@dataclass(frozen=True)
+class LiveSource:
+    """What the live view of a stored triage plays: the kept clip file, the name people see, its stated rate, and
+    the triage's model."""
+
+    triage_id: int
+    path: Path
+    name: str
+    fps: float | None
+    model: ModelInfo
 
 
 def clip_folder(sha256: str) -> str:
@@ -305,3 +319,25 @@ def recent_triages(session: Session, user_id: int | None = None, limit: int = 50
         stmt = stmt.where(ClipTriage.user_id == user_id)
     keys = ("id", "created_at", "clip", "model", "frames", "diagnostic_frames", "max_probability", "by")
     return [dict(zip(keys, row, strict=True)) for row in session.execute(stmt)]
+
+
+def live_source(user_id: int, triage_id: int) -> LiveSource | None:
+    """The clip and model of triage ``triage_id`` to replay live (:class:`core.live.Replay`), for its owner only: None
+    when there is no such triage, or its clip is not ``user_id``'s (a forged id gets nothing and is not told which).
+    Audit: ``clip_played``, with the triage, the clip and the model."""
+
+    def work(session: Session) -> LiveSource | None:
+        row = session.get(ClipTriage, int(triage_id))
+        if row is None or row.clip.user_id is None or row.clip.user_id != user_id:
+            return None
+        clip, model = row.clip, row.model
+        log_event(session, "clip_played", user_id=user_id, clip=clip.id, triage=row.id, model=model.name)
+        return LiveSource(
+            triage_id=row.id,
+            path=workspace_dir() / clip.path,
+            name=clip.original_name,
+            fps=clip.fps,
+            model=ModelInfo.of(model),
+        )
+
+    return run_transaction(work)

@@ -202,3 +202,40 @@ def test_the_clip_job_kind_checks_its_model_and_file(cle_model, clip_file, works
         check_params("clip", {"model": "cle-triage", "file": "incoming/c.tif", "heatmap": "x"})
     with pytest.raises(ValueError, match="no registered model"):
         check_params("clip", {"model": "nope", "file": "incoming/c.tif"})
+
+
+def _clinician(name: str) -> int:
+    from db import repo
+
+    with session_scope() as s:
+        return repo.create_user(s, name, "pw-long-enough-1", "clinician").id
+
+
+def test_live_source_is_the_owners_clip_and_model_and_is_audited(cle_model, clip_file) -> None:
+    from core.live import Replay
+    from services.clips import live_source
+
+    model, predictor = cle_model
+    owner, other = _clinician("owner"), _clinician("other")
+    stored = triage_and_store(predictor, model, clip_file, user_id=owner, top_k=1)
+    source = live_source(owner, stored.triage_id)
+    assert (source.triage_id, source.name, source.fps, source.model.name) == (
+        stored.triage_id, clip_file.name, 20.0, "cle-triage"
+    )  # fmt: skip
+    assert source.path.read_bytes() == clip_file.read_bytes()
+    clock = iter(np.arange(0.0, 100.0, 0.001))  # a clock that moves 1 ms a look: every frame in time
+    with open_clip(source.path, source.name) as clip:
+        records = list(Replay(predictor, clip, heatmap=None, clock=lambda: float(next(clock)), sleep=lambda _: None))
+    assert [r.index for r in records] == list(range(N_FRAMES))
+    np.testing.assert_allclose([r.probability for r in records], stored.triage.probabilities, atol=1e-5)
+
+    # another clinician, a forged id, and a triage nobody owns get nothing
+    unowned = triage_and_store(predictor, model, clip_file, user_id=None, top_k=1)
+    assert live_source(other, stored.triage_id) is None
+    assert live_source(owner, stored.triage_id + 1000) is None
+    assert live_source(owner, unowned.triage_id) is None
+    with read_scope() as s:
+        played = s.scalars(select(AuditEvent).where(AuditEvent.action == "clip_played")).all()
+    assert [(e.user_id, e.detail["triage"], e.detail["model"]) for e in played] == [
+        (owner, stored.triage_id, "cle-triage")
+    ]
