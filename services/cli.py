@@ -48,7 +48,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         DemoConfig,
         build_demo,
         demo_ready,
+        ensure_demo_clips,
         ensure_demo_localization,
+        ensure_demo_regions,
         ensure_demo_study,
         workspace_has_data,
     )
@@ -57,6 +59,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if demo_ready():
             ensure_demo_study()  # demo workspaces built before reader studies existed get theirs
             ensure_demo_localization()  # ... and before the localisation models, their MLCAM-LICI table
+            ensure_demo_clips()  # ... and before clips, two triaged synthetic clips
+            ensure_demo_regions()  # ... and before regions studies, theirs
         print(f"workspace {workspace_dir()} is ready")
     else:
         build_demo(DemoConfig(patients=args.patients, epochs=args.epochs, image_size=args.image_size, seed=args.seed))

@@ -34,6 +34,7 @@ from db.session import init_db, session_scope
 from services import studies
 from services.clips import triage_and_store
 from services.demo_accounts import DEMO_BUILDING, DEMO_MARKER, DEMO_USERS, demo_ready
+from services.demo_annotation import annotation_done, ensure_demo_annotation
 from services.importer import import_manifest
 from services.localization import run_study
 from services.mosaic import train_patch_classifier
@@ -52,6 +53,7 @@ __all__ = [
     "build_demo_part",
     "ensure_demo_accounts",
     "ensure_demo_clips",
+    "ensure_demo_regions",
     "demo_ready",
     "ensure_demo_study",
     "start_first_run",
@@ -101,6 +103,7 @@ class DemoConfig:
     cle_size: int = 96
     cle_epochs: int = 8
     clip_frames: tuple[int, int] = (160, 100)  # frames of each of DEMO_CLIPS, at cle_size px and 20 frames/s
+    annotation_frames: int = 24  # synthetic CLE frames of the regions studies, half diagnostic
 
 
 def workspace_has_data() -> bool:
@@ -148,8 +151,12 @@ DEMO_PARTS = {  # in build order: the FL-CNN, the first thing a surgeon uses, co
     "rcm": "RCM patch classifier and sample mosaics",
     "localization": "MLCAM-LICI localisation study (CLE)",
     "clips": "synthetic CLE clips triaged by MLCAM-LICI",
+    "annotation": "regions studies on CLE frames (SIMULATED annotators, and one for the demo readers)",
 }
-_PART_WEIGHTS = {"accounts": 1, "cohort": 8, "fl": 28, "study": 2, "wl": 28, "rcm": 18, "localization": 15, "clips": 2}
+_PART_WEIGHTS = {
+    "accounts": 1, "cohort": 8, "fl": 28, "study": 2, "wl": 28, "rcm": 18, "localization": 15, "clips": 2,
+    "annotation": 2,
+}  # fmt: skip
 
 
 def _part_done(part: str) -> bool:
@@ -169,6 +176,8 @@ def _part_done(part: str) -> bool:
             return repo.find_model(session, "RCM-patch-aspecific") is not None
         if part == "clips":
             return not _missing_clips(session)
+        if part == "annotation":
+            return annotation_done()
         return repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-main") is not None
 
 
@@ -219,8 +228,10 @@ def _build_part(
         _rcm_demo(config, cohort / "mosaics", log, progress)
     elif part == "localization":
         ensure_demo_localization(config, log)
-    else:
+    elif part == "clips":
         ensure_demo_clips(config, log)
+    else:
+        ensure_demo_regions(config, log)
 
 
 def build_demo_part(
@@ -399,6 +410,16 @@ def ensure_demo_clips(config: DemoConfig = DemoConfig(), log: Callable[[str], No
                 f"demo clip {name}: {triage.n_frames} frames, {triage.n_positive} diagnostic by {model.name} "
                 f"({int(clip.labels.sum())} diagnostic by construction)"
             )
+
+
+def ensure_demo_regions(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> None:
+    """The demo's regions studies on synthetic CLE frames (:mod:`services.demo_annotation`): one of SIMULATED
+    annotators and one for the demo readers, whose second arm starts from the demo MLCAM-LICI model's map."""
+    ensure_demo_localization(config, log)
+    ensure_demo_annotation(
+        f"{DEMO_LOCALIZATION_PREFIX}-main", n_frames=config.annotation_frames, size=config.cle_size, seed=config.seed,
+        log=log,
+    )  # fmt: skip
 
 
 def ensure_demo_study(log: Callable[[str], None] = print) -> None:

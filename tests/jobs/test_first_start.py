@@ -20,6 +20,7 @@ TINY_DEMO = {
     "image_size": 32,
     "architecture": "tiny_cnn",
     "rcm_mosaics": 3,
+    "annotation_frames": 8,
     "rcm_side": 256,
     "rcm_window": 32,
     "rcm_patches": 24,
