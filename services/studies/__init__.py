@@ -13,6 +13,7 @@ The rules live here, not in the pages, so every way in (browser, CLI, tests, a t
 """
 
 from services.studies.annotations import (
+    arm_comparison,
     case_mask_size,
     coco_masks,
     export_masks,
@@ -79,6 +80,7 @@ __all__ = [
     "ReaderState",
     "StudyError",
     "StudyInfo",
+    "arm_comparison",
     "case_for_revision",
     "case_mask_size",
     "case_png",

@@ -50,6 +50,7 @@ from services.studies.setup import StudyError, get_study
 
 __all__ = [
     "ANNOTATIONS",
+    "arm_comparison",
     "case_mask_size",
     "coco_masks",
     "export_masks",
@@ -363,3 +364,68 @@ def masks_zip(session: Session, study_id: int, *, user_id: int | None) -> bytes:
         archive.writestr("masks.coco.json", json.dumps(coco_masks(table, study.layers)))
     log_event(session, "masks_exported", user_id=user_id, study_id=study_id, masks=len(table), zip=True)
     return buffer.getvalue()
+
+
+def _drawings(table: pd.DataFrame, arm_id: int, layer: str) -> dict[str, dict[str, np.ndarray]]:
+    """reader -> case -> mask of one arm's latest drawings in ``layer``."""
+    masks: dict[str, dict[str, np.ndarray]] = {}
+    for record in table[table["arm_id"] == arm_id].to_dict("records"):
+        masks.setdefault(record["reader"], {})[record["case"]] = load_mask(record[f"{layer}_path"])
+    return masks
+
+
+@reads
+def arm_comparison(
+    session: Session, study_id: int, *, layer: str | None = None, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """The arms of a regions study side by side (PI; the AI-aided annotation arm against the unaided one): per arm,
+    the drawings, the readers, time per case (median and mean seconds, from showing the case to submitting), the
+    share of drawings started from the AI's map, the readers' agreement with each other (mean of the pairwise mean
+    Dice, :func:`core.metrics.agreement.pairwise_agreement`) and every drawing's Dice against the STAPLE consensus
+    of the first arm's readers (the unaided reference), with a bootstrap CI over drawings."""
+    from core.metrics.agreement import pairwise_agreement, staple
+
+    study = get_study(session, study_id)
+    if study is None or study.question != "regions":
+        raise StudyError(f"study #{study_id} has no drawn masks")
+    layer = layer or study.layers[0]
+    if layer not in study.layers:
+        raise StudyError(f"study #{study_id} has no layer {layer!r}; one of {', '.join(study.layers)}")
+    table = latest_annotations(session, study_id)
+    columns = ["arm", "drawings", "readers", "median_s", "mean_s", "from_ai", "pairwise_dice", "dice_vs_reference"]
+    if table.empty:
+        return pd.DataFrame(columns=[*columns, "dice_vs_reference_ci", "n_vs_reference"])
+    reference_masks = _drawings(table, study.arms[0].id, layer)
+    reference = staple(reference_masks).consensus if len(reference_masks) >= 2 else {}
+    rows = []
+    for arm in study.arms:
+        drawn = table[table["arm_id"] == arm.id]
+        masks = _drawings(table, arm.id, layer)
+        pairs = pairwise_agreement(masks, n_boot=0) if len(masks) >= 2 else []
+        dice = [p["dice"] for p in pairs if p["dice"] is not None]
+        against = {
+            f"{reader}/{case}": mask
+            for reader, cases in masks.items()
+            for case, mask in cases.items()
+            if case in reference
+        }
+        versus: dict[str, Any] = {"dice": None, "dice_ci": None, "n_cases": 0}
+        if against:
+            reference_side = {key: reference[key.split("/", 1)[1]] for key in against}
+            (versus,) = pairwise_agreement({"arm": against, "reference": reference_side}, n_boot=n_boot, seed=seed)
+        seconds = drawn["duration_s"].dropna()
+        rows.append(
+            {
+                "arm": arm.name,
+                "drawings": len(drawn),
+                "readers": drawn["reader_id"].nunique(),
+                "median_s": float(seconds.median()) if len(seconds) else None,
+                "mean_s": float(seconds.mean()) if len(seconds) else None,
+                "from_ai": float(drawn["started_from_ai"].mean()) if len(drawn) else None,
+                "pairwise_dice": float(np.mean(dice)) if dice else None,
+                "dice_vs_reference": versus["dice"],
+                "dice_vs_reference_ci": versus["dice_ci"],
+                "n_vs_reference": versus["n_cases"],
+            }
+        )
+    return pd.DataFrame(rows)

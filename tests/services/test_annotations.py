@@ -297,3 +297,32 @@ def test_the_export_masks_command_feeds_the_agreement_command_and_writes_coco_rl
         assert json.loads(archive.read("masks.coco.json")) == document
     pngs = sorted(n for n in names if n.endswith(".png"))
     assert pngs == sorted(f"CLE/region/{p.parent.name}/{p.name}" for p in out.glob("*/*.png"))
+
+
+def test_the_arms_are_compared_on_time_agreement_and_the_unaided_consensus(in_frames) -> None:
+    """Two readers draw the same discs unaided and, starting from the AI, a shifted disc: the unaided arm agrees
+    with its own consensus perfectly; the aided arm's Dice against it is that of the shifted disc."""
+    model = in_frames["CLE"]
+    arms = [
+        ArmSpec("unaided", "CLE"),
+        ArmSpec("AI start", "CLE", model_id=model.id, heatmap_method="default", start_threshold=0.5),
+    ]
+    study, _, readers = _study(in_frames, arms=arms, n_cases=1)
+    prepare_study_ai(study.id)
+    size = None
+    for reader in readers:
+        for arm_number in (1, 2):
+            for _ in range(study.n_cases):
+                case = _served(study.id, reader)
+                assert case.arm_number == arm_number
+                size = studies.case_mask_size(study.id, reader, case.arm_id, case.token)
+                mask = _disc(size, (32, 32 + 6 * (arm_number - 1)), 10)
+                _draw(study, reader, {"region": mask}, started_from_ai=arm_number == 2)
+    table = studies.arm_comparison(study.id, n_boot=200).set_index("arm")
+    unaided, aided = _disc(size, (32, 32), 10), _disc(size, (32, 38), 10)
+    expected = 2 * (unaided & aided).sum() / (unaided.sum() + aided.sum())
+    assert table.loc["unaided", "pairwise_dice"] == pytest.approx(1.0)
+    assert table.loc["unaided", "dice_vs_reference"] == pytest.approx(1.0)
+    assert table.loc["AI start", "dice_vs_reference"] == pytest.approx(expected)
+    assert table.loc["AI start", "from_ai"] == 1.0 and table.loc["unaided", "from_ai"] == 0.0
+    assert table.loc["AI start", "drawings"] == 2 * study.n_cases and table.loc["AI start", "readers"] == 2
