@@ -269,6 +269,8 @@ def _from_study() -> None:
             _reproduce(study.id, name, report, None if policy == "registered" else policy, int(seed))
     if result.mrmc:
         _mrmc_panel(result.mrmc)
+    if study.question == "regions":
+        _experts_section(study, version, int(bootstrap), int(seed))
 
 
 def _reproduce(study_id: int, arm: str, report: dict, policy: str | None, seed: int) -> None:
@@ -291,6 +293,162 @@ def _reproduce(study_id: int, arm: str, report: dict, policy: str | None, seed: 
         f"--bootstrap {method['resamples']} --permutations {method['permutations']} --seed {seed} --out report.json",
         language="bash",
     )
+
+
+_VERDICTS = {
+    "below": "below the experts' range",
+    "within": "within the experts' range",
+    "above": "above the experts' range",
+}
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _experts_report(study_id, version, arm, layer, models, methods, bootstrap, seed):
+    """Cached per study version (a drawing is a read, so a new one counts), arm, layer, rows and settings."""
+    return studies.heatmaps_vs_experts(
+        study_id, arm, layer, models=list(models), methods=list(methods), n_boot=bootstrap, seed=seed
+    )
+
+
+def _experts_figure(table: pd.DataFrame) -> go.Figure:
+    """Dice of every row against its reference with its CI, models and readers on one axis, the readers' range
+    shaded."""
+    figure = go.Figure()
+    readers = table[table["kind"] == "reader"]["dice"].dropna()
+    if not readers.empty:
+        figure.add_hrect(
+            y0=readers.min(),
+            y1=readers.max(),
+            fillcolor="rgba(44,160,44,0.15)",
+            line_width=0,
+            annotation_text="readers' range",
+            annotation_position="top left",
+        )
+    styles = {
+        "model": ("models, against the consensus of all readers", "star", "#1f77b4"),
+        "reader": ("readers, against the consensus of the others", "circle", "#2ca02c"),
+    }
+    for kind, (name, symbol, color) in styles.items():
+        part = table[table["kind"] == kind]
+        if part.empty:
+            continue
+        figure.add_trace(
+            go.Scatter(
+                x=[plot_escape(row) for row in part["row"]],
+                y=part["dice"],
+                mode="markers",
+                marker={"symbol": symbol, "size": 13, "color": color},
+                name=name,
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (part["dice_high"] - part["dice"]).fillna(0).tolist(),
+                    "arrayminus": (part["dice"] - part["dice_low"]).fillna(0).tolist(),
+                },
+            )
+        )
+    figure.update_layout(
+        title="Dice against the readers' consensus (95 % CIs over cases)",
+        yaxis={"title": "Dice", "range": [0, 1.02]},
+        height=460,
+        legend={"orientation": "h", "y": -0.25},
+        margin={"l": 10, "r": 10, "t": 50, "b": 10},
+    )
+    return figure
+
+
+def _experts_download(report, table: str, label: str) -> None:
+    st.download_button(
+        label,
+        lambda: exports.experts_csv(report, table, user_id=user.id),
+        f"study-{report.study_id}-{report.arm}-{report.layer}-{table}.csv",
+        "text/csv",
+        key=f"results_experts_{report.study_id}_{table}_csv",
+        on_click="ignore",
+    )
+
+
+def _experts_section(study, version: tuple, bootstrap: int, seed: int) -> None:
+    """A regions study: every model's heatmaps held against the readers' drawings, beside the readers held against
+    each other (services.studies.experts): one table, one figure, the readers' agreement."""
+    st.subheader("Localisation against the experts")
+    left, middle, right = st.columns(3)
+    arm = left.selectbox("Arm", [a.name for a in study.arms], key=f"results_experts_arm_{study.id}")
+    layer = middle.selectbox("Layer", list(study.layers), key=f"results_experts_layer_{study.id}")
+    modality = next(a.modality for a in study.arms if a.name == arm)
+    names = [m.name for m in repo.list_models(modality=modality)]
+    models = right.multiselect(
+        f"{modality} models", names, default=names, key=f"results_experts_models_{study.id}_{arm}"
+    )
+    titles = {row.method: row.title for row in studies.expert_map_rows(study.id, arm, models=models)} if models else {}
+    methods = st.multiselect(
+        "Heatmap methods (each model with each that applies to it)",
+        [studies.OWN_MAP, *sorted(titles)],
+        default=[studies.OWN_MAP],
+        format_func=lambda m: "each model's own map" if m == studies.OWN_MAP else titles[m],
+        key=f"results_experts_methods_{study.id}_{arm}",
+    )
+    problem = None
+    with st.status("Holding the heatmaps against the experts...", expanded=False) as status:
+        bar = st.progress(0.0, text="heatmaps of the cases")
+        try:
+            studies.prepare_expert_maps(
+                study.id,
+                arm,
+                layer,
+                models=models,
+                methods=methods,
+                progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} heatmaps computed"),
+            )
+            report = _experts_report(study.id, version, arm, layer, tuple(models), tuple(methods), bootstrap, seed)
+        except studies.StudyError as error:
+            problem = error
+        status.update(label="Localisation against the experts", state="complete")
+    if problem is not None:
+        st.info(md_escape(problem))
+        return
+    for note in report.notes:
+        st.info(md_escape(note))
+    for model in report.report["models"]:
+        dice = model["range"]["dice"]
+        if dice["verdict"] is None:
+            continue
+        st.markdown(
+            f"**{md_escape(model['row'])}**: Dice {dice['value']:.3f} against the consensus of all readers at "
+            f"threshold {model['operating_threshold']:g}; readers against the others {dice['low']:.3f} to "
+            f"{dice['high']:.3f}: **{_VERDICTS[dice['verdict']]}**."
+        )
+    st.caption(md_escape(report.rule))
+    st.plotly_chart(
+        _experts_figure(report.table),
+        config=_figure_config(f"experts-{study.id}"),
+        key=f"results_experts_{study.id}_figure",
+    )
+    st.dataframe(report.table, hide_index=True)
+    _experts_download(report, "table", "Models and readers against the experts (CSV)")
+    if not report.per_reader.empty:
+        with st.expander("Each model against each reader alone"):
+            st.dataframe(report.per_reader, hide_index=True)
+            _experts_download(report, "per_reader", "Models against each reader (CSV)")
+    st.markdown("**Agreement between readers**: Dice and IoU per pair, cases both left empty skipped")
+    st.dataframe(report.pairwise, hide_index=True)
+    _experts_download(report, "pairwise", "Pairwise agreement (CSV)")
+    st.markdown("**Each reader against the STAPLE consensus of all readers**")
+    st.dataframe(report.staple, hide_index=True)
+    _experts_download(report, "staple", "STAPLE sensitivity and specificity (CSV)")
+    if len(study.arms) > 1:
+        st.markdown(
+            f"**The arms side by side** (layer {md_escape(layer)}): time per case, drawings started from the AI's map, "
+            f"the readers' agreement, and every drawing against the consensus of the first arm "
+            f"({md_escape(study.arms[0].name)})"
+        )
+        st.dataframe(_arm_comparison(study.id, version, layer, bootstrap, seed), hide_index=True)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _arm_comparison(study_id: int, version: tuple, layer: str, bootstrap: int, seed: int) -> pd.DataFrame:
+    """Cached per study version, like the rest of the page's results."""
+    return studies.arm_comparison(study_id, layer=layer, n_boot=bootstrap, seed=seed)
 
 
 def _from_csv() -> None:

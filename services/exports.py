@@ -16,10 +16,12 @@ from db.session import run_transaction
 from services import studies
 
 __all__ = [
+    "EXPERT_TABLES",
     "cases_csv",
     "cases_export",
     "clip_frames_csv",
     "clip_top_frames",
+    "experts_csv",
     "predictions_csv",
     "reads_csv",
     "reads_export",
@@ -90,4 +92,32 @@ def clip_top_frames(view: dict[str, object], *, user_id: int | None) -> bytes:
 
     data = top_frames_zip(view)
     _audited("frames_downloaded", user_id=user_id, study_id=None, triage=view["id"], frames=len(view["top"]))
+    return data
+
+
+EXPERT_TABLES = {
+    "table": "models and readers against the experts",
+    "per_reader": "models against each reader",
+    "pairwise": "pairwise reader agreement",
+    "staple": "readers' STAPLE sensitivity and specificity",
+}
+
+
+def experts_csv(report: studies.ExpertsReport, table: str, *, user_id: int | None) -> bytes:
+    """One table of a heatmaps-against-the-experts report (:func:`services.studies.heatmaps_vs_experts`) as a CSV
+    file: ``table`` is the model-vs-expert ``table``, ``per_reader``, the readers' ``pairwise`` agreement or their
+    ``staple`` sensitivity and specificity. Audited as ``experts_exported`` with the study, arm, layer and rows."""
+    if table not in EXPERT_TABLES:
+        raise ValueError(f"unknown table {table!r}; one of {', '.join(EXPERT_TABLES)}")
+    frame = getattr(report, table)
+    data = csv_bytes(frame)
+    _audited(
+        "experts_exported",
+        user_id=user_id,
+        study_id=report.study_id,
+        table=EXPERT_TABLES[table],
+        arm=report.arm,
+        layer=report.layer,
+        rows=len(frame),
+    )
     return data

@@ -113,7 +113,8 @@ def arm_predictions(session: Session, study_id: int, arm_name: str, model: Model
 
 
 def arm_inputs(session: Session, study_id: int, arm_name: str, model: ModelInfo | None) -> ArmInputs:
-    """The cases with truth and the model's latest score on the arm's image, and the finished readers' answers."""
+    """The cases with truth and the model's latest score on the arm's image, and the finished readers' answers (in a
+    regions study a reader's score is the read's label: whether a region was drawn; readers are operating points)."""
     study = studies.get_study(session, study_id)
     arm = next(a for a in study.arms if a.name == arm_name)
     cases = arm_predictions(session, study_id, arm_name, model)
@@ -124,7 +125,10 @@ def arm_inputs(session: Session, study_id: int, arm_name: str, model: ModelInfo 
     invited = session.scalars(select(User.username).where(User.id.in_(study.reader_ids))).all()
     unfinished = {r: int(counts.get(r, 0)) for r in sorted(set(invited) | set(counts.index)) if r not in finished}
     reads = reads[reads["reader_id"].isin(finished)].copy()
-    reads["score"] = reader_score(reads["label"], reads["rating"], study.rating_scale)
+    if study.question == "regions":  # a drawing has no confidence: the read's label (a region drawn) is its score
+        reads["score"] = reads["label"].astype(float)
+    else:
+        reads["score"] = reader_score(reads["label"], reads["rating"], study.rating_scale)
     return ArmInputs(arm_name, arm.modality, model, cases, reads.reset_index(drop=True), unfinished)
 
 

@@ -25,6 +25,15 @@ from services.studies.annotations import (
     start_masks,
 )
 from services.studies.exchange import EXPORT_COLUMNS, ImportReport, export_cases, export_reads, import_reads
+from services.studies.experts import (
+    OWN_MAP,
+    ExpertsReport,
+    MapRow,
+    expert_map_path,
+    expert_map_rows,
+    heatmaps_vs_experts,
+    prepare_expert_maps,
+)
 from services.studies.images import CASE_CACHE, VIEW_SIDE, case_png, upcoming_images
 from services.studies.protocol import (
     AiShown,
@@ -66,6 +75,7 @@ __all__ = [
     "CASE_CACHE",
     "EXPORT_COLUMNS",
     "MAX_COMMENT",
+    "OWN_MAP",
     "RATING_RANGES",
     "STUDY_TASKS",
     "VIEW_SIDE",
@@ -74,7 +84,9 @@ __all__ = [
     "ArmSpec",
     "CasePools",
     "DrawnRegions",
+    "ExpertsReport",
     "ImportReport",
+    "MapRow",
     "ReadResult",
     "ReaderCase",
     "ReaderState",
@@ -92,7 +104,10 @@ __all__ = [
     "export_cases",
     "export_masks",
     "export_reads",
+    "expert_map_path",
+    "expert_map_rows",
     "get_study",
+    "heatmaps_vs_experts",
     "import_reads",
     "invite_readers",
     "latest_annotations",
@@ -101,6 +116,7 @@ __all__ = [
     "masks_zip",
     "note_case_shown",
     "own_masks",
+    "prepare_expert_maps",
     "reader_state",
     "reader_studies",
     "record_annotation",
