@@ -5,10 +5,11 @@ Why (seed 000, Izadyyazdanabadi et al.): a probe streams up to 20 frames a secon
 are nondiagnostic (blood, motion); the surgeon wants the diagnostic ones and where the features are inside them.
 The clip is read as a stream (:class:`core.data.clips.Clip`): frames go through the model in batches and are then
 dropped, so a 10-minute clip never sits in memory; only the per-frame probabilities (4 bytes a frame) and a bounded
-pool of candidate top frames are kept. The top frames are chosen apart from each other (at least ``min_gap`` frames,
-half a second by default), since neighbouring frames of a clip are near copies, and only they get heatmaps: the
-model's own map where it has one (MLCAM-LICI's final diagnostic feature map, CompSegNet's activation map, CELM for a
-CeLNet), else Grad-CAM.
+pool of candidate top frames are kept. The next batch is decoded on a thread while the current one runs through the
+model (with no heatmap, :class:`core.predict.Predictor` scores with batch norm folded into the convolutions). The
+top frames are chosen apart from each other (at least ``min_gap`` frames, half a second by default), since
+neighbouring frames of a clip are near copies, and only they get heatmaps: the model's own map where it has one
+(MLCAM-LICI's final diagnostic feature map, CompSegNet's activation map, CELM for a CeLNet), else Grad-CAM.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import heapq
 import io
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,7 @@ from core.predict import Predictor
 __all__ = ["TopFrame", "Triage", "default_method", "frames_csv", "pick_top", "triage_clip"]
 
 _POOL_PER_TOP = 8  # candidate windows kept per requested top frame while the clip streams by
+_DECODE_AHEAD = 1  # batches decoded ahead of the network (Clip.batches): decoding overlaps inference
 
 
 @dataclass(frozen=True)
@@ -143,22 +146,25 @@ def triage_clip(
     # windows (the best ones), so that the candidates are spread over the clip however long it is
     pool: dict[int, tuple[float, int, np.ndarray]] = {}
     pool_size = max(1, top_k) * _POOL_PER_TOP
-    for batch in clip.batches(batch_size):
-        start = len(probabilities)
-        images = [_image(frame, info.name, start + j) for j, frame in enumerate(batch)]
-        results = predictor.diagnose(images, heatmap=None, batch_size=batch_size)
-        for j, result in enumerate(results):
-            if isinstance(result, ImageError):
-                raise result
-            probabilities.append(result.probability)
-            window = (start + j) // gap
-            if top_k and (window not in pool or result.probability > pool[window][0]):
-                pool[window] = (result.probability, start + j, batch[j])
-        if len(pool) > pool_size:
-            kept = heapq.nlargest(pool_size, pool.items(), key=lambda item: item[1][0])
-            pool = dict(kept)
-        if progress is not None:
-            progress(len(probabilities), info.n_frames)
+    # the next batch is decoded on a thread of its own while this one runs through the network; closing the batches
+    # (whatever ends the loop: the last batch, a refused frame, a progress callback that raises to cancel) stops it
+    with closing(clip.batches(batch_size, ahead=_DECODE_AHEAD)) as batches:
+        for batch in batches:
+            start = len(probabilities)
+            images = [_image(frame, info.name, start + j) for j, frame in enumerate(batch)]
+            results = predictor.diagnose(images, heatmap=None, batch_size=batch_size)
+            for j, result in enumerate(results):
+                if isinstance(result, ImageError):
+                    raise result
+                probabilities.append(result.probability)
+                window = (start + j) // gap
+                if top_k and (window not in pool or result.probability > pool[window][0]):
+                    pool[window] = (result.probability, start + j, batch[j])
+            if len(pool) > pool_size:
+                kept = heapq.nlargest(pool_size, pool.items(), key=lambda item: item[1][0])
+                pool = dict(kept)
+            if progress is not None:
+                progress(len(probabilities), info.n_frames)
     scores = np.asarray(probabilities, dtype=np.float32)
     frames = {index: frame for _, index, frame in pool.values()}
     chosen = pick_top(scores, top_k, gap, candidates=np.fromiter(frames, dtype=int)) if frames else []

@@ -19,8 +19,10 @@ from __future__ import annotations
 import io
 import math
 import os
+import queue
 import re
 import struct
+import threading
 import weakref
 import zipfile
 from collections.abc import Callable, Generator, Iterator
@@ -48,6 +50,7 @@ _BOMB_RATIO = 100
 _BOMB_FLOOR = 1024 * 1024
 _GREY_SPREAD = 2
 _TRUNCATION_SLACK = 0.01
+_STOP_POLL_SECONDS = 0.05  # how often a decoding thread waiting on a full queue looks whether it was stopped
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -153,11 +156,26 @@ class Clip:
         self._running.add(stream)
         return stream
 
-    def batches(self, size: int) -> Iterator[list[np.ndarray]]:
-        """:meth:`frames` in lists of ``size``; the last may be shorter."""
+    def batches(self, size: int, *, ahead: int = 0) -> Iterator[list[np.ndarray]]:
+        """:meth:`frames` in lists of ``size``; the last may be shorter.
+
+        ``ahead`` > 0 decodes up to that many batches ahead on a thread of its own while the caller works on the
+        current one: torch releases the GIL while a network runs, so decoding goes on meanwhile (PyAV holds the GIL
+        for much of a video frame, so videos gain less than TIFFs and zips, whose codecs release it). At most
+        ``ahead`` + 1 batches are held besides the caller's. The batches, and the errors, are the same either way: an
+        error of the decoding thread (a :class:`ClipError` naming the frame) is raised in the caller, in the place of
+        the batch it broke. Closing the iterator, or the clip, stops the thread and closes its stream; close it when
+        the loop may end early (an exception in the loop's body, a cancel), e.g. with :func:`contextlib.closing`.
+        """
         if size < 1:
             raise ValueError(f"a batch needs at least one frame, not {size}")
-        return self._batched(size)
+        if ahead < 0:
+            raise ValueError(f"batches decoded ahead must be 0 or more, not {ahead}")
+        if not ahead:
+            return _grouped(self.frames(), size)
+        stream = self._prefetched(size, ahead)
+        self._running.add(stream)
+        return stream
 
     def close(self) -> None:
         """Stop running iterations and close the clip's files; closing twice is harmless."""
@@ -177,15 +195,48 @@ class Clip:
     def __repr__(self) -> str:
         return f"Clip({self.info!r})"
 
-    def _batched(self, size: int) -> Iterator[list[np.ndarray]]:
-        batch: list[np.ndarray] = []
-        for frame in self.frames():
-            batch.append(frame)
-            if len(batch) == size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+    def _prefetched(self, size: int, ahead: int) -> Generator[list[np.ndarray], None, None]:
+        """The batches, decoded by a thread that runs at most ``ahead`` batches in front of the caller."""
+        ready: queue.Queue[list[np.ndarray] | BaseException | None] = queue.Queue(maxsize=ahead)
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=self._decode_ahead, args=(size, ready, stop), name=f"decode {self.info.name}", daemon=True
+        )
+        worker.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    def _decode_ahead(
+        self, size: int, ready: queue.Queue[list[np.ndarray] | BaseException | None], stop: threading.Event
+    ) -> None:
+        """The decoding thread: batches, then None at the end, or the error that ended the stream; it returns as
+        soon as ``stop`` is set, closing its stream."""
+
+        def put(item: list[np.ndarray] | BaseException | None) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=_STOP_POLL_SECONDS)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        frames = self._stream()
+        try:
+            for batch in _grouped(frames, size, stop):
+                if not put(batch):
+                    return
+            put(None)
+        except BaseException as error:  # handed to the caller, whose loop raises it
+            put(error)
+        finally:
+            frames.close()
 
     def _stream(self) -> Generator[np.ndarray, None, None]:
         if self._closed:
@@ -222,6 +273,22 @@ class Clip:
                 f"the clip ends after frame {count:,} of the {stated:,} its header states: the file is truncated; "
                 "copy or export the clip again",
             )
+
+
+def _grouped(
+    frames: Iterator[np.ndarray], size: int, stop: threading.Event | None = None
+) -> Generator[list[np.ndarray], None, None]:
+    """``frames`` in lists of ``size`` (the last may be shorter); ends early, quietly, once ``stop`` is set."""
+    batch: list[np.ndarray] = []
+    for frame in frames:
+        if stop is not None and stop.is_set():
+            return
+        batch.append(frame)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def is_clip(head: bytes) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import threading
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -248,6 +249,59 @@ def test_closing_ends_running_streams(files: dict[str, Path]) -> None:
     assert next(stream, None) is None
     with pytest.raises(ValueError, match="closed"):
         next(opened.frames())
+
+
+def _decoding_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("decode ")]
+
+
+@pytest.mark.parametrize("suffix", ["tif", "zip", "mp4"])
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_batches_decoded_ahead_are_the_same_frames_in_order(files: dict[str, Path], suffix: str, ahead: int) -> None:
+    with open_clip(files[suffix]) as opened:
+        plain = list(opened.batches(5))
+        threaded = list(opened.batches(5, ahead=ahead))
+        with pytest.raises(ValueError, match="ahead"):
+            opened.batches(5, ahead=-1)
+    assert [len(batch) for batch in threaded] == [5, 5, 5, 5, 4]
+    assert [len(batch) for batch in threaded] == [len(batch) for batch in plain]
+    np.testing.assert_array_equal(np.concatenate(threaded), np.concatenate(plain))
+    assert not _decoding_threads()
+
+
+def test_an_error_of_the_decoding_thread_is_raised_in_the_caller_in_turn() -> None:
+    good = _png(np.zeros((SIZE, SIZE), np.uint8))
+    data = _zip({f"f{i}.png": good if i != 5 else good[: len(good) // 2] for i in range(1, 9)})
+    outcomes = {}
+    for ahead in (0, 2):
+        delivered = []
+        with open_clip(data, "clip") as opened, pytest.raises(ClipError) as caught:
+            for batch in opened.batches(2, ahead=ahead):
+                delivered.append(len(batch))
+        outcomes[ahead] = (delivered, type(caught.value), str(caught.value))
+    assert outcomes[2] == outcomes[0]
+    assert outcomes[2][0] == [2, 2] and "frame 5 (f5.png)" in outcomes[2][2]
+    assert not _decoding_threads()
+
+
+def test_a_closed_clip_refuses_batches_decoded_ahead(files: dict[str, Path]) -> None:
+    opened = open_clip(files["tif"])
+    opened.close()
+    with pytest.raises(ValueError, match="closed"):
+        next(opened.batches(4, ahead=1))
+
+
+def test_leaving_batches_decoded_ahead_early_stops_the_decoding_thread(files: dict[str, Path]) -> None:
+    with open_clip(files["mp4"]) as opened:
+        batches = opened.batches(2, ahead=1)
+        next(batches)
+        assert len(_decoding_threads()) == 1
+        batches.close()  # what contextlib.closing does when the loop's body raises (a cancel)
+        assert not _decoding_threads()
+        batches = opened.batches(2, ahead=1)
+        next(batches)
+    assert not _decoding_threads()  # closing the clip stops it too
+    assert next(batches, None) is None
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
