@@ -256,3 +256,19 @@ def in_frames(frames_workspace, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
     monkeypatch.setenv("IOAI_WORKSPACE", str(root))
     monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
     return models
+
+
+@pytest.fixture
+def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """file name -> the callable a page registered for that download button (the latest run's)."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    caught: dict[str, Any] = {}
+    register = MediaFileManager.add_deferred
+
+    def catch(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        caught[file_name] = data_callable
+        return register(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", catch)
+    return caught

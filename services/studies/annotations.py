@@ -46,7 +46,7 @@ from services.studies.protocol import (
     _invitation,
     record_read,
 )
-from services.studies.setup import StudyError, get_study
+from services.studies.setup import ArmInfo, StudyError, StudyInfo, get_study
 
 __all__ = [
     "ANNOTATIONS",
@@ -58,6 +58,7 @@ __all__ = [
     "load_mask",
     "masks_zip",
     "own_masks",
+    "regions_arm_and_layer",
     "record_annotation",
     "start_masks",
 ]
@@ -255,6 +256,24 @@ def _safe(name: str) -> str:
     return cleaned[:100]
 
 
+def regions_arm_and_layer(
+    study: StudyInfo | None, study_id: int, arm: str | None, layer: str | None
+) -> tuple[ArmInfo, str]:
+    """The arm (by name; default: the first) and layer (default: the first) of a regions study, or a StudyError
+    that says what exists."""
+    if study is None:
+        raise StudyError(f"there is no study #{study_id}")
+    if study.question != "regions":
+        raise StudyError(f"study #{study_id} asks for a label; only a regions study has drawn masks")
+    chosen = next((a for a in study.arms if a.name == arm), None) if arm else study.arms[0]
+    if chosen is None:
+        raise StudyError(f"study #{study_id} has no arm {arm!r}; one of {', '.join(a.name for a in study.arms)}")
+    chosen_layer = layer or study.layers[0]
+    if chosen_layer not in study.layers:
+        raise StudyError(f"study #{study_id} has no layer {chosen_layer!r}; one of {', '.join(study.layers)}")
+    return chosen, chosen_layer
+
+
 def coco_masks(table: pd.DataFrame, layers: tuple[str, ...]) -> dict[str, Any]:
     """The drawings of :func:`latest_annotations` as one COCO-style document: an image per case, a category per
     layer, an annotation per reader, arm, case and layer with the mask in COCO's compressed RLE (``iscrowd`` 1, as
@@ -307,16 +326,7 @@ def export_masks(
     ``python -m core agreement`` reads, and with ``coco`` every arm's and layer's drawings as one COCO RLE JSON
     file (:func:`coco_masks`). Audited (``masks_exported``). Returns what was written."""
     study = get_study(session, study_id)
-    if study is None:
-        raise StudyError(f"no study #{study_id}")
-    if study.question != "regions":
-        raise StudyError(f"study #{study_id} asks for a label; only a regions study has drawn masks")
-    chosen_arm = next((a for a in study.arms if a.name == arm), None) if arm else study.arms[0]
-    if chosen_arm is None:
-        raise StudyError(f"study #{study_id} has no arm {arm!r}; one of {', '.join(a.name for a in study.arms)}")
-    chosen_layer = layer or study.layers[0]
-    if chosen_layer not in study.layers:
-        raise StudyError(f"study #{study_id} has no layer {chosen_layer!r}; one of {', '.join(study.layers)}")
+    chosen_arm, chosen_layer = regions_arm_and_layer(study, study_id, arm, layer)
     every = latest_annotations(session, study_id)
     table = every[every["arm_id"] == chosen_arm.id] if not every.empty else every
     root = Path(out)
@@ -386,11 +396,7 @@ def arm_comparison(
     from core.metrics.agreement import pairwise_agreement, staple
 
     study = get_study(session, study_id)
-    if study is None or study.question != "regions":
-        raise StudyError(f"study #{study_id} has no drawn masks")
-    layer = layer or study.layers[0]
-    if layer not in study.layers:
-        raise StudyError(f"study #{study_id} has no layer {layer!r}; one of {', '.join(study.layers)}")
+    _, layer = regions_arm_and_layer(study, study_id, None, layer)
     table = latest_annotations(session, study_id)
     columns = ["arm", "drawings", "readers", "median_s", "mean_s", "from_ai", "pairwise_dice", "dice_vs_reference"]
     if table.empty:

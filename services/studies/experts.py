@@ -50,10 +50,10 @@ from db.repo import ModelInfo
 from db.session import read_scope
 from services.localization import MOSAIC_STUDIES, STUDIES
 from services.predictions import cached_predictor, heatmap_path
-from services.studies.annotations import latest_annotations, load_mask
+from services.studies.annotations import latest_annotations, load_mask, regions_arm_and_layer
 from services.studies.exchange import export_cases
 from services.studies.images import VIEW_SIDE
-from services.studies.setup import ArmInfo, StudyError, StudyInfo, get_study
+from services.studies.setup import ArmInfo, StudyError, get_study
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -140,20 +140,6 @@ def expert_map_path(image_sha256: str, model: ModelInfo, method: str, size: tupl
     )
 
 
-def _arm_and_layer(study: StudyInfo | None, study_id: int, arm: str | None, layer: str | None) -> tuple[ArmInfo, str]:
-    if study is None:
-        raise StudyError(f"there is no study #{study_id}")
-    if study.question != "regions":
-        raise StudyError(f"study #{study_id} asks for a label; only a regions study has drawings to hold maps against")
-    chosen = next((a for a in study.arms if a.name == arm), None) if arm else study.arms[0]
-    if chosen is None:
-        raise StudyError(f"study #{study_id} has no arm {arm!r}; one of {', '.join(a.name for a in study.arms)}")
-    chosen_layer = layer or study.layers[0]
-    if chosen_layer not in study.layers:
-        raise StudyError(f"study #{study_id} has no layer {chosen_layer!r}; one of {', '.join(study.layers)}")
-    return chosen, chosen_layer
-
-
 def expert_map_rows(
     study_id: int,
     arm: str | None = None,
@@ -166,7 +152,7 @@ def expert_map_rows(
     Loads the models (kept loaded by :func:`services.predictions.cached_predictor`) to know what applies."""
     with read_scope() as session:
         study = get_study(session, study_id)
-        chosen, _ = _arm_and_layer(study, study_id, arm, None)
+        chosen, _ = regions_arm_and_layer(study, study_id, arm, None)
         if models is None:
             infos = repo.list_models(session, modality=chosen.modality)
         else:
@@ -216,7 +202,7 @@ class _Inputs:
 def _inputs(session: Session, study_id: int, arm: str | None, layer: str | None) -> _Inputs:
     """The arm and layer, the finished readers' latest drawings, the case images, and who was left out."""
     study = get_study(session, study_id)
-    chosen, chosen_layer = _arm_and_layer(study, study_id, arm, layer)
+    chosen, chosen_layer = regions_arm_and_layer(study, study_id, arm, layer)
     cases = export_cases(session, study_id)
     analysed = set(cases.loc[~cases["training"], "case_id"])
     table = latest_annotations(session, study_id)

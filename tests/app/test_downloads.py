@@ -11,9 +11,7 @@ import io
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from sqlalchemy import select
-from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from db import repo
@@ -23,20 +21,6 @@ from services import exports, studies
 from tests.conftest import reader_study
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def downloads(monkeypatch):
-    """file name -> the callable a page registered for that download button (the latest run's)."""
-    caught: dict[str, object] = {}
-    register = MediaFileManager.add_deferred
-
-    def catch(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
-        caught[file_name] = data_callable
-        return register(self, data_callable, mimetype, coordinates, file_name, **kwargs)
-
-    monkeypatch.setattr(MediaFileManager, "add_deferred", catch)
-    return caught
 
 
 def _page(name: str, user_id: int) -> AppTest:

@@ -8,9 +8,7 @@ import io
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from sqlalchemy import func, select
-from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from db.models import AuditEvent
@@ -18,20 +16,6 @@ from db.session import read_scope
 from tests.services.test_experts import draw_all, regions_study
 
 RESULTS = str(Path(__file__).resolve().parents[2] / "pages" / "results.py")
-
-
-@pytest.fixture
-def downloads(monkeypatch):
-    """file name -> the callable the page registered for that download button (the latest run's)."""
-    caught: dict[str, object] = {}
-    register = MediaFileManager.add_deferred
-
-    def catch(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
-        caught[file_name] = data_callable
-        return register(self, data_callable, mimetype, coordinates, file_name, **kwargs)
-
-    monkeypatch.setattr(MediaFileManager, "add_deferred", catch)
-    return caught
 
 
 def test_the_results_page_holds_the_heatmaps_against_the_experts(in_frames, downloads) -> None:
