@@ -21,7 +21,7 @@ from db.models import Annotation, AuditEvent, Read
 from db.session import read_scope, session_scope
 from services import studies
 from services.studies import ArmSpec, StudyError
-from services.study_ai import prepare_study_ai
+from services.study_ai import missing_ai, prepare_study_ai
 
 
 def _study(models, *, layers=("region",), arms=None, n_cases=3, question="regions", **options):
@@ -186,7 +186,8 @@ def test_an_aided_arm_starts_from_the_models_map_and_an_unaided_arm_never_sees_i
     ]
     study, _, (reader, _) = _study(in_frames, arms=arms, n_cases=1)
     assert study.arms[1].heatmap_method == "mlcam-lici" and study.arms[1].starts_from_ai
-    assert prepare_study_ai(study.id) == study.n_cases
+    prepare_study_ai(study.id)  # other tests of the shared workspace may have computed some of these already
+    assert missing_ai(study.id) == []
     for _ in range(study.n_cases):  # the unaided arm first: no start, no AI
         case = _served(study.id, reader)
         assert case.arm_number == 1 and case.ai is None and not case.starts_from_ai

@@ -22,7 +22,7 @@ from db.session import read_scope, session_scope
 from services import studies
 from services.importer import frame_code, import_manifest
 from services.studies import ArmSpec, StudyError
-from services.study_ai import prepare_study_ai
+from services.study_ai import missing_ai, prepare_study_ai
 from tests.conftest import FRAMES_COHORT
 
 FRAMES, SIZE, STEP = FRAMES_COHORT["frames_per_clip"], FRAMES_COHORT["size"], FRAMES_COHORT["step"]
@@ -180,7 +180,8 @@ def test_a_study_of_cle_frames_asks_diagnostic_and_shows_the_models_own_map(in_f
         )  # fmt: skip
     assert study.labels == ("non-diagnostic", "diagnostic")
     assert study.arms[1].heatmap_method == "mlcam-lici"  # "default": the model's own map
-    assert prepare_study_ai(study.id) == len(cases)
+    prepare_study_ai(study.id)  # other tests of the shared workspace may have computed some of these already
+    assert missing_ai(study.id) == []
     for arm_number, arm in enumerate(study.arms, start=1):
         for _ in cases:
             with read_scope() as s:
@@ -228,7 +229,8 @@ def test_a_study_of_rcm_mosaics_asks_aspecific_with_the_map_stitched_over_each_m
         )  # fmt: skip
     study = create("default")
     assert study.arms[0].heatmap_method == "cam"
-    assert prepare_study_ai(study.id) == len(cases)
+    prepare_study_ai(study.id)  # other tests of the shared workspace may have computed some of these already
+    assert missing_ai(study.id) == []
     with read_scope() as s:
         stored = s.scalars(
             select(Prediction).join(SpecimenImage).where(
