@@ -9,7 +9,7 @@ import streamlit as st
 
 from app.auth import require_role
 from app.widgets import filterable_table, open_prediction
-from core.data.manifest import REQUIRED_COLUMNS
+from core.data.manifest import LABEL_COLUMNS, REQUIRED_COLUMNS
 from core.text import md_escape
 from db import repo
 from services.jobs import service, store
@@ -49,7 +49,11 @@ st.subheader("Import a cohort")
 st.caption(
     "A cohort folder holds its images and a manifest.csv, one row per image (columns "
     + md_escape(", ".join(REQUIRED_COLUMNS))
-    + "). Patients of rows without a split get one by the fractions below. The import runs as a job on the cluster."
+    + ", at least one label column of "
+    + md_escape(", ".join(LABEL_COLUMNS))
+    + "; optionally split, mask_path, site and frames: a CLE row may name a clip, whose picked frames become "
+    "specimens). Patients of rows without a split get one by the fractions below. The import runs as a job on the "
+    "cluster."
 )
 source = st.radio("From", list(_SOURCES), format_func=_SOURCES.get, horizontal=True, key="data_import_source")
 with st.form("data_import_form", clear_on_submit=True):
