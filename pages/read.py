@@ -249,6 +249,16 @@ def _drawing(case: ReaderCase, png: bytes, revise: bool):
     return state, entry["ai"]
 
 
+def _will_save(state) -> str:
+    """What the button would store now, as the server has it (the reader sees their last stroke arrived)."""
+    if state.masks is None:
+        return "The drawing could not be read; draw it again."
+    if state.no_region:
+        return "Will be saved: no region."
+    pixels = sum(int(mask.sum()) for mask in state.masks.values())
+    return f"Will be saved: {pixels:,} px of region." if pixels else "Nothing drawn yet."
+
+
 def _submit_drawing(case: ReaderCase, state, from_ai: bool, revise: bool) -> None:
     """Store the drawing of the case it was drawn on (the button is keyed to the case's place, so a double click
     can never submit it for the next case)."""
@@ -398,6 +408,7 @@ else:
         with answer_column:
             if from_ai:
                 st.caption("The drawing starts from the AI's map: correct it, or submit it as it is if you agree.")
+            st.caption(_will_save(drawing))
             if st.button(
                 "Save correction" if revising else "Submit drawing", type="primary", key=f"read_draw_{_slot(case)}"
             ):

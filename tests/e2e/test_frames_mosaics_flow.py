@@ -5,6 +5,7 @@ the browser receives names the frame's specimen, site, clip or patient, or the t
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -205,11 +206,14 @@ def test_a_reader_draws_the_diagnostic_region_of_each_frame_and_the_mask_is_stor
     page.mouse.down()
     page.mouse.move(box["x"] + end[0] * scale, box["y"] + end[1] * scale, steps=10)
     page.mouse.up()
+    expect(page.get_by_text(re.compile(r"^Will be saved: [\d,]+ px of region\.$"))).to_be_visible()  # the server has it
     settled(page)
     page.get_by_role("button", name="Submit drawing").click()
     expect(page.get_by_test_id("stAlertContentSuccess").filter(has_text="Drawing saved.")).to_be_visible()
     expect(canvas).to_have_attribute("data-ready", "true")
+    expect(page.get_by_text("Nothing drawn yet.", exact=True)).to_be_visible()
     page.get_by_role("button", name="No region", exact=True).click()
+    expect(page.get_by_text("Will be saved: no region.", exact=True)).to_be_visible()
     settled(page)
     page.get_by_role("button", name="Submit drawing").click()
     expect(page.get_by_test_id("stAlertContentSuccess").filter(has_text=DONE)).to_have_text(DONE)
