@@ -1,4 +1,5 @@
-"""Diagnose: upload specimen images, get probability, decision and heatmap; reopen earlier results.
+"""Diagnose: upload specimen images, get probability, decision and heatmap; reopen earlier results. A tumor call is
+followed by the grade and Ki-67 models of the same modality (seed 003's cascade, ``services.diagnose``).
 
 Most heatmaps are computed here at once. Long ones run as jobs on the cluster: a whole mosaic's stitched heatmap, and
 Score-CAM (one job per image). "Your jobs" follows the signed-in user's own such jobs (a fragment that reads them again
@@ -26,7 +27,7 @@ from core.train import DECISIONS
 from core.triage import default_method
 from db import repo
 from services.clips import recent_triages, triage_view
-from services.diagnose import diagnose_files
+from services.diagnose import cascade_lines, cascade_models, diagnose_files
 from services.jobs import service, store
 from services.jobs.incoming import discard_upload, keep_upload
 from services.jobs.store import ACTIVE, JobInfo
@@ -37,6 +38,7 @@ _JOBS_SHOWN = 10
 _FOLLOW = "diagnose_follow"  # jobs this session queued: their result opens when they succeed
 _OPEN = "diagnose_job_open"  # the prediction of a job opened under "Your jobs"
 _OPEN_CLIP = "diagnose_clip_open"  # the clip triage opened (a clip job's result, or from the history)
+_TASK_NAMES = {"grade": "grade", "ki67": "Ki-67"}  # the cascade's tasks as the page names them
 _CLIP_TYPES = ["tif", "tiff", "mp4", "avi", "mov", "mkv", "webm", "zip"]
 
 user = require_role("pi", "clinician")
@@ -85,6 +87,16 @@ method = right.selectbox(
 st.caption(
     f"Decision threshold {model.threshold:.3f}: {POLICY_TEXT.get(model.threshold_policy, model.threshold_policy)}."
 )
+followers = cascade_models(model)  # a tumor call is followed by grade and Ki-67 (seed 003's cascade)
+if followers:
+    stages = [
+        f"{_TASK_NAMES[task]} ({md_escape(m.name)})" if m else f"{_TASK_NAMES[task]} (no {modality} model registered)"
+        for task, m in followers.items()
+    ]
+    st.caption(
+        f"An image called tumor goes on to {' and '.join(stages)}"
+        + (" (not with Score-CAM, whose jobs keep the tumor call alone)." if method == "scorecam" else ".")
+    )
 
 
 def _queue(kind: str, name: str, data: bytes, params: dict[str, Any], upload: str) -> tuple[int | None, str]:
@@ -230,10 +242,12 @@ else:
                 user_id=user.id,
                 heatmap=method,
                 progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} image(s) done"),
+                cascade={task: m and (predictor_for(m), m) for task, m in followers.items()} if followers else None,
             )
             bar.empty()
             st.session_state["diagnose_last"] = [asdict(o) for o in outcomes]
             st.session_state["diagnose_last_task"] = model.task
+            st.session_state["diagnose_last_modality"] = model.modality
             st.session_state["diagnose_last_device"] = predictor.device_name
             st.session_state.pop("diagnose_queued", None)
 
@@ -275,6 +289,12 @@ else:
                 f"Computed on {st.session_state.get('diagnose_last_device', 'CPU')}; time is diagnosis plus heatmap "
                 "per image."
             )
+            cascaded = [o for o in done if o.get("cascade")]
+            if cascaded:
+                st.markdown("**Grade and Ki-67** after the tumor call")
+                for o in cascaded:
+                    lines = cascade_lines(o["cascade"], st.session_state.get("diagnose_last_modality", modality))
+                    st.markdown(f"**{md_escape(o['name'])}**: " + " · ".join(md_escape(line) for line in lines))
             shown = pd.DataFrame({"id": [o["prediction_id"] for o in done], "image": [o["name"] for o in done]})
             open_prediction(shown, "Show heatmap of", key="diagnose_show", user_id=user.id)
 

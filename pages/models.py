@@ -14,6 +14,7 @@ import streamlit as st
 
 from app.auth import require_role
 from app.widgets import filterable_table, picture
+from core.metrics.pointing import INTENSITY_STATISTICS
 from core.models import list_models as architectures
 from core.settings import workspace_dir
 from core.stats.thresholds import POLICIES, POLICY_TEXT
@@ -22,7 +23,7 @@ from core.train import RECIPES, TASKS, TrainConfig
 from db import repo
 from db.models import MODALITIES
 from db.repo import ModelInfo
-from services import exports
+from services import exports, pointing
 from services.jobs import service, store
 from services.jobs.store import ACTIVE
 from services.localization import study_titles
@@ -43,6 +44,11 @@ _COLUMNS = {
     "dice": "Dice",
     "precision": "Region precision",
     "recall": "Region recall",
+    "dice_spot_mean": "Dice per spot",
+    "dice_spot_sd": "SD",
+    "spot_auc": "Spot AUC",
+    "slide_auc": "Slide AUC",
+    "froc": "FROC",
     "windows": "Windows / mosaic",
     "seconds": "s / mosaic",
     "model": "Model",
@@ -94,6 +100,8 @@ def _registered(models: list[ModelInfo]) -> None:
             figure.update_layout(height=300, margin=dict(t=30, b=30), xaxis_title="epoch", title="Training")
             st.plotly_chart(figure, key="models_history")
 
+    _pointing(model)
+
     for evaluation in evaluations.get(model.id, []):
         report = evaluation["report"]
         st.subheader(md_escape(evaluation["title"]))
@@ -105,8 +113,26 @@ def _registered(models: list[ModelInfo]) -> None:
             + ", ".join(f"{md_escape(k)} {v['images']} ({v['positive']} positive)" for k, v in splits.items())
             + f" · scored on {md_escape(report.get('scored_on', ''))}"
         )
+        if report.get("classification"):
+            st.markdown("**Classification of the test split** (threshold chosen on validation), model sizes")
+            classified = pd.DataFrame(report["classification"])[
+                ["name", "architecture", "test_accuracy", "test_auc", "parameters"]
+            ].rename(
+                columns={
+                    "name": "Model",
+                    "architecture": "Architecture",
+                    "test_accuracy": "Accuracy",
+                    "test_auc": "AUC",
+                    "parameters": "Parameters",
+                }
+            )
+            st.dataframe(classified.round(3), hide_index=True, key=f"models_eval_{evaluation['id']}_classification")
         for number, table in enumerate(report.get("tables", [])):
-            st.markdown(f"**{md_escape(table['mask_set'].capitalize())} masks**, threshold {table['threshold']:g}")
+            named = f"**{md_escape(table['set'])}** ({md_escape(table['split'])} split) · " if table.get("set") else ""
+            st.markdown(
+                f"{named}**{md_escape(table['mask_set'].capitalize())} masks**, threshold {table['threshold']:g}"
+            )
+            table_name = table.get("set") or table["mask_set"]
             frame = pd.DataFrame(table["rows"])
             frame["pixel_auc_ci"] = frame["pixel_auc_ci"].map(
                 lambda ci: f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and None not in ci else ""
@@ -115,17 +141,18 @@ def _registered(models: list[ModelInfo]) -> None:
             st.dataframe(frame, hide_index=True, key=f"models_eval_{evaluation['id']}_{number}")
             st.download_button(
                 "Download CSV",
-                lambda frame=frame, what=f"evaluation {evaluation['id']} {table['mask_set']}": exports.table_csv(
+                lambda frame=frame, what=f"evaluation {evaluation['id']} {table_name}": exports.table_csv(
                     frame, what=what, user_id=user.id
                 ),
-                file_name=f"evaluation-{evaluation['id']}-{table['mask_set']}.csv",
+                file_name=f"evaluation-{evaluation['id']}-{table_name}.csv",
                 mime="text/csv",
                 key=f"models_eval_{evaluation['id']}_{number}_csv",
                 on_click="ignore",
             )
             examples = table.get("examples") or []
             if examples:
-                with st.expander(f"Example maps ({len(examples)} held-out positive images)"):
+                held = "held-out " if table.get("split", "test") == "test" else ""
+                with st.expander(f"Example maps ({len(examples)} {held}images with the feature)"):
                     root = workspace_dir()
                     for example in examples:
                         pictures = {"image": example["image"], "mask": example["mask"], **example["maps"]}
@@ -135,6 +162,32 @@ def _registered(models: list[ModelInfo]) -> None:
                             with columns[index % len(columns)]:
                                 picture(path.read_bytes(), title)
                         st.divider()
+
+
+def _pointing(model: ModelInfo) -> None:
+    """The pointing game stored with an FL tumor model: its map's peak against the brightest pixel, and its AUC
+    against simple brightness figures, on the test split."""
+    report = model.metrics.get("pointing")
+    if not report:
+        if pointing.applies(model.task, model.modality):
+            st.caption("No pointing game is stored with this model (it was registered before it was measured).")
+        return
+    st.subheader("Does the heatmap find the tumor?")
+    for line in pointing.summary_lines(report):
+        st.markdown(md_escape(line))
+    aucs = report.get("intensity_aucs") or {}
+    if aucs:
+        with st.expander("Every brightness figure's AUC (no model)"):
+            st.dataframe(
+                pd.DataFrame([{"figure": INTENSITY_STATISTICS.get(k, k), "AUC": round(v, 3)} for k, v in aucs.items()]),
+                hide_index=True,
+                key="models_pointing_aucs",
+            )
+    st.caption(
+        "The peak is the map's highest pixel after mapping it back to the photo; the brightest spot is the highest "
+        "pixel of the lightly smoothed photo inside the specimen. A map that only finds the brightest spot adds "
+        "nothing a surgeon cannot see. The CIs resample specimens."
+    )
 
 
 _SOURCES = {
@@ -205,9 +258,16 @@ def _train_form() -> None:
             "Learning rate", 1e-6, 0.99, defaults.lr, step=1e-4, format="%.5f", key="models_train_lr"
         )
         one, two = st.columns(2)
-        policies = [p for p in POLICIES if p != "fixed"]
+        policies = ["task", *(p for p in POLICIES if p != "fixed")]
         policy = one.selectbox(
-            "Threshold policy", policies, format_func=lambda p: f"{p}: {POLICY_TEXT[p]}", key="models_train_policy"
+            "Threshold policy",
+            policies,
+            format_func=lambda p: (
+                "the task's paper rule (closest for grade and Ki-67, sens90 otherwise)"
+                if p == "task"
+                else f"{p}: {POLICY_TEXT[p]}"
+            ),
+            key="models_train_policy",
         )
         name = two.text_input(
             "Name (optional)",
@@ -233,7 +293,7 @@ def _train_form() -> None:
             "image_size": int(image_size),
             "batch_size": int(batch_size),
             "lr": float(lr),
-            "threshold_policy": policy,
+            "threshold_policy": None if policy == "task" else policy,
         }
         if recipe:
             params["recipe"] = recipe

@@ -188,6 +188,33 @@ def _arm_panel(
     )
 
 
+def _cross_panel(cross: dict, key: str, study_id: int) -> None:
+    """Table 1's cross-arm rows (seed 003): the FL-CNN against the readers of the WL arm and against the WL-CNN, on
+    the cases both arms share."""
+    (first, arm_a), (second, arm_b) = cross["arms"].items()
+    cnn = f"{first}-CNN"
+    st.subheader(f"{cnn} against the {second} arm: Table 1's cross-arm rows")
+    st.caption(
+        f"{cnn} = {md_escape(cross['models'][first])} (arm {md_escape(arm_a)}) at threshold "
+        f"{cross['thresholds'][first]:.3f}; {second}-CNN = {md_escape(cross['models'][second])} (arm "
+        f"{md_escape(arm_b)}) at threshold {cross['thresholds'][second]:.3f}; {cross['n_cases']} cases both arms "
+        f"share ({cross['n_positive']} positive). Same CIs and paired tests as each arm's own Table 1."
+    )
+    parts = {"vs_readers": f"{cnn} vs readers of the {second} arm", "vs_model": f"{cnn} vs {second}-CNN"}
+    for part, title in parts.items():
+        report = cross[part]
+        st.markdown(f"**{title}**")
+        if report is None:
+            st.info(f"No reader has finished the {second} arm yet.")
+            continue
+        table = _table_one(report).replace({"rater": {"CNN": cnn}})
+        filterable_table(table, key=f"{key}_{part}_t1", file_name=f"table1-{key}-{part}.csv", study_id=study_id)
+        comparisons = _comparisons(report).rename(columns={"CNN vs": f"{cnn} vs"})
+        filterable_table(
+            comparisons, key=f"{key}_{part}_cmp", file_name=f"comparisons-{key}-{part}.csv", study_id=study_id
+        )
+
+
 def _mrmc_panel(mrmc: dict) -> None:
     st.subheader("MRMC ROC analysis (Obuchowski-Rockette, Hillis ddf, jackknife covariance)")
     auc = pd.DataFrame(mrmc["auc"]).rename_axis("reader").reset_index()
@@ -267,6 +294,8 @@ def _from_study() -> None:
             inputs = report["inputs"]
             _arm_panel(name, report, inputs.cases, inputs.reads, key=f"results_{study.id}_{name}", study_id=study.id)
             _reproduce(study.id, name, report, None if policy == "registered" else policy, int(seed))
+    if result.cross:
+        _cross_panel(result.cross, key=f"results_{study.id}_cross", study_id=study.id)
     if result.mrmc:
         _mrmc_panel(result.mrmc)
     if study.question == "regions":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["add_parser", "main"]
@@ -81,13 +81,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return agreement
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m core agreement ...`` (``argv`` starts with ``agreement``)."""
+def run_alone(add: Callable[[argparse._SubParsersAction], object], argv: Sequence[str] | None) -> int:
+    """One command of ``python -m core`` run on its own, without the full CLI's imports: ``add`` adds it to a
+    parser; errors a user can fix are one ``error: ...`` line and exit status 2, as in :mod:`services.cli`."""
     parser = argparse.ArgumentParser(prog="python -m core")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    add(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m core agreement ...`` (``argv`` starts with ``agreement``)."""
+    return run_alone(add_parser, argv)

@@ -2,8 +2,8 @@
 
 Commands: ``demo``, ``jobs``, ``import``, ``train``, ``models``, ``predict``, ``mosaic``, ``clip``, ``heatmaps``,
 ``users``, ``studies``, ``analyze``, ``audit``, ``evaluate-localization``, ``agreement``, ``synth``,
-``localization-study``. Errors a user can fix are printed as one ``error: ...`` line with exit status 2, never as a
-traceback.
+``localization-study``, ``compare-models``. Errors a user can fix are printed as one ``error: ...`` line with exit
+status 2, never as a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from core.data.preprocess import display_image
 from core.heatmaps import list_methods, method_title
 from core.heatmaps.mosaic import MODES
 from core.heatmaps.render import to_uint8
+from core.models import check_model_options, model_options
 from core.models import list_models as list_architectures
 from core.predict import Predictor, write_heatmap_files
 from core.settings import workspace_dir
@@ -88,6 +89,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from services.training import default_name, print_progress, train_and_register
 
+    options = dict(_key_values(args.model_option or [], "--model-option"))
+    if args.dropout is not None:
+        if "drop_rate" in options:
+            raise UsageError("give the dropout as --dropout or as --model-option drop_rate=..., not both")
+        options["drop_rate"] = args.dropout
+    if args.weight_decay is not None and not 0.0 <= args.weight_decay < 1.0:
+        raise UsageError(f"--weight-decay must lie in [0, 1), not {args.weight_decay}")
     config = TrainConfig(
         architecture=args.architecture,
         task=args.task,
@@ -96,6 +104,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
+        model_kwargs=check_model_options(args.architecture, options),
         threshold_policy=args.policy,
         seed=args.seed,
         device=args.device,
@@ -126,6 +136,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     train_and_register(config, name=args.name, progress=print_progress)
     return 0
+
+
+def _key_values(items: Sequence[str], flag: str) -> list[tuple[str, object]]:
+    """``KEY=VALUE`` pairs of a repeatable flag; a value is read as JSON when it parses (``0.75``, ``true``,
+    ``"cbam"``), else kept as text (``cbam``)."""
+    pairs = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} takes KEY=VALUE, not {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        pairs.append((key.strip(), value))
+    return pairs
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -161,6 +187,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 _STUDY_COLUMNS = ("image_auc", "pixel_auc", "best_dice", "mean_acc", "mean_iu", "fw_iu", "precision", "recall")
 _STUDY_HEADERS = ("imgAUC", "pxAUC", "Dice*", "mAcc", "mIU", "fwIU", "prec", "rec")
+# columns only some studies' rows have (seed 004's Dice per spot and spot ROC, seed 001's slide FROC): shown when
+# a row of the table has them
+_STUDY_EXTRAS = {"dice_spot_mean": "DiceSp", "dice_spot_sd": "SD", "spot_auc": "spAUC", "froc": "FROC"}
 
 
 def _cmd_localization_study(args: argparse.Namespace) -> int:
@@ -168,17 +197,26 @@ def _cmd_localization_study(args: argparse.Namespace) -> int:
     from services.localization import run_mosaic_study, run_study
 
     counts = tuple(args.counts) if args.counts else None
+    overrides: dict[str, dict[str, object]] = {}
+    for key, value in _key_values(args.set or [], "--set"):
+        model, dot, name = key.partition(".")
+        if not dot or not model or not name:
+            raise UsageError(f"--set takes MODEL.FIELD=VALUE (e.g. main.lr=0.05), not {key}={value}")
+        overrides.setdefault(model, {})[name] = value
+    from services.localization import check_overrides
+
     common = {
         "counts": counts,
         "size": args.size,
         "epochs": args.epochs,
         "seed": args.seed,
         "bootstrap": args.bootstrap,
+        "overrides": check_overrides(args.study, overrides),
     }
     if args.study in MOSAIC_STUDIES:
-        if args.data or args.channels:
+        if args.data or args.channels or args.models:
             raise UsageError(
-                f"the {args.study} study draws its mosaics from --seed; --data and --channels do not apply"
+                f"the {args.study} study draws its mosaics from --seed; --data, --channels and --models do not apply"
             )
         report = run_mosaic_study(
             args.study, window=args.window, patches=args.patches, slow_step=args.scorecam_step, **common
@@ -186,17 +224,25 @@ def _cmd_localization_study(args: argparse.Namespace) -> int:
     else:
         if args.window or args.patches or args.scorecam_step:
             raise UsageError("--window, --patches and --scorecam-step apply to the rcm study only")
-        report = run_study(args.study, data_dir=args.data, channels=args.channels, **common)
+        report = run_study(args.study, data_dir=args.data, channels=args.channels, models=args.models, **common)
 
     def shown(value: float | None) -> str:
         return "  -  " if value is None else f"{value:.3f}"
 
     for table in report["tables"]:
-        print(f"\n{report['title']}: {table['mask_set']} masks, threshold {table['threshold']:g}")
+        named = f"{table['set']} ({table['split']}), " if table.get("set") else ""
+        print(f"\n{report['title']}: {named}{table['mask_set']} masks, threshold {table['threshold']:g}")
+        extras = {k: h for k, h in _STUDY_EXTRAS.items() if any(k in row for row in table["rows"])}
+        columns, headers = (*_STUDY_COLUMNS, *extras), (*_STUDY_HEADERS, *extras.values())
         width = max(32, *(len(row["row"]) for row in table["rows"]))
-        print(f"{'':<{width}} " + " ".join(f"{h:>6}" for h in _STUDY_HEADERS))
+        print(f"{'':<{width}} " + " ".join(f"{h:>6}" for h in headers))
         for row in table["rows"]:
-            print(f"{row['row']:<{width}} " + " ".join(f"{shown(row[k]):>6}" for k in _STUDY_COLUMNS))
+            print(f"{row['row']:<{width}} " + " ".join(f"{shown(row.get(k)):>6}" for k in columns))
+    if report.get("classification"):
+        print("\nclassification (test split, threshold chosen on validation):")
+        for row in report["classification"]:
+            accuracy, auc = shown(row["test_accuracy"]), shown(row["test_auc"])
+            print(f"  {row['name']:<48} accuracy {accuracy}  AUC {auc}  {row['parameters']:>10,} parameters")
     print(f"\nstored as evaluation {report['evaluation_id']} of {report['models']['main']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -668,6 +714,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from services.agreement_cli import add_parser as add_agreement_parser
     from services.jobs.cli import add_parser as add_jobs_parser
+    from services.model_compare_cli import add_parser as add_compare_models_parser
 
     add_jobs_parser(sub)
 
@@ -686,7 +733,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--image-size", type=int, default=224)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--policy", choices=[p for p in POLICIES if p != "fixed"], default="sens90")
+    train.add_argument("--weight-decay", type=float, help="default: the recipe's (1e-4; CELNet 1e-5; CompSegNet none)")
+    train.add_argument("--dropout", type=float, help="dropout before the classifier (the builder's drop_rate)")
+    train.add_argument(
+        "--model-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the architecture's builder (repeatable): "
+        + "; ".join(f"{a}: {', '.join(model_options(a)) or '-'}" for a in list_architectures()),
+    )
+    train.add_argument(
+        "--policy",
+        choices=[p for p in POLICIES if p != "fixed"],
+        help="operating threshold rule (default: closest for grade and ki67, sens90 otherwise, as in seed 003)",
+    )
     train.add_argument("--name", help="registry name (default: modality-task-architecture-timestamp)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -837,6 +897,7 @@ def _parser() -> argparse.ArgumentParser:
     localize.set_defaults(run=_cmd_evaluate_localization)
 
     add_agreement_parser(sub)
+    add_compare_models_parser(sub)
 
     synth = sub.add_parser(
         "synth", help="write synthetic data with masks: a CLE or spectral localisation set, or RCM mosaics"
@@ -868,6 +929,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--channels", type=int, help="spectral channels")
     study.add_argument("--epochs", type=int, help="override every model's epochs")
+    study.add_argument(
+        "--models", nargs="+", metavar="KEY", help="train only these of the study's models (and its main one)"
+    )
+    study.add_argument(
+        "--set",
+        action="append",
+        metavar="MODEL.FIELD=VALUE",
+        help="one model's recipe (repeatable): lr, epochs, batch_size, augment, recipe, weight_decay or a builder "
+        "option such as drop_rate, e.g. --set main.lr=0.05 --set baseline.weight_decay=5e-4",
+    )
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--bootstrap", type=int, default=500, help="image resamples for the pixel-AUC CIs")
     study.add_argument("--out", help="also write the report as JSON")

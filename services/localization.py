@@ -12,11 +12,19 @@ on a standard backbone trained on the same images. The rows report whatever come
   layer, single layers), against CAM and Grad-CAM on ResNet-18 (the M10 row: plain CAM of a GAP network), on CLE
   frames, intermediate masks at threshold 0.03 and restrictive masks at 0.2 (the paper's thresholds).
 - ``celnet`` (seed 001, Table 3): CELNet + CELM, without the attention module, with CBAM in its place (Table 1),
-  without deep supervision, CELNet + Grad-CAM, against ResNet-18 + Grad-CAM and ResNet-18 + backprop saliency, on
-  the same CLE frames (the paper's "large nucleus and hypercellularity" evidence), region precision and recall by
-  the 75 % rule at threshold 0.5.
+  without deep supervision, CELNet + Grad-CAM, against ResNet-18 + Grad-CAM and ResNet-18 + backprop saliency (the
+  plain gradient, ``gradient``), on the same CLE frames (the paper's "large nucleus and hypercellularity" evidence),
+  region precision and recall by the 75 % rule at threshold 0.5. Every model trains by the paper's recipe with its
+  PCam rotations and flips; each CELNet's CELM alpha and beta are chosen on the validation split
+  (:func:`tune_celm`), stored in its checkpoint and recorded under ``celm_weights``; ``classification`` holds Table
+  1 (each model's test accuracy, AUC and parameter count). ``celnet-slides`` (seed 001, Table 2: slide AUC and
+  FROC on large synthetic slides) is :mod:`services.slides`.
 - ``compsegnet`` (seed 004): the U-Net's activation map thresholded at 0.35 against CAM on ResNet-18 with the same
-  many-channel input, on spectral spots; the sample-level ROC is over the tumor fraction.
+  many-channel input, on spectral spots; the sample-level ROC is over the tumor fraction. CompSegNet trains and
+  maps with the background masked in its input (``ModelPlan.mask_background``), so its pooling neuron counts tissue
+  pixels only (section 2). Each row also gets Dice per cancer spot (mean and SD, section 4), and the table the
+  paper's Figure S3 -- the ROC of the spots' share of tissue pixels at or above the threshold, over every test spot
+  -- and the pixel ROC behind the pixel AUC, each as CSV and plotly JSON (:func:`spot_figures`).
 - ``rcm`` (seed 002, Table 2): an EfficientNet-B2 patch classifier trained on patches labelled by their centre pixel,
   slid over whole held-out mosaics (:mod:`core.heatmaps.mosaic`): CAM at several steps, with and without the
   Gaussian weighting, Score-CAM, CAM by the fast mode the Diagnose page runs, the windows' probabilities alone (no
@@ -30,23 +38,35 @@ diagnostic or cancer images); image-level AUCs use every held-out image.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from core.data.localization_set import KINDS, LocalizationSet, generate_set, read_set
+from core.data.localization_set import KINDS, MISLABELLED, LocalizationSet, generate_set, read_set
 from core.data.store import png_bytes, write_atomic
 from core.data.synth_rcm import POSITIVE, make_rcm_mosaic, mosaic_seeds
+from core.data.synth_spectral import tissue_mask
 from core.heatmaps import get_method, method_title, overlay
+from core.heatmaps.celm import WeightSearch, search_weights
 from core.heatmaps.mosaic import MosaicResult, stitch_mosaic, window_probability_map
-from core.metrics.localization import mask_labels, score_maps
+from core.metrics.localization import (
+    dice_per_image,
+    fraction_above,
+    mask_labels,
+    pixel_roc,
+    roc_points,
+    score_maps,
+)
 from core.models import get_spec
+from core.models.compsegnet import mask_background
 from core.models.mlcam import ABLATIONS
 from core.settings import workspace_dir
 from core.stats.report import jsonable
@@ -66,12 +86,16 @@ __all__ = [
     "MosaicStudySpec",
     "StudySpec",
     "TableSpec",
+    "classification_rows",
     "compute_maps",
     "run_mosaic_study",
     "run_study",
     "score_rows",
+    "spot_figures",
     "study_titles",
     "train_on_set",
+    "tune_celm",
+    "write_example",
 ]
 
 _EXAMPLES = 4
@@ -84,9 +108,12 @@ def train_on_set(
     name: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = None,
+    tune: Callable[[nn.Module, LocalizationSet], dict[str, Any]] | None = None,
 ) -> tuple[ModelInfo, nn.Module]:
     """Train on the set's train split by the architecture's recipe, keep the threshold chosen on val, score the test
-    split's image-level AUC, save and register. The config's task, modality, channels and size follow the set."""
+    split's image-level AUC, save and register. The config's task, modality, channels and size follow the set.
+    ``tune(model, data)``, when given, runs before registering and returns builder options chosen on val (CELM's
+    alpha and beta, :func:`tune_celm`), stored in the checkpoint's ``model_kwargs`` and set on the model."""
     task = next(t for t, kind in DATASET_TASKS.items() if kind == data.kind)
     config = replace(config, task=task, modality=data.modality, in_chans=data.channels, image_size=data.size)
     name = name or default_name(config)
@@ -94,6 +121,11 @@ def train_on_set(
     train, val = data.tensors("train"), data.tensors("val")
     log(f"training {config.architecture} ({name}) on {len(train[1])} {data.modality} images of {data.size} px")
     result = fit(config, *train, *val, progress=progress)
+    if tune is not None:
+        chosen = tune(result.model, data)
+        config = replace(config, model_kwargs={**config.model_kwargs, **chosen})
+        for option, value in chosen.items():
+            setattr(result.model, option, value)
     extra: dict[str, Any] = {"dataset": data.describe()}
     if data.channel_mean is not None:
         extra.update(channel_mean=data.channel_mean.tolist(), channel_std=data.channel_std.tolist())
@@ -112,8 +144,11 @@ class MapSpec:
     method: str | None = None
     fdfm: str | None = None
     segment: bool = False
+    title: str | None = None  # how the map column names it, when the method's title would not say
 
     def describe(self) -> str:
+        if self.title:
+            return self.title
         if self.fdfm:
             return f"final DFM, {self.fdfm}"
         if self.segment:
@@ -123,9 +158,27 @@ class MapSpec:
 
 @dataclass(frozen=True)
 class TableSpec:
+    """One table: the maps of ``rows`` against the ``mask_set`` masks at ``threshold``, on the images of ``split``
+    that hold the feature (the positives; every image of the ``mislabelled`` split), the first ``limit`` of them;
+    ``title`` names the paper's set (seed 000's Set1-Set4)."""
+
     mask_set: str
     threshold: float
     rows: tuple[MapSpec, ...]
+    split: str = "test"
+    title: str | None = None
+    limit: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The table's name in folders and logs: its set's title, else its mask set."""
+        return self.title or self.mask_set
+
+    def scored(self, data: LocalizationSet) -> np.ndarray:
+        """Indices of the images of ``split`` this table scores."""
+        labels = data.rows(self.split)["label"].to_numpy()
+        chosen = np.arange(len(labels)) if self.split == MISLABELLED else np.flatnonzero(labels == 1)
+        return chosen[: self.limit]
 
 
 @dataclass(frozen=True)
@@ -139,7 +192,8 @@ class ModelPlan:
     batch_size: int = 16
     augment: bool = False
     recipe: str | None = None  # None: the architecture's own
-    weight_decay: float = 1e-4
+    weight_decay: float | None = None  # None: the recipe's own
+    mask_background: bool = False  # spectral sets: NaN spectra where no sample is, in this model's input (seed 004)
 
     def config(self, *, epochs: int | None, seed: int, **fields: Any) -> TrainConfig:
         """The training config of this plan (``epochs`` overrides the plan's; ``fields`` set the data's task etc.)."""
@@ -167,13 +221,32 @@ class StudySpec:
     counts: tuple[int, int, int]
     size: int
     channels: int = 1
+    mislabelled: int = 0  # images holding the feature but labelled negative, scored only (seed 000's Set4)
 
 
+# Seed 000's Table 2: M1 (MLGAP, its own network), M2-M9 as variants of the trained MLCAM-LICI, M4-M9 also as the
+# single-depth networks MLCAM_k trained alone (the paper trained every ablated model), M10 a ResNet-18 with CAM.
+_SINGLE_DEPTH = {
+    name: f"depth{options['layers'][0] + 1}" for name, options in ABLATIONS.items() if len(options["layers"]) == 1
+}
 _MLCAM_ROWS = (
+    MapSpec("M1 (MLGAP)", "mlgap", method="mlcam-lici", title="combined DFM (MLGAP: CAMs merged before one GAP)"),
     *(MapSpec(name, "main", fdfm=name) for name in ABLATIONS),
+    *(MapSpec(f"{name}, trained alone", key, fdfm=name) for name, key in _SINGLE_DEPTH.items()),
     MapSpec("M10 (ResNet-18 + CAM)", "baseline", method="cam"),
     MapSpec("ResNet-18 + Grad-CAM", "baseline", method="gradcam"),
 )
+# Seed 000's sets: Set1 (30 training images), Set2 (validation, intermediate and restrictive features), Set3 (test),
+# Set4 (frames with features labelled nondiagnostic); the test split's restrictive table is kept as well.
+_MLCAM_TABLES = (
+    TableSpec("intermediate", 0.03, _MLCAM_ROWS, split="train", title="Set1", limit=30),
+    TableSpec("intermediate", 0.03, _MLCAM_ROWS, split="val", title="Set2-I"),
+    TableSpec("restrictive", 0.2, _MLCAM_ROWS, split="val", title="Set2-R"),
+    TableSpec("intermediate", 0.03, _MLCAM_ROWS, split="test", title="Set3"),
+    TableSpec("restrictive", 0.2, _MLCAM_ROWS, split="test", title="Set3-R"),
+    TableSpec("intermediate", 0.03, _MLCAM_ROWS, split=MISLABELLED, title="Set4"),
+)
+_MLCAM_PLAN = {"lr": 0.01, "epochs": 12, "batch_size": 16}
 
 _CELNET_ROWS = (
     MapSpec("CELNet + CELM (ours)", "main", method="celm"),
@@ -182,31 +255,47 @@ _CELNET_ROWS = (
     MapSpec("CELNet w/o DS + CELM", "no_ds", method="celm"),
     MapSpec("CELNet + Grad-CAM", "main", method="gradcam"),
     MapSpec("ResNet-18 + Grad-CAM", "baseline", method="gradcam"),
-    MapSpec("ResNet-18 + Backprop", "baseline", method="guided-backprop"),
+    MapSpec("ResNet-18 + Backprop", "baseline", method="gradient"),
 )
 
-_CLE_BASELINE = ModelPlan("resnet18", lr=1e-3, epochs=12, batch_size=32)
+# Seed 001 trains every model it compares the same way (section 3: "all models are trained using binary cross-entropy
+# ... SGD with Nesterov momentum", PCam's rotations and flips): the celnet recipe, augmentation on.
+_CELNET_PLAN = {"lr": 0.01, "epochs": 12, "batch_size": 32, "augment": True}
+
+# A ResNet-18 trained by a seed's SGD recipe needs a higher rate than the seed's small network in a run this short:
+# 240 synthetic CLE frames of 64 px, 8 epochs, test AUC 0.72 / 0.82 / 0.97 at rates 0.01 / 0.05 / 0.1 by the mlcam
+# recipe (Adam by the FL-CNN recipe: 0.97), 0.86 / 0.995 at 0.01 / 0.05 by the celnet recipe with augmentation. The
+# baselines keep their seed's optimiser, schedule and kept epoch, at the rate that trains them.
+MLCAM_BASELINE_LR = 0.1
+CELNET_BASELINE_LR = 0.05
 
 STUDIES: dict[str, StudySpec] = {
     "mlcam": StudySpec(
         title="MLCAM-LICI ablation on synthetic CLE frames (seed 000, Table 2)",
         kind="cle",
         main="main",
-        models={"main": ModelPlan("mlcam_lici", lr=0.01, epochs=12, batch_size=16), "baseline": _CLE_BASELINE},
-        tables=(TableSpec("intermediate", 0.03, _MLCAM_ROWS), TableSpec("restrictive", 0.2, _MLCAM_ROWS)),
+        models={
+            "main": ModelPlan("mlcam_lici", **_MLCAM_PLAN),
+            "mlgap": ModelPlan("mlcam_lici", {"pooling": "combined"}, **_MLCAM_PLAN),
+            **{f"depth{k}": ModelPlan("mlcam_lici", {"depth": k}, **_MLCAM_PLAN) for k in (1, 2, 3)},
+            # "All models were trained and tested on the same data with the same parameters": the seed's recipe
+            "baseline": ModelPlan("resnet18", recipe="mlcam", **{**_MLCAM_PLAN, "lr": MLCAM_BASELINE_LR}),
+        },
+        tables=_MLCAM_TABLES,
         counts=(600, 150, 200),
         size=128,
+        mislabelled=55,
     ),
     "celnet": StudySpec(
         title="CELNet + CELM ablation on synthetic CLE frames (seed 001, Table 3)",
         kind="cle",
         main="main",
         models={
-            "main": ModelPlan("celnet", lr=0.01, epochs=12, batch_size=32),
-            "no_mam": ModelPlan("celnet", {"attention": False}, lr=0.01, epochs=12, batch_size=32),
-            "cbam": ModelPlan("celnet", {"attention": "cbam"}, lr=0.01, epochs=12, batch_size=32),
-            "no_ds": ModelPlan("celnet", {"deep_supervision": False}, lr=0.01, epochs=12, batch_size=32),
-            "baseline": _CLE_BASELINE,
+            "main": ModelPlan("celnet", **_CELNET_PLAN),
+            "no_mam": ModelPlan("celnet", {"attention": False}, **_CELNET_PLAN),
+            "cbam": ModelPlan("celnet", {"attention": "cbam"}, **_CELNET_PLAN),
+            "no_ds": ModelPlan("celnet", {"deep_supervision": False}, **_CELNET_PLAN),
+            "baseline": ModelPlan("resnet18", recipe="celnet", **{**_CELNET_PLAN, "lr": CELNET_BASELINE_LR}),
         },
         tables=(TableSpec("intermediate", 0.5, _CELNET_ROWS),),
         counts=(600, 150, 200),
@@ -217,7 +306,7 @@ STUDIES: dict[str, StudySpec] = {
         kind="spectral",
         main="main",
         models={
-            "main": ModelPlan("compsegnet", lr=1e-3, epochs=20, batch_size=7),
+            "main": ModelPlan("compsegnet", lr=1e-3, epochs=20, batch_size=7, mask_background=True),
             "baseline": ModelPlan("resnet18", lr=1e-3, epochs=20, batch_size=16),
         },
         tables=(
@@ -265,21 +354,154 @@ def score_rows(
     *,
     bootstrap: int = 500,
     seed: int = 0,
+    inputs: dict[str, LocalizationSet] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """One table on the test split: a row per map spec with image AUC (the model's registered test AUC), pixel AUC
-    (CI over images), best Dice and its threshold, the FCN scores, Dice and region precision/recall at the table's
-    threshold; and the maps, for the examples."""
-    positive = data.rows("test")["label"].to_numpy() == 1
-    x, _ = data.tensors("test")
-    masks = [mask_labels(m) for m in data.masks("test", table.mask_set)[positive]]
+    """One table on its split's images with the feature (:meth:`TableSpec.scored`): a row per map spec of a trained
+    model with image AUC (the model's registered test AUC), pixel AUC (CI over images), best Dice and its threshold,
+    the FCN scores, Dice and region precision/recall at the table's threshold; and the maps, for the examples.
+    ``inputs`` gives a model key the set its input comes from, as in its training (:func:`background_masked`); the
+    others read ``data``. Rows of models not in ``trained`` are left out."""
+    scored = table.scored(data)
+    masks = [mask_labels(m) for m in data.masks(table.split, table.mask_set)[scored]]
     rows, all_maps = [], {}
     for spec in table.rows:
+        if spec.model not in trained:
+            continue
         info, model = trained[spec.model]
-        maps = compute_maps(model, info.architecture, spec, x[positive])
+        x = _test_input(data, inputs, spec.model, table.split)
+        maps = compute_maps(model, info.architecture, spec, x[scored])
         all_maps[spec.label] = maps
         report = score_maps(list(maps), masks, threshold=table.threshold, bootstrap=bootstrap, seed=seed)
         rows.append(_table_row(spec.label, spec.describe(), info, table.threshold, report))
     return rows, all_maps
+
+
+def _test_input(
+    data: LocalizationSet, inputs: dict[str, LocalizationSet] | None, key: str, split: str = "test"
+) -> torch.Tensor:
+    """A split's network input for the model ``key``: from its own set in ``inputs``, else from ``data``."""
+    return (inputs or {}).get(key, data).tensors(split)[0]
+
+
+class _BackgroundMaskedSet(LocalizationSet):
+    """A spectral set whose network input is NaN wherever no sample is (seed 004, section 2: spectra "not covered by
+    sample were masked as background"); :func:`core.models.compsegnet.tissue_of` reads it, so CompSegNet's pooling
+    neuron counts tissue pixels only while the training loop still passes images alone. The background is the
+    unlabeled part of the set's first mask set: it says where a sample is, never where tumor is."""
+
+    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().tensors(split)
+        tissue = np.stack([tissue_mask(m) for m in self.masks(split, self.mask_sets[0])])
+        return mask_background(x, torch.from_numpy(tissue)), y
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "input": "background (no sample) spectra masked as NaN; pooled over tissue"}
+
+
+def background_masked(data: LocalizationSet) -> LocalizationSet:
+    """``data`` with its network input masked as background (NaN) where its masks have no sample (seed 004)."""
+    if data.kind != "spectral":
+        raise ValueError(f"only spectral sets have a background to mask, not {data.kind} sets")
+    return _BackgroundMaskedSet(**{f.name: getattr(data, f.name) for f in fields(LocalizationSet)})
+
+
+def spot_figures(
+    trained: dict[str, tuple[ModelInfo, nn.Module]],
+    data: LocalizationSet,
+    table: TableSpec,
+    folder: Path,
+    *,
+    inputs: dict[str, LocalizationSet] | None = None,
+    max_points: int = 1000,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Seed 004's per-spot evaluation of a spectral table on its split, for every row of a trained model (each
+    model maps its own input, as in :func:`score_rows`): the columns ``dice_spot_mean``, ``dice_spot_sd`` and
+    ``dice_spots`` (Dice of ``map >= threshold`` per cancer spot, its mean and sample SD, section 4: "µ = .42
+    (σ = .19)") and ``spot_auc`` (the area of Figure S3), one dict per row; and the figures written under
+    ``folder``, as workspace-relative paths:
+
+    - ``spot_roc`` (Figure S3): every spot of the split scored by the share of its tissue pixels at or above the
+      table's threshold, the ROC over that share against the spot labels (cancer / cancer-free);
+    - ``pixel_roc``: the cancer spots' tissue pixels pooled, map value against tumor mask (the curve of the
+      table's pixel AUC), at most ``max_points`` exact points of it.
+
+    Each is a CSV (``row``, ``threshold``, ``fpr``, ``tpr``) and a plotly figure as JSON, one curve per row."""
+    labels = data.rows(table.split)["label"].to_numpy() == 1
+    masks = [mask_labels(m) for m in data.masks(table.split, table.mask_set)]
+    cancer = [masks[i] for i in np.flatnonzero(labels)]
+    columns, spot_curves, pixel_curves = [], {}, {}
+    for spec in table.rows:
+        if spec.model not in trained:  # left out of the table, as in score_rows
+            continue
+        info, model = trained[spec.model]
+        x = _test_input(data, inputs, spec.model, table.split)
+        maps = list(compute_maps(model, info.architecture, spec, x))
+        cancer_maps = [maps[i] for i in np.flatnonzero(labels)]
+        dice = dice_per_image(cancer_maps, cancer, table.threshold)
+        spot_curves[spec.label] = roc_points(labels, fraction_above(maps, masks, table.threshold))
+        pixel_curves[spec.label] = pixel_roc(cancer_maps, cancer, max_points=max_points)
+        columns.append(
+            {
+                "dice_spot_mean": dice["mean"],
+                "dice_spot_sd": dice["sd"],
+                "dice_spots": dice["n"],
+                "spot_auc": spot_curves[spec.label]["auc"],
+            }
+        )
+    figures = {
+        "spot_roc": _write_roc(
+            folder / "spot-roc",
+            spot_curves,
+            f"Spots by their share of tissue pixels at or above {table.threshold:g} (Figure S3)",
+            "tumor share threshold",
+        ),
+        "pixel_roc": _write_roc(
+            folder / "pixel-roc", pixel_curves, f"Tissue pixels of the cancer {table.split} spots", "map threshold"
+        ),
+    }
+    figures["spot_roc"]["scored_on"] = f"{labels.size} {table.split} spots ({int(labels.sum())} cancer)"
+    figures["pixel_roc"]["scored_on"] = f"tissue pixels of the {int(labels.sum())} cancer {table.split} spots"
+    return columns, figures
+
+
+def _write_roc(base: Path, curves: dict[str, dict[str, Any]], title: str, threshold_name: str) -> dict[str, Any]:
+    """``base``.csv and ``base``.plotly.json: the curves (row label -> :func:`roc_points` result); returns their
+    workspace-relative paths, the title and each row's AUC."""
+    frame = pd.DataFrame(
+        [
+            {"row": label, "threshold": t, "fpr": f, "tpr": r}
+            for label, curve in curves.items()
+            for t, f, r in zip(curve["thresholds"], curve["fpr"], curve["tpr"], strict=True)
+        ],
+        columns=["row", "threshold", "fpr", "tpr"],
+    )
+    figure = go.Figure(
+        [
+            go.Scatter(x=curve["fpr"], y=curve["tpr"], mode="lines", name=_roc_name(label, curve["auc"]))
+            for label, curve in curves.items()
+        ]
+    )
+    figure.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "grey"})
+    figure.update_layout(
+        title=title,
+        xaxis={"title": "false positive rate", "range": [0, 1], "constrain": "domain"},
+        yaxis={"title": "true positive rate", "range": [0, 1], "scaleanchor": "x"},
+        legend={"title": {"text": f"row (AUC); {threshold_name} varied"}},
+    )
+    csv, plot = base.with_suffix(".csv"), base.with_suffix(".plotly.json")
+    write_atomic(csv, frame.to_csv(index=False).encode())
+    write_atomic(plot, figure.to_json().encode())
+    root = workspace_dir()
+    return {
+        "title": title,
+        "csv": csv.relative_to(root).as_posix(),
+        "figure": plot.relative_to(root).as_posix(),
+        "auc": {label: curve["auc"] for label, curve in curves.items()},
+    }
+
+
+def _roc_name(label: str, value: float | None) -> str:
+    return f"{label} (AUC {value:.3f})" if value is not None else f"{label} (AUC undefined)"
 
 
 def _table_row(
@@ -309,6 +531,59 @@ def _table_row(
     }
 
 
+# --- seed 001: CELM's fusion weights chosen on validation, and Table 1 -----------------------------------------------
+
+
+def _celm_tuner(
+    spec: StudySpec, key: str, searches: dict[str, Any], log: Callable[[str], None]
+) -> Callable[[nn.Module, LocalizationSet], dict[str, Any]] | None:
+    """For a model that a CELM row of ``spec`` maps, the search of its alpha and beta on val against the first such
+    row's table (its masks and threshold), recorded in ``searches[key]``; None for every other model."""
+    table = next((t for t in spec.tables for row in t.rows if row.model == key and row.method == "celm"), None)
+    if table is None:
+        return None
+
+    def tune(model: nn.Module, data: LocalizationSet) -> dict[str, Any]:
+        search = tune_celm(model, data, table.mask_set, table.threshold)
+        if search is None:
+            log("no positive validation image: CELM keeps alpha = beta = 0.5")
+            return {}
+        searches[key] = search.record()
+        log(f"CELM fusion weights chosen on val: alpha {search.alpha:g}, beta {search.beta:g}")
+        return {"celm_alpha": search.alpha, "celm_beta": search.beta}
+
+    return tune
+
+
+def tune_celm(model: nn.Module, data: LocalizationSet, mask_set: str, threshold: float) -> WeightSearch | None:
+    """CELM's alpha and beta for ``model`` chosen on the positive validation images of ``data`` against their
+    ``mask_set`` masks (:func:`core.heatmaps.celm.search_weights`: the grid {0, 0.25, ..., 1}^2, pooled Dice at
+    ``threshold``, the table's threshold); None when val has no positive image."""
+    positive = data.rows("val")["label"].to_numpy() == 1
+    if not positive.any():
+        return None
+    x, _ = data.tensors("val")
+    masks = np.stack([mask_labels(m) for m in data.masks("val", mask_set)[positive]])
+    return search_weights(model, get_spec("celnet").layers(model), x[positive], masks, threshold=threshold)
+
+
+def classification_rows(trained: dict[str, tuple[ModelInfo, nn.Module]]) -> list[dict[str, Any]]:
+    """Seed 001's Table 1 for the trained models: test accuracy (at the threshold chosen on val) and AUC, and the
+    parameter count, one row per model key."""
+    return [
+        {
+            "model": key,
+            "name": info.name,
+            "architecture": info.architecture,
+            "options": dict((info.config or {}).get("model_kwargs", {})),
+            "test_accuracy": info.metrics.get("test_accuracy"),
+            "test_auc": info.metrics.get("test_auc"),
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+        }
+        for key, (info, model) in trained.items()
+    ]
+
+
 def _display(data: LocalizationSet, raw: np.ndarray) -> np.ndarray:
     """What a person sees of a stored image: grey levels in [0, 1] (spectra: the mean absorbance, stretched)."""
     if data.kind == "cle":
@@ -321,15 +596,15 @@ def _display(data: LocalizationSet, raw: np.ndarray) -> np.ndarray:
 def _write_examples(
     data: LocalizationSet, table: TableSpec, maps: dict[str, np.ndarray], folder: Path
 ) -> list[dict[str, Any]]:
-    """Overlays of each row's map (``maps``: one stack per row, over the positive test images in order) on the first
-    positive test images, with the image and its mask."""
-    rows_frame = data.rows("test")
-    positive = np.flatnonzero(rows_frame["label"].to_numpy() == 1)[:_EXAMPLES]
-    raw = data.raw("test")
-    masks = data.masks("test", table.mask_set)
+    """Overlays of each row's map (``maps``: one stack per row, over the table's scored images in order) on the first
+    of those images, with the image and its mask."""
+    rows_frame = data.rows(table.split)
+    positive = table.scored(data)[:_EXAMPLES]
+    raw = data.raw(table.split)
+    masks = data.masks(table.split, table.mask_set)
     return [
-        _write_example(
-            folder / table.mask_set / str(rows_frame["image_id"][index]),
+        write_example(
+            folder / table.key / str(rows_frame["image_id"][index]),
             _display(data, raw[index]),
             masks[index],
             {label: stack[order] for label, stack in maps.items()},
@@ -338,7 +613,7 @@ def _write_examples(
     ]
 
 
-def _write_example(base: Path, shown: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray]) -> dict[str, Any]:
+def write_example(base: Path, shown: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray]) -> dict[str, Any]:
     """One example under ``base``: the image as seen (floats in [0, 1]), its mask, and an overlay per map."""
     root = workspace_dir()
     write_atomic(base / "image.png", png_bytes(np.round(shown * 255).astype(np.uint8)))
@@ -370,14 +645,30 @@ def run_study(
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = print_progress,
     overrides: dict[str, dict[str, Any]] | None = None,
+    models: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run one study end to end (module docstring) and store its tables with the seed model; returns the stored
     report. ``data_dir`` reuses a set on disk (or is where a new one is written; default: the workspace's
     ``datasets/<kind>-<size>px-seed<seed>``); ``counts``/``size``/``channels``/``epochs`` shrink it for tests.
-    ``overrides`` patches a model plan's fields by key (e.g. ``{"main": {"lr": 0.05}}``)."""
+    ``overrides`` patches a model plan's fields by key (e.g. ``{"main": {"lr": 0.05}}``; callers taking them from
+    users check them first, :func:`check_overrides`); ``models`` trains only those plans (and the main one), the
+    rows of the others left out. Slide studies
+    (:data:`services.slides.SLIDE_STUDIES`) run :func:`services.slides.run_slide_study` with the same arguments."""
+    from services.slides import SLIDE_STUDIES, run_slide_study  # services.slides imports this module
+
+    if study in SLIDE_STUDIES:
+        options = {"data_dir": data_dir, "counts": counts, "size": size, "epochs": epochs, "seed": seed}
+        return run_slide_study(
+            study, **options, prefix=prefix, log=log, progress=progress, overrides=overrides, models=models
+        )
     if study not in STUDIES:
-        raise ValueError(f"unknown study {study!r}; expected one of {', '.join(STUDIES)}")
+        raise ValueError(f"unknown study {study!r}; expected one of {', '.join(study_titles())}")
     spec = STUDIES[study]
+    unknown = set(models or ()) - set(spec.models)
+    if unknown:
+        raise ValueError(
+            f"the {study} study trains no model {', '.join(sorted(unknown))}; its models: {', '.join(spec.models)}"
+        )
     size = size or spec.size
     channels = channels or spec.channels
     init_db()
@@ -389,35 +680,58 @@ def run_study(
         log(f"using the {data.kind} set in {root}")
     else:
         log(f"writing a synthetic {spec.kind} set to {root}")
+        # the scored-only mislabelled images (Set4) scale with the test split when a study is shrunk
+        mislabelled = spec.mislabelled if not counts else max(2, round(spec.mislabelled * counts[2] / spec.counts[2]))
         data = generate_set(
-            spec.kind, root, counts=counts or spec.counts, size=size, channels=channels, seed=seed, overwrite=False
-        )
+            spec.kind, root, counts=counts or spec.counts, size=size, channels=channels, seed=seed, overwrite=False,
+            mislabelled=mislabelled if spec.mislabelled else 0,
+        )  # fmt: skip
     stamp = prefix or f"{KINDS[spec.kind]}-{study}-{datetime.now():%Y%m%d-%H%M%S}"
     trained: dict[str, tuple[ModelInfo, nn.Module]] = {}
+    searches: dict[str, Any] = {}  # CELM's alpha and beta chosen on val, per model key (seed 001)
+    inputs = {key: background_masked(data) for key, plan in spec.models.items() if plan.mask_background}
     for key, plan in spec.models.items():
+        if models is not None and key not in models and key != spec.main:
+            continue
         config = replace(plan, **(overrides or {}).get(key, {})).config(epochs=epochs, seed=seed)
-        trained[key] = train_on_set(config, data, name=f"{stamp}-{key}", log=log, progress=progress)
+        tune = _celm_tuner(spec, key, searches, log)
+        trained[key] = train_on_set(
+            config, inputs.get(key, data), name=f"{stamp}-{key}", log=log, progress=progress, tune=tune
+        )
     main_info = trained[spec.main][0]
     folder = workspace_dir() / "models" / main_info.name / "examples"
     tables = []
     for table in spec.tables:
-        log(f"scoring maps against the {table.mask_set} masks at threshold {table.threshold}")
-        rows, maps = score_rows(trained, data, table, bootstrap=bootstrap, seed=seed)
-        tables.append(
-            {
-                "mask_set": table.mask_set,
-                "threshold": table.threshold,
-                "rows": rows,
-                "examples": _write_examples(data, table, maps, folder),
-            }
-        )
+        if not len(table.scored(data)):
+            log(f"{table.key}: the set has no {table.split} images holding the feature; its table is left out")
+            continue
+        log(f"scoring maps against the {table.mask_set} masks at threshold {table.threshold} ({table.key})")
+        rows, maps = score_rows(trained, data, table, bootstrap=bootstrap, seed=seed, inputs=inputs)
+        entry = {
+            "mask_set": table.mask_set,
+            "threshold": table.threshold,
+            "set": table.title,
+            "split": table.split,
+            "n_images": len(table.scored(data)),
+            "rows": rows,
+        }
+        if spec.kind == "spectral":
+            figures = workspace_dir() / "models" / main_info.name / "figures" / table.mask_set
+            columns, entry["figures"] = spot_figures(trained, data, table, figures, inputs=inputs)
+            entry["rows"] = [{**row, **extra} for row, extra in zip(rows, columns, strict=True)]
+        entry["examples"] = _write_examples(data, table, maps, folder)
+        tables.append(entry)
     report = {
         "study": study,
         "title": spec.title,
         "models": {key: info.name for key, (info, _) in trained.items()},
         "tables": tables,
-        "scored_on": "positive test images (segmentation); all test images (image AUC)",
+        "scored_on": "each table's images holding the feature: its split's positives, every mislabelled image "
+        "(segmentation); all test images (image AUC)",
+        "classification": classification_rows(trained),
     }
+    if searches:
+        report["celm_weights"] = searches
     with session_scope() as session:
         report["evaluation_id"] = repo.add_evaluation(
             session, main_info.id, title=spec.title, dataset=data.describe(), report=jsonable(report)
@@ -503,7 +817,13 @@ MOSAIC_STUDIES: dict[str, MosaicStudySpec] = {
 
 def study_titles() -> dict[str, str]:
     """Every study's name and title, for menus and help."""
-    return {**{k: v.title for k, v in STUDIES.items()}, **{k: v.title for k, v in MOSAIC_STUDIES.items()}}
+    from services.slides import SLIDE_STUDIES  # services.slides imports this module
+
+    return {
+        **{k: v.title for k, v in STUDIES.items()},
+        **{k: v.title for k, v in MOSAIC_STUDIES.items()},
+        **{k: v.title for k, v in SLIDE_STUDIES.items()},
+    }
 
 
 def _split_counts(masks: list[np.ndarray]) -> dict[str, int]:
@@ -649,7 +969,7 @@ def _mosaic_examples(
 ) -> list[dict[str, Any]]:
     """Each row's stitched map over the first two held-out mosaics (named by seed), with the mosaic and its mask."""
     return [
-        _write_example(
+        write_example(
             folder / f"mosaic-{seeds[index]}",
             image.astype(np.float32) / 255.0,
             mask,
@@ -657,3 +977,70 @@ def _mosaic_examples(
         )
         for index, (image, mask) in enumerate(test[:2])
     ]
+
+
+# --- per-model recipe overrides ----------------------------------------------------------------------------------
+
+_OVERRIDABLE = ("lr", "epochs", "batch_size", "augment", "recipe", "weight_decay")
+
+
+def _in_unit(value: Any, *, open_low: bool) -> bool:
+    """Whether ``value`` is a number in [0, 1) (``open_low``: in (0, 1))."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return (0 < value < 1) if open_low else (0 <= value < 1)
+
+
+def _study_plans(study: str) -> dict[str, ModelPlan]:
+    """The model plans of any study by name (localisation, mosaic or slide)."""
+    from services.slides import SLIDE_STUDIES  # services.slides imports this module
+
+    for specs in (STUDIES, MOSAIC_STUDIES, SLIDE_STUDIES):
+        if study in specs:
+            return dict(getattr(specs[study], "models", {}))
+    raise ValueError(f"unknown study {study!r}; expected one of {', '.join(study_titles())}")
+
+
+def check_overrides(study: str, overrides: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """A study's per-model recipe overrides checked before anything trains, ``{model key: {field: value}}``.
+
+    Fields are a plan's recipe settings (``lr``, ``epochs``, ``batch_size``, ``augment``, ``recipe``,
+    ``weight_decay``) or an option of the model's builder (``drop_rate``, ``width``...,
+    :func:`core.models.model_options`), which joins the plan's own options. The architecture is not overridable: it
+    is what a row of the table means. Returns the overrides with each model's builder options merged into
+    ``model_kwargs``; ``ValueError`` says what to change."""
+    from core.models import check_model_options, model_options
+    from core.train import RECIPES
+
+    plans = _study_plans(study)
+    checked: dict[str, dict[str, Any]] = {}
+    for key, changes in (overrides or {}).items():
+        if key not in plans:
+            raise ValueError(f"the {study} study trains no model {key!r}; its models: {', '.join(plans)}")
+        plan, fields_, options = plans[key], {}, {}
+        builder_options = model_options(plan.architecture)
+        for name, value in (changes or {}).items():
+            if name in builder_options:
+                options[name] = value
+            elif name == "model_kwargs" and isinstance(value, dict):
+                options.update(value)
+            elif name not in _OVERRIDABLE:
+                offered = ", ".join((*_OVERRIDABLE, *builder_options))
+                raise ValueError(f"{key}.{name} cannot be overridden; {key} ({plan.architecture}) takes: {offered}")
+            elif name == "recipe" and value not in RECIPES:
+                raise ValueError(f"{key}.recipe must be one of {', '.join(sorted(RECIPES))}, not {value!r}")
+            elif name == "augment" and not isinstance(value, bool):
+                raise ValueError(f"{key}.augment must be true or false, not {value!r}")
+            elif name in ("epochs", "batch_size") and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000
+            ):
+                raise ValueError(f"{key}.{name} must be a whole number from 1 to 10000, not {value!r}")
+            elif name in ("lr", "weight_decay") and not _in_unit(value, open_low=name == "lr"):
+                interval = "(0, 1)" if name == "lr" else "[0, 1)"
+                raise ValueError(f"{key}.{name} must be a number in {interval}, not {value!r}")
+            else:
+                fields_[name] = value
+        if options:
+            fields_["model_kwargs"] = {**plan.model_kwargs, **check_model_options(plan.architecture, options)}
+        checked[key] = fields_
+    return checked

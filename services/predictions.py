@@ -5,7 +5,9 @@ stitch, a study's AI arm, the Results page's scores, a job on the cluster). Its 
 atomically under its final, content-derived name (the uploaded image, the heatmap, Guided Grad-CAM's extras), then
 its rows land in ONE write transaction: the upload (uploads only), the prediction, and their audit entry, with the
 job guard :func:`services.jobs.context.claim` inside it, so a cancelled job stores nothing and a running one lists
-what it stored. A transaction that fails leaves only files that a retry writes again under the same names.
+what it stored. A further model's output on an upload already stored (the Diagnose cascade's grade and Ki-67 calls
+after a tumor call, seed 003) is kept on that same upload and audited the same way, naming the call it follows. A
+transaction that fails leaves only files that a retry writes again under the same names.
 
 :func:`cached_predictor` keeps a few loaded models per process (least recently used goes first), so a worker that
 runs one heatmap or mosaic job after another with the same model loads it once.
@@ -29,7 +31,7 @@ from core.settings import workspace_dir
 from core.train.recipe import pick_device
 from db import repo
 from db.audit import log_event
-from db.models import SpecimenImage
+from db.models import SpecimenImage, Upload
 from db.repo import ModelInfo
 from db.session import read_scope, run_transaction
 from services.jobs.context import claim
@@ -39,6 +41,7 @@ __all__ = [
     "PredictorCache",
     "SpecimenTarget",
     "StoredPrediction",
+    "StoredUploadTarget",
     "UploadTarget",
     "cached_predictor",
     "extras_path",
@@ -65,6 +68,16 @@ class SpecimenTarget:
 
     image_id: int
     user_id: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredUploadTarget:
+    """An upload already stored with an earlier prediction: a further model's output on the same image (the grade
+    and Ki-67 calls of the Diagnose cascade); ``follows`` is the prediction that led to it (the tumor call)."""
+
+    upload_id: int
+    user_id: int | None
+    follows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,14 @@ def _specimen_sha256(image_id: int) -> str:
         return image.sha256
 
 
+def _upload_sha256(upload_id: int) -> str:
+    with read_scope() as session:
+        upload = session.get(Upload, upload_id)
+        if upload is None:
+            raise ValueError(f"no upload with id {upload_id}")
+        return upload.sha256
+
+
 def _write_maps(map_path: str, heatmap: np.ndarray, extras: Mapping[str, np.ndarray] | None) -> None:
     root = workspace_dir()
     array = heatmap if heatmap.dtype == np.float16 else heatmap.astype(np.float32)
@@ -160,7 +181,7 @@ def _write_maps(map_path: str, heatmap: np.ndarray, extras: Mapping[str, np.ndar
 
 def store_prediction(
     model: ModelInfo,
-    target: UploadTarget | SpecimenTarget,
+    target: UploadTarget | StoredUploadTarget | SpecimenTarget,
     *,
     probability: float,
     threshold: float,
@@ -176,15 +197,20 @@ def store_prediction(
     An upload's image is stored by content first. ``heatmap`` (with its ``method``) is kept as float32 .npy, or as
     given when float16 (a reduced mosaic map), at :func:`heatmap_path`, or at :func:`mosaic_map_path` when
     ``mosaic_step`` says it was stitched over a whole mosaic; ``extras`` go next to it as float16 .npz. The method is
-    recorded with its map only. Audit: ``diagnosis_stored`` for an upload, ``prediction_stored`` for a specimen image.
+    recorded with its map only. Audit: ``diagnosis_stored`` for an upload (new, or already stored, then with the
+    prediction it ``follows``), ``prediction_stored`` for a specimen image.
     Inside a job that was cancelled, :class:`services.jobs.context.JobStopped` is raised and no row is stored.
     """
     if heatmap is not None and not method:
         raise ValueError("a stored heatmap needs the name of its method")
     stored = store_image(target.image, workspace_dir()) if isinstance(target, UploadTarget) else None
+    upload_sha256 = _upload_sha256(target.upload_id) if isinstance(target, StoredUploadTarget) else None
     map_path = None
     if heatmap is not None:
-        sha256 = stored.sha256 if stored is not None else _specimen_sha256(target.image_id)
+        if stored is not None:
+            sha256 = stored.sha256
+        else:
+            sha256 = upload_sha256 if upload_sha256 is not None else _specimen_sha256(target.image_id)
         if mosaic_step is None:
             map_path = heatmap_path(sha256, model, method)
         else:
@@ -204,6 +230,8 @@ def store_prediction(
                 height=stored.height,
                 width=stored.width,
             )
+        elif isinstance(target, StoredUploadTarget):
+            upload_id = target.upload_id
         else:
             image_id = target.image_id
         prediction_id = repo.add_prediction(
@@ -218,8 +246,9 @@ def store_prediction(
             device=device,
             seconds=seconds,
         )
-        if upload_id is not None:
-            claim(session, uploads=[upload_id], predictions=[prediction_id])
+        if upload_id is not None:  # a new upload, or one already stored (then naming the call it follows)
+            new = stored is not None
+            claim(session, **({"uploads": [upload_id]} if new else {}), predictions=[prediction_id])
             log_event(
                 session,
                 "diagnosis_stored",
@@ -227,7 +256,8 @@ def store_prediction(
                 upload=upload_id,
                 prediction=prediction_id,
                 model=model.name,
-                image_sha256=stored.sha256,
+                image_sha256=stored.sha256 if new else upload_sha256,
+                **({} if new else {"follows": target.follows}),
             )
         else:
             claim(session, predictions=[prediction_id])

@@ -8,6 +8,11 @@ for. Readers' answers and confidence become ROC scores by the one rule of ``core
 ``python -m core analyze`` and the page's uploaded-CSV path use; a reads export carries the scale and the score, and
 ``export_predictions`` writes the model's scores, so export -> analyze gives this page's figures). Only readers who
 finished an arm enter its analysis; the others are listed with their progress.
+
+Table 1's cross-arm rows (seed 003, FL-CNN paper): in a study with an FL arm and a WL arm, the FL-CNN against the
+readers of the WL arm, and the FL-CNN against the WL-CNN (at the WL arm's threshold, its scores as ratings), on the
+cases both arms share, by the same analysis as each arm's own rows (``analyze_reads``: case bootstrap CIs, paired
+permutation tests, McNemar, DeLong) at the FL arm's threshold.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import pandas as pd
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from core.stats.compare import bootstrap_counts, bootstrap_indices
+from core.stats.compare import READERS_MEAN, bootstrap_counts, bootstrap_indices
 from core.stats.mrmc import model_vs_readers, mrmc_or
 from core.stats.ratings import reader_score
 from core.stats.report import analyze_reads
@@ -34,6 +39,7 @@ from db.session import read_scope, reads, run_transaction, writes
 from services import studies
 
 __all__ = [
+    "CROSS_MODALITIES",
     "ArmInputs",
     "StudyResults",
     "arm_inputs",
@@ -44,6 +50,9 @@ __all__ = [
     "study_results",
     "study_version",
 ]
+
+
+CROSS_MODALITIES = ("FL", "WL")  # Table 1's cross-arm rows: the first modality's CNN against the second's arm
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class StudyResults:
     study: studies.StudyInfo
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> the analyze_reads report (+ extras)
     mrmc: dict[str, Any] | None = None
+    cross: dict[str, Any] | None = None  # the FL-CNN against the WL arm's readers and the WL-CNN (_cross_arm)
     notes: list[str] = field(default_factory=list)
 
 
@@ -208,6 +218,7 @@ def study_results(
         results.arms[arm.name] = _arm_report(inputs, policy, bootstrap, permutations, seed, results.notes, say)
     say("MRMC")
     results.mrmc = _mrmc(results, study)
+    results.cross = _cross_arm(results, bootstrap, permutations, seed, say)
     return results
 
 
@@ -302,6 +313,55 @@ def _registered(model: ModelInfo) -> Threshold:
     """The model's own operating threshold, reported with the policy that chose it on validation data."""
     policy = model.threshold_policy if model.threshold_policy in POLICIES else "fixed"
     return Threshold(model.threshold, policy, float("nan"), float("nan"))
+
+
+def _cross_arm(
+    results: StudyResults, bootstrap: int, permutations: int, seed: int, say: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Table 1's cross-arm rows when the study has an FL arm and a WL arm, both with a scored model: the FL-CNN at
+    its arm's threshold against the readers who finished the WL arm (``vs_readers``, None without any) and against
+    the WL-CNN at its arm's threshold, with its scores as ratings (``vs_model``), on the cases both arms share.
+    None (with a note when only the analysis failed) otherwise."""
+    first, second = CROSS_MODALITIES
+    arms = {modality: next((a for a in results.arms.values() if a["modality"] == modality), None)
+            for modality in CROSS_MODALITIES}  # fmt: skip
+    if any(a is None or "raters" not in a for a in arms.values()):
+        return None
+    fl, wl = arms[first], arms[second]
+    shared = fl["inputs"].cases.merge(wl["inputs"].cases, on=["case_id", "truth"], suffixes=("", "_other"))
+    predictions = shared[["case_id", "truth", "score"]]
+    threshold = Threshold(fl["threshold"]["value"], fl["threshold"]["policy"], float("nan"), float("nan"))
+    other = wl["inputs"].model
+    model_reads = pd.DataFrame(
+        {
+            "case_id": shared["case_id"],
+            "reader_id": f"{second}-CNN",
+            "arm": second,
+            "label": (shared["score_other"] >= wl["threshold"]["value"]).astype(int),
+            "rating": shared["score_other"],
+        }
+    )
+    readers = wl["inputs"].reads
+    readers = readers[readers["case_id"].isin(shared["case_id"])].assign(rating=readers["score"])
+    say(f"{first}-CNN against the {second} arm: bootstrap and permutation tests")
+    settings = {"threshold": threshold, "bootstrap": bootstrap, "permutations": permutations, "seed": seed}
+    try:
+        vs_readers = analyze_reads(predictions, readers, **settings) if not readers.empty else None
+        vs_model = analyze_reads(predictions, model_reads, **settings)
+    except ValueError as error:  # e.g. the shared cases hold too few of one class
+        results.notes.append(f"The {first}-CNN cannot be compared with the {second} arm on their shared cases: {error}")
+        return None
+    vs_model["raters"].pop(READERS_MEAN)  # one "reader", the WL-CNN: its mean is itself
+    vs_model["comparisons"] = [c for c in vs_model["comparisons"] if c["b"] != READERS_MEAN]
+    return {
+        "arms": {first: fl["inputs"].arm, second: wl["inputs"].arm},
+        "models": {first: fl["model"], second: other.name},
+        "thresholds": {first: threshold.value, second: wl["threshold"]["value"]},
+        "n_cases": len(shared),
+        "n_positive": int(shared["truth"].sum()),
+        "vs_readers": vs_readers,
+        "vs_model": vs_model,
+    }
 
 
 def _mrmc(results: StudyResults, study: studies.StudyInfo) -> dict[str, Any] | None:

@@ -15,12 +15,14 @@ from core.data.io import read_image
 from core.data.preprocess import channels_for, prepare
 from core.metrics.classification import auc, binary_metrics
 from core.models import save_checkpoint
+from core.predict import Predictor
 from core.settings import workspace_dir
 from core.stats.report import jsonable
 from core.train import DATASET_TASKS, Progress, TrainConfig, TrainResult, fit, predict_logits, task_label
 from db import repo
 from db.repo import ModelInfo
 from db.session import init_db, read_scope, session_scope
+from services import pointing
 from services.jobs.context import claim
 
 __all__ = ["check_model_name", "default_name", "load_split", "print_progress", "register_trained", "train_and_register"]
@@ -100,7 +102,15 @@ def train_and_register(
             splits[split] = load_split(part, config.task, config.modality, config.image_size)
     log(f"training {config.architecture} for {config.task} on {len(splits['train'][1])} images")
     result = fit(config, *splits["train"], *splits["val"], progress=progress)
-    return register_trained(config, result, name, splits.get("test"), log=log)
+    extra = {}
+    if "test" in splits and pointing.applies(config.task, config.modality):
+        log("pointing game on the test split: the default heatmap's peak and the brightest pixel against the masks")
+        predictor = Predictor(result.model, {**config.to_dict(), "in_chans": channels_for(config.modality)}, 0.5, "cpu")
+        report = pointing.evaluate(predictor, pointing.test_rows(config.modality))
+        result.model.to(memory_format=torch.contiguous_format)
+        if report is not None:
+            extra["pointing"] = report
+    return register_trained(config, result, name, splits.get("test"), log=log, extra_metrics=extra)
 
 
 def register_trained(
@@ -111,9 +121,11 @@ def register_trained(
     *,
     log: Callable[[str], None] = print,
     extra_config: dict | None = None,
+    extra_metrics: dict | None = None,
 ) -> ModelInfo:
-    """Score a trained model on its test split (if any), save its checkpoint and register it."""
-    metrics = dict(result.metrics)
+    """Score a trained model on its test split (if any), save its checkpoint and register it; ``extra_metrics``
+    (e.g. the pointing game, :mod:`services.pointing`) are stored with its metrics."""
+    metrics = {**result.metrics, **(extra_metrics or {})}
     if test is not None:
         test_images, test_labels = test
         probs = expit(predict_logits(result.model, test_images))

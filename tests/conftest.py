@@ -272,3 +272,43 @@ def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     monkeypatch.setattr(MediaFileManager, "add_deferred", catch)
     return caught
+
+
+@pytest.fixture(scope="session")
+def cascade_workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A workspace with a 6-patient synthetic cohort in which half the tumors are GBM (the default rate leaves a tiny
+    cohort without any), and tiny FL and WL models of each cascade task: tumor, grade and Ki-67, registered in that
+    order as ``casc-<modality>-<task>``, plus an FL grade model ``casc-FL-grade-older`` registered before the others
+    (Diagnose takes the newest of a task). Session-scoped; tests may add uploads and predictions, never models."""
+    from core.data.synth import CohortConfig, write_cohort
+    from core.train import TrainConfig
+    from services.importer import import_manifest
+    from services.training import train_and_register
+
+    root = tmp_path_factory.mktemp("cascade_ws")
+    with pointing_at(root):
+        manifest = write_cohort(
+            CohortConfig(n_patients=6, specimens_per_patient=(8, 10), height=64, width=80, gbm_rate=0.5, seed=3),
+            root / "cohort",
+        )
+        assert not import_manifest(manifest, fractions=(0.5, 0.25, 0.25), seed=0).errors
+        config = {"architecture": "tiny_cnn", "image_size": 32, "epochs": 2, "batch_size": 8}
+        train_and_register(
+            TrainConfig(task="grade", modality="FL", seed=1, **config), name="casc-FL-grade-older", log=lambda _m: None
+        )
+        for task in ("tumor", "grade", "ki67"):
+            for modality in ("FL", "WL"):
+                train_and_register(
+                    TrainConfig(task=task, modality=modality, **config),
+                    name=f"casc-{modality}-{task}",
+                    log=lambda _m: None,
+                )
+    yield root
+
+
+@pytest.fixture
+def use_cascade(cascade_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the settings at the shared cascade workspace for one test."""
+    monkeypatch.setenv("IOAI_WORKSPACE", str(cascade_workspace))
+    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{cascade_workspace / 'study.db'}")
+    return cascade_workspace

@@ -4,7 +4,7 @@ The weakly supervised papers train from image-level labels only and score the ma
 on disk is::
 
     dataset.json          {"kind", "modality", "channels", "size", "mask_sets", "seed", "channel_mean", "channel_std"}
-    labels.csv            image_id, split (train / val / test), label (0 / 1), path
+    labels.csv            image_id, split (train / val / test / mislabelled), label (0 / 1), path
     images/<id>.png       8-bit grayscale (CLE) ...
     images/<id>.npy       ... or (C, H, W) float16 many-channel spectra (IR)
     masks/<set>/<id>.png  0 = negative, 255 = positive, anything else = unlabeled (excluded from scoring)
@@ -36,10 +36,15 @@ from PIL import Image as PILImage
 from core.data.preprocess import standardize
 from core.data.store import npy_bytes, png_bytes, write_atomic
 
-__all__ = ["KINDS", "LocalizationSet", "generate_set", "read_set"]
+__all__ = ["KINDS", "MISLABELLED", "LocalizationSet", "generate_set", "read_set"]
 
 KINDS = {"cle": "CLE", "spectral": "IR"}  # kind -> modality
 _SPLITS = ("train", "val", "test")
+MISLABELLED = "mislabelled"
+"""An optional split of images that hold the feature but carry the negative label, scored only, never trained or
+validated on: seed 000's Set4, "CLE images that were known to be from glioma tumors, but were initially classified
+as nondiagnostic"."""
+_ALL_SPLITS = (*_SPLITS, MISLABELLED)
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,8 @@ class LocalizationSet:
     channel_std: np.ndarray | None = None
 
     def rows(self, split: str) -> pd.DataFrame:
-        if split not in _SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(_SPLITS)}")
+        if split not in _ALL_SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(_ALL_SPLITS)}")
         return self.frame[self.frame["split"] == split].reset_index(drop=True)
 
     def raw(self, split: str) -> np.ndarray:
@@ -126,10 +131,10 @@ def read_set(root: str | Path) -> LocalizationSet:
     missing = {"image_id", "split", "label", "path"} - set(frame.columns)
     if missing:
         raise ValueError(f"{labels_path}: missing column(s) {', '.join(sorted(missing))}")
-    bad = frame[~frame["split"].isin(_SPLITS) | ~frame["label"].isin([0, 1])]
+    bad = frame[~frame["split"].isin(_ALL_SPLITS) | ~frame["label"].isin([0, 1])]
     if not bad.empty:
         line = int(bad.index[0]) + 2
-        raise ValueError(f"{labels_path} line {line}: split must be train/val/test and label 0 or 1")
+        raise ValueError(f"{labels_path} line {line}: split must be train/val/test/{MISLABELLED} and label 0 or 1")
     frame["label"] = frame["label"].astype(int)
     absent = [p for p in frame["path"] if not (root / p).is_file()]
     if absent:
@@ -150,10 +155,12 @@ def read_set(root: str | Path) -> LocalizationSet:
     )
 
 
-def _cle_items(n: int, size: int, seed: int, _channels: int) -> list[tuple[np.ndarray, dict[str, np.ndarray], int]]:
+def _cle_items(
+    n: int, size: int, seed: int, _channels: int, positive_fraction: float = 0.5
+) -> list[tuple[np.ndarray, dict[str, np.ndarray], int]]:
     from core.data.synth_cle import make_cle_frames
 
-    frames = make_cle_frames(n, size, seed=seed)
+    frames = make_cle_frames(n, size, seed=seed, positive_fraction=positive_fraction)
     return [(f.image, {"intermediate": f.intermediate, "restrictive": f.restrictive}, f.label) for f in frames]
 
 
@@ -164,7 +171,7 @@ def _spectral_items(n: int, size: int, seed: int, channels: int) -> list[tuple[n
     return [(s.image.astype(np.float16), {"tumor": s.mask}, s.label) for s in spots]
 
 
-_GENERATORS: dict[str, Callable[[int, int, int, int], list[tuple[np.ndarray, dict[str, np.ndarray], int]]]] = {
+_GENERATORS: dict[str, Callable[..., list[tuple[np.ndarray, dict[str, np.ndarray], int]]]] = {
     "cle": _cle_items,
     "spectral": _spectral_items,
 }
@@ -179,11 +186,15 @@ def generate_set(
     channels: int = 1,
     seed: int = 0,
     overwrite: bool = False,
+    mislabelled: int = 0,
 ) -> LocalizationSet:
-    """Write a synthetic set of ``kind`` (``cle`` or ``spectral``) with ``counts`` = (train, val, test) images.
+    """Write a synthetic set of ``kind`` (``cle`` or ``spectral``) with ``counts`` = (train, val, test) images, and
+    (CLE) ``mislabelled`` frames with diagnostic features labelled nondiagnostic in the :data:`MISLABELLED` split.
 
     Each split is drawn from its own seed, so a split never shares an image with another. The folder is written
     under a temporary name and renamed when complete: an interrupted run leaves no half-written set."""
+    if mislabelled and kind != "cle":
+        raise ValueError("only CLE sets have mislabelled frames (seed 000's Set4)")
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if min(counts) < 2:
@@ -201,8 +212,14 @@ def generate_set(
     tissue_sum = np.zeros(channels, np.float64)
     tissue_sq = np.zeros(channels, np.float64)
     tissue_n = 0
-    for offset, (split, n) in enumerate(zip(_SPLITS, counts, strict=True)):
-        for index, (image, masks, label) in enumerate(_GENERATORS[kind](n, size, seed * 1000 + offset, channels)):
+    plan = [(split, n, {}) for split, n in zip(_SPLITS, counts, strict=True)]
+    if mislabelled:
+        plan.append((MISLABELLED, mislabelled, {"positive_fraction": 1.0}))
+    for offset, (split, n, options) in enumerate(plan):
+        items = _GENERATORS[kind](n, size, seed * 1000 + offset, channels, **options)
+        for index, (image, masks, label) in enumerate(items):
+            if split == MISLABELLED:
+                label = 0  # features present, labelled nondiagnostic
             image_id = f"{split}-{index:05d}"
             suffix = ".png" if kind == "cle" else ".npy"
             path = f"images/{image_id}{suffix}"

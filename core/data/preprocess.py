@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from core.data.io import Image, ImageError
 
 __all__ = [
+    "AUGMENT_POLICIES",
     "MODALITIES",
     "autocontrast",
     "channels_for",
@@ -288,10 +289,19 @@ def prepare_batch(images: Sequence[Image], modality: str, size: int) -> torch.Te
     return torch.stack([prepare(image, modality, size) for image in images])
 
 
+AUGMENT_POLICIES = ("modality", "pcam")
+
+
 def train_augment(
-    modality: str, size: int, padding: int = 16
+    modality: str, size: int, padding: int = 16, *, policy: str = "modality"
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """The paper's training augmentation as a function ``(batch, generator) -> batch``.
+
+    ``policy="modality"`` (the default) is the modality's own paper, below. ``policy="pcam"`` is the PCam
+    augmentation of seed 001 (CELNet, section 3, after Veeling et al. 2018): a random rotation by a multiple of 90
+    degrees and a random horizontal flip per sample, nothing else (no crop, no intensity change), so the batch keeps
+    its pixels and its size (which must be ``size``); it works on the standardised batch directly, since a
+    per-channel standardisation commutes with moving pixels.
 
     The batch is (B, C, S, S) *standardised*, exactly what :func:`prepare_batch` returns; the function undoes the
     standardisation, augments in [0, 1] space (where brightness, contrast and zero padding mean what they say), and
@@ -315,6 +325,10 @@ def train_augment(
     canonical = _modality(modality)
     if size < 1 or padding < 0:
         raise ValueError(f"size must be positive and padding non-negative, not {size} and {padding}")
+    if policy not in AUGMENT_POLICIES:
+        raise ValueError(f"unknown augmentation policy {policy!r}; expected one of {', '.join(AUGMENT_POLICIES)}")
+    if policy == "pcam":
+        return _Rot90Flip(canonical, size)
     if canonical == "WL":
         return _BatchAugment(canonical, size, padding, brightness=0.0, contrast=0.0, hflip=True, rotate=True)
     if canonical == "RCM":  # seed 002: random crop, horizontal and vertical flips, grey-level jitter
@@ -384,6 +398,31 @@ class _BatchAugment:
         cols = (left[:, None] + steps)[:, None, :]
         samples = torch.arange(count, device=x.device)[:, None, None]
         return padded[samples, :, rows, cols].permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class _Rot90Flip:
+    """The PCam augmentation of :func:`train_augment` (``policy="pcam"``): per sample a horizontal flip with
+    probability 1/2, then a rotation by k x 90 degrees, k uniform in {0, 1, 2, 3}; both drawn from ``generator``
+    (flips first, then turns)."""
+
+    modality: str
+    size: int
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Flip and rotate one (B, C, size, size) batch; the input is not modified."""
+        channels = channels_for(self.modality)
+        if batch.ndim != 4 or batch.shape[1] != channels or batch.shape[2:] != (self.size, self.size):
+            raise ValueError(f"expected a (B, {channels}, {self.size}, {self.size}) batch, not {tuple(batch.shape)}")
+        count = batch.shape[0]
+        flips = (torch.rand(count, generator=generator, device=generator.device) < 0.5).to(batch.device)
+        turns = torch.randint(0, 4, (count,), generator=generator, device=generator.device).to(batch.device)
+        x = torch.where(flips.view(count, 1, 1, 1), batch.flip(-1), batch).float().clone()
+        for k in (1, 2, 3):
+            chosen = turns == k
+            if bool(chosen.any()):
+                x[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
+        return x.contiguous()
 
 
 def _stats(modality: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

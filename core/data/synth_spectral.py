@@ -29,7 +29,10 @@ What it models:
   confusion is structured, not white noise. With identical tumor and epithelium spectra it would get 0.5-0.6: thin
   crypt epithelium is mixed with stroma at its edges, solid tumor is not.
 * Background (no sample) pixels hold only baseline and noise, and are masked as unlabeled (128), following the
-  paper's masking of spectra "not covered by sample". The mask is 255 on tumor pixels, 0 on other tissue.
+  paper's masking of spectra "not covered by sample". The mask is 255 on tumor pixels, 0 on other tissue. The
+  background mask itself (``SpectralSpot.tissue``, :func:`tissue_mask`) is what the paper had for every spot,
+  training spots included: it says where a sample is, not where tumor is, so CompSegNet may pool over it in training
+  (:func:`core.models.compsegnet.mask_background`) without seeing a pixel label.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from scipy import ndimage as ndi
 
 from core.data.synth_rcm import NEGATIVE, POSITIVE, UNLABELED, _smooth_field
 
-__all__ = ["SpectralSpot", "make_spectral_spot", "make_spectral_spots", "wavenumbers"]
+__all__ = ["SpectralSpot", "make_spectral_spot", "make_spectral_spots", "tissue_mask", "wavenumbers"]
 
 _HIGH, _LOW = 1800.0, 948.0
 _MEAN_ABSORBANCE = 0.1
@@ -76,6 +79,18 @@ class SpectralSpot:
     mask: np.ndarray
     label: int
     tumor_fraction: float
+
+    @property
+    def tissue(self) -> np.ndarray:
+        """(size, size) bool, True where the spot has sample: the background mask of section 2, inverted."""
+        return tissue_mask(self.mask)
+
+
+def tissue_mask(mask: np.ndarray) -> np.ndarray:
+    """Where a spot's mask (0 / 128 / 255, or a set's mask read from disk) has sample: True on tumor (255) and
+    other tissue (0), False on the background (128 or any other value: no sample, unlabeled)."""
+    mask = np.asarray(mask)
+    return (mask == NEGATIVE) | (mask == POSITIVE)
 
 
 def wavenumbers(channels: int = 450) -> np.ndarray:

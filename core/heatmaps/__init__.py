@@ -3,11 +3,20 @@
 Every method is an ``Explainer``, a context manager built from ``(model, layers)``: hooks are attached on entry and
 always released on exit, leaving no state on the model. Called on a batch ``(B, C, H, W)`` with one target per
 image it returns one map per image (``HeatmapResult``). Registered: ``cam``, ``gradcam``, ``gradcam-multi``,
-``guided-backprop``, ``guided-gradcam``, ``scorecam``, ``celm``; weakly supervised models add their own maps with
-``register_model_map``. Whole mosaics are stitched from windows by :mod:`core.heatmaps.mosaic`.
+``gradient``, ``guided-backprop``, ``guided-gradcam``, ``scorecam``, ``celm``; weakly supervised models add their
+own maps with ``register_model_map``. Whole mosaics are stitched from windows by :mod:`core.heatmaps.mosaic`.
 """
 
-from core.heatmaps import cam, celm, compsegnet_map, gradcam, guided, mlcam_map, scorecam  # noqa: F401  (registers the methods)
+from core.heatmaps import (  # noqa: F401  (registers the methods)
+    cam,
+    celm,
+    compsegnet_map,
+    gradcam,
+    gradient,
+    guided,
+    mlcam_map,
+    scorecam,
+)
 from core.heatmaps.base import (
     Explainer,
     HeatmapResult,

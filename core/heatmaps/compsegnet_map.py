@@ -5,7 +5,9 @@ The CompSegNet (``core.models.compsegnet``) computes its localisation itself: th
 CompSegNet models. Like every method, the displayed map is min-max normalised per image, which
 discards the map's absolute scale. That scale is the segmentation -- pixels above the absolute threshold .35 are
 tumour (section 4) -- so evaluation thresholds the raw map from ``model.segment(x)`` (kept unnormalised in
-``HeatmapResult.raw`` as well), never the normalised display map.
+``HeatmapResult.raw`` as well), never the normalised display map. Spectra masked as background (NaN, section 2;
+:func:`core.models.compsegnet.mask_background`) get 0 in the map, and the logits are then the tumour share of the
+tissue pixels; an unmasked input counts every pixel as tissue.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ Ablations of Tables 1 and 3: ``attention=False`` is "CELNet without MAM" (plain 
 parameters); ``attention="cbam"`` is Table 1's "CELNet without MAM + CBAM" (the same module with CBAM's single
 7 x 7 spatial branch); ``deep_supervision=False`` feeds only module 3's GAP and GMP to the classifier.
 
+CELM's fusion weights alpha and beta (section 2.2, "confirmed by validation") are not parameters of the network
+but are stored with it: ``celm_alpha`` and ``celm_beta`` are builder options kept as attributes, so a checkpoint's
+config (``model_kwargs``) carries the pair chosen on validation and CELM reads it from the model.
+
 Parameters at ``width=16``, ``reduction=16``, three input channels: 296,391 (Table 1: 297K); 292,497 without MAM
 (Table 1: 292K); 295,761 with CBAM instead (Table 1: 296K); 296,327 without deep supervision (the classifier sees
 128 instead of 192 pooled features).
@@ -55,7 +59,7 @@ RECIPE: dict[str, object] = {
 """The paper's training (section 3.1), as documentation for the training loop: binary cross-entropy with L2
 regularisation 1e-5 (weight decay), SGD with Nesterov momentum 0.9, batch size 64, 100 epochs, learning rate 1e-4
 halved at 50 % and 75 % of the epochs; weights of minimum validation loss kept. PCam augmentation: random 90-degree
-rotations and horizontal flips."""
+rotations and horizontal flips (the ``celnet`` training recipe applies them: ``core.train.recipe``)."""
 
 _SPATIAL_KERNELS = {"mam": (3, 5, 7), "cbam": (7,)}  # MAM's branches, k' in {3, 5, 7}; CBAM's one 7 x 7
 _BLOCKS = 3  # building blocks per MA-ResModule
@@ -142,12 +146,18 @@ class CELNet(nn.Module):
         reduction: int = 16,
         attention: bool | str = True,
         deep_supervision: bool = True,
+        celm_alpha: float | None = None,
+        celm_beta: float | None = None,
     ) -> None:
         super().__init__()
         if width < 1 or reduction < 1:
             raise ValueError(f"width and reduction must be positive, got {width} and {reduction}")
+        for name, value in (("celm_alpha", celm_alpha), ("celm_beta", celm_beta)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1] or None, got {value}")
         attention = _attention_kind(attention)
         self.deep_supervision = deep_supervision
+        self.celm_alpha, self.celm_beta = celm_alpha, celm_beta  # CELM's fusion weights chosen on validation
         self.head = nn.Sequential(
             nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
@@ -193,9 +203,14 @@ def celnet(
     reduction: int = 16,
     attention: bool | str = True,
     deep_supervision: bool = True,
+    celm_alpha: float | None = None,
+    celm_beta: float | None = None,
 ) -> nn.Module:
-    """CELNet with multi-branch attention and deep supervision (seed 001; about 0.3 M parameters at width 16)."""
-    model = CELNet(in_chans, num_classes, width, reduction, attention, deep_supervision)
+    """CELNet with multi-branch attention and deep supervision (seed 001; about 0.3 M parameters at width 16).
+
+    ``celm_alpha`` / ``celm_beta`` are CELM's fusion weights chosen on validation
+    (:func:`core.heatmaps.celm.search_weights`); None leaves CELM at its neutral 0.5."""
+    model = CELNet(in_chans, num_classes, width, reduction, attention, deep_supervision, celm_alpha, celm_beta)
     if pretrained_file:
         model.load_state_dict(load_state_dict(pretrained_file))
     return model

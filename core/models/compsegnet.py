@@ -30,13 +30,26 @@ Decisions where the paper is silent or inconsistent:
   about 10 % of the tissue is active (``beta * x / alpha = 50 x``, ``sigma(0.1) = 0.0987``), as the prose says;
   with a sum over 256x256 pixels it would saturate after a fraction of one pixel and the loss would be met by a
   single active pixel. The fraction is also independent of image size and of how much background a sample has.
+- Background mask (section 2: "Spectra at pixel positions not covered by sample were masked as background"): the
+  paper prints the transfer function and the loss, ``g(I, l) = sum_j |o(I_j) - alpha l(j)|`` with
+  ``o(I_j) = sigma_{alpha,beta,gamma}(x_j)``, but no formula for the pooled ``x_j``. Read with ``alpha`` as a share
+  of the *sample* and with the background masked, it is the active fraction of the tissue pixels ``T_j`` of image
+  ``j``: ``x_j = (1 / |T_j|) sum_{i in T_j} a_j(i)``; background pixels neither add activation nor dilute it, so
+  a spot's tumour share does not depend on how much of its frame is empty glass or lumen. The mask reaches the
+  loss in one of two ways: ``valid`` (``(B, H, W)``, True on tissue) passed to ``loss``/``pooled``/
+  ``tumor_fraction``, or masked spectra in the input itself: a pixel whose spectrum holds a non-finite value (NaN,
+  a common marking of masked spectra, :func:`mask_background`) is background. The training loop
+  (``core.train.recipe``) passes images only, so a set's background mask travels as NaN spectra. The U-Net sees
+  zeros there (the tissue mean after per-channel standardisation) and the map is 0 on background (no sample, no
+  tumour). Without either (inference on unmasked spectra, training data without a mask) every pixel counts as
+  tissue: ``T_j`` is the whole image, as before.
 - Loss (section 3.2): ``mean_j |o(I_j) - alpha * l(j)|``. The paper writes the sum over samples and calls it a
   root-mean-squared error; the formula is an absolute error, and the mean has the same minimiser with a learning
   rate independent of batch size. Note that with this loss a cancer sample's loss is smallest at a soft fraction of
   about 14.5 % (where ``sigma`` reaches ``alpha``); above it the linear term ``gamma * x`` adds a small penalty
   (slope ``gamma``), not the incentive section 3.2 ascribes to it.
 - Sample decision (section 4, Figure S3): pixels whose activation exceeds ``PIXEL_THRESHOLD`` (.35, the paper's
-  .35 * 255 on 8-bit maps) are tumour; the sample score is the tumour fraction among valid pixels, and the ROC is
+  .35 * 255 on 8-bit maps) are tumour; the sample score is the tumour fraction among tissue pixels, and the ROC is
   taken over a threshold on that fraction. ``forward`` returns ``logit(clamp(fraction, 1e-4, 1 - 1e-4))`` so that
   ``sigmoid(forward(x))`` is the tumour fraction (monotone, so its ROC is the paper's). The threshold has no
   gradient, so ``forward``'s gradient is that of the logit of the soft fraction (a straight-through estimator):
@@ -60,8 +73,10 @@ __all__ = [
     "CompSegNet",
     "PoolingNeuron",
     "compsegnet",
+    "mask_background",
     "pooling_transfer",
     "thresholded_fraction",
+    "tissue_of",
 ]
 
 PIXEL_THRESHOLD = 0.35
@@ -101,6 +116,22 @@ def thresholded_fraction(
     """Per-sample fraction of valid pixels whose activation exceeds ``threshold``: the tumour content that the
     paper's ROC thresholds (seed 004, section 4, Figure S3). Works on maps stitched from windows as well."""
     return _valid_mean(maps > threshold, valid)
+
+
+def mask_background(x: torch.Tensor, tissue: torch.Tensor) -> torch.Tensor:
+    """A copy of the input ``(B, C, H, W)`` whose spectra outside ``tissue`` (``(B, H, W)``, True where a sample
+    is) are NaN: the background masked in the input itself (seed 004, section 2), so that a training loop that
+    passes images only still pools over tissue (:func:`tissue_of`)."""
+    if tissue.shape != (x.shape[0], *x.shape[-2:]):
+        raise ValueError(f"tissue mask of shape {tuple(tissue.shape)} does not match input of shape {tuple(x.shape)}")
+    return x.masked_fill(~tissue.to(device=x.device, dtype=torch.bool)[:, None], float("nan"))
+
+
+def tissue_of(x: torch.Tensor) -> torch.Tensor | None:
+    """``(B, H, W)`` True where every channel of the input is finite (tissue), or None when no pixel is masked
+    (then every pixel counts, as for an unmasked image)."""
+    finite = torch.isfinite(x).all(dim=1)
+    return None if bool(finite.all()) else finite
 
 
 class PoolingNeuron(nn.Module):
@@ -161,7 +192,8 @@ class CompSegNet(nn.Module):
         self.pool = PoolingNeuron(alpha, beta, gamma)
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
-        """The activation map ``a = sigmoid(head(U-Net(x)))``, ``(B, H, W)`` in [0, 1] at the input's size.
+        """The activation map ``a = sigmoid(head(U-Net(x)))``, ``(B, H, W)`` in [0, 1] at the input's size; 0 on
+        masked background (non-finite spectra, :func:`mask_background`), which the U-Net sees as zeros.
 
         This raw map is the segmentation: pixels above ``PIXEL_THRESHOLD`` are tumour (section 4). The heatmap
         method ``compsegnet`` min-max normalises it for display, which loses that absolute scale, so evaluation
@@ -172,6 +204,9 @@ class CompSegNet(nn.Module):
                 f"CompSegNet with depth {self.depth} needs a batch (B, C, H, W) with H and W divisible by {step}, "
                 f"got shape {tuple(x.shape)}; crop or pad the input"
             )
+        tissue = tissue_of(x)
+        if tissue is not None:
+            x = torch.where(tissue[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         skips = []
         for block in self.down[:-1]:
             x = block(x)
@@ -180,35 +215,44 @@ class CompSegNet(nn.Module):
         x = self.down[-1](x)
         for up, block, skip in zip(self.up, self.dec, reversed(skips), strict=True):
             x = block(torch.cat([skip, up(x)], dim=1))
-        return torch.sigmoid(self.head(x))[:, 0]
+        maps = torch.sigmoid(self.head(x))[:, 0]
+        return maps if tissue is None else maps * tissue
 
     def pooled(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """The pooling neuron's output ``o(I)``, ``(B,)`` (sections 3.1-3.2)."""
-        return self.pool(self.segment(x), valid)
+        """The pooling neuron's output ``o(I)``, ``(B,)`` (sections 3.1-3.2), over the tissue pixels: ``valid``
+        where given, else the input's unmasked pixels (:func:`tissue_of`; all of them for an unmasked input)."""
+        return self.pool(self.segment(x), _tissue(x, valid))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """``mean_j |o(I_j) - alpha * l(j)|`` over the batch (section 3.2; the paper sums, same minimiser).
-        ``y`` holds the 0/1 sample labels ``(B,)``; ``valid`` the tissue pixels ``(B, H, W)``, default all."""
+        ``y`` holds the 0/1 sample labels ``(B,)``; ``valid`` the tissue pixels ``(B, H, W)``, default: the
+        input's unmasked pixels (every pixel of an unmasked input)."""
         return (self.pooled(x, valid) - self.pool.alpha * y.to(x.dtype)).abs().mean()
 
     def tumor_fraction(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Fraction of valid pixels above ``PIXEL_THRESHOLD``, ``(B,)``: the paper's sample score (section 4)."""
-        return thresholded_fraction(self.segment(x), valid)
+        """Fraction of tissue pixels above ``PIXEL_THRESHOLD``, ``(B,)``: the paper's sample score (section 4);
+        tissue as in :meth:`pooled`."""
+        return thresholded_fraction(self.segment(x), _tissue(x, valid))
 
-    def _logits(self, maps: torch.Tensor) -> torch.Tensor:
+    def _logits(self, maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """``logit(clamp(tumour fraction))`` as ``(B, 1)``, with the gradient of the soft fraction's logit."""
-        hard = torch.logit(thresholded_fraction(maps).clamp(_EPS, 1 - _EPS))
-        soft = torch.logit(_valid_mean(maps, None).clamp(_EPS, 1 - _EPS))
+        hard = torch.logit(thresholded_fraction(maps, valid).clamp(_EPS, 1 - _EPS))
+        soft = torch.logit(_valid_mean(maps, valid).clamp(_EPS, 1 - _EPS))
         return (hard + (soft - soft.detach()))[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, 1)`` whose sigmoid is the tumour fraction (clamped to [1e-4, 1 - 1e-4])."""
-        return self._logits(self.segment(x))
+        """Logits ``(B, 1)`` whose sigmoid is the tumour fraction of the tissue (clamped to [1e-4, 1 - 1e-4])."""
+        return self._logits(self.segment(x), tissue_of(x))
 
     def activation_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The activation map ``(B, H, W)`` and the logits of the same pass, for the ``compsegnet`` heatmap."""
         maps = self.segment(x)
-        return maps, self._logits(maps)
+        return maps, self._logits(maps, tissue_of(x))
+
+
+def _tissue(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
+    """The tissue pixels: ``valid`` where given, else those of the input (:func:`tissue_of`)."""
+    return valid if valid is not None else tissue_of(x)
 
 
 @register_model("compsegnet", target_layer=lambda model: model.dec[-1], cam_layers=lambda model: [model.dec[-1]])

@@ -35,8 +35,18 @@ therefore acts where both maps are positive after training, which is what the pa
 
 Ablations of Table 2 (:data:`ABLATIONS`) are inference-time variants of one trained network: M2 (LI + CI, eq. 5),
 M3 (no LI), M4-M6 (LI, one depth, no CI), M7-M9 (one depth's DFM' alone); the depths are numbered shallow to deep
-(M4 and M7 use z1, M6 and M9 use z3), which the paper does not state. M1 (MLGAP, CAMs combined before one GAP) and
-M10 (plain CAM on a standard backbone) are separate networks and are not built here.
+(M4 and M7 use z1, M6 and M9 use z3), which the paper does not state. The paper trained its ablated models ("All
+models were trained and tested on the same data with the same parameters"), so two builder options make the other
+networks of Table 2 and Fig. 2:
+
+- ``depth=k`` (1-3): MLCAM_k (Fig. 2, top), the stages up to z_k with one DFM/NFM head at z_k, trained on that
+  depth's loss alone; its map with LI is a trained M4-M6, without LI a trained M7-M9 (:meth:`MLCAMLICI.fdfm` takes
+  the depth numbers of the full network, so the Table 2 ablations apply to it unchanged).
+- ``pooling="combined"``: M1, MLGAP (Fig. 2, bottom, after Kim et al.): the three depths' DFM/NFM maps upsampled to
+  z1's resolution and summed before one GAP and one softmax loss; its map is that combined DFM (ReLU, min-max), with
+  no LI or CI.
+
+M10 (plain CAM on a standard backbone) is a ResNet-18 trained by the same recipe (``services.localization``).
 """
 
 from __future__ import annotations
@@ -55,12 +65,16 @@ __all__ = [
     "ABLATIONS",
     "INTERMEDIATE_THRESHOLD",
     "MLCAMLICI",
+    "POOLINGS",
     "RECIPE",
     "RESTRICTIVE_THRESHOLD",
     "final_dfm",
     "mlcam_lici",
     "normalise_map",
 ]
+
+POOLINGS = ("each", "combined")
+"""How the class scores pool the maps: each depth on its own (MLCAM-LICI, MLCAM_k) or combined first (MLGAP, M1)."""
 
 INTERMEDIATE_THRESHOLD = 0.03
 """Threshold on the normalised FDFM segmenting intermediate (medium-sized) features (seed 000, section 3)."""
@@ -151,29 +165,45 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 class MLCAMLICI(nn.Module):
     """MLCAM-LICI (seed 000, section 2): a three-stage CNN with a DFM/NFM 1x1 convolution at each stage output."""
 
-    def __init__(self, in_chans: int = 1, width: int = 32) -> None:
+    def __init__(self, in_chans: int = 1, width: int = 32, depth: int = 0, pooling: str = "each") -> None:
         super().__init__()
-        channels = [width, 2 * width, 4 * width]
+        if depth not in (0, 1, 2, 3):
+            raise ValueError(f"depth must be 0 (all three depths) or a single depth 1-3, not {depth!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        if pooling == "combined" and depth:
+            raise ValueError("MLGAP (pooling='combined') combines all three depths; it takes no single depth")
+        channels = [width, 2 * width, 4 * width][: depth or 3]
         inputs = [in_chans, *channels[:-1]]
+        self.depths = (depth - 1,) if depth else (0, 1, 2)
+        self.pooling = pooling
         self.stages = nn.ModuleList(_stage(cin, cout) for cin, cout in zip(inputs, channels, strict=True))
         # Output channel 0 is NFM (weights w_k0, eq. 2), channel 1 DFM (w_k1, eq. 1); no bias, as in the equations.
-        self.heads = nn.ModuleList(nn.Conv2d(c, 2, 1, bias=False) for c in channels)
+        self.heads = nn.ModuleList(nn.Conv2d(channels[k], 2, 1, bias=False) for k in self.depths)
         for module in self.stages.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def _maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each depth's ``(B, 2, h_i, w_i)`` NFM/DFM pair, shallow to deep."""
+        """Each head's ``(B, 2, h_i, w_i)`` NFM/DFM pair, shallow to deep."""
         maps = []
-        for stage, head in zip(self.stages, self.heads, strict=True):
+        for k, stage in enumerate(self.stages):
             x = stage(x)
-            maps.append(head(x))
+            if k in self.depths:
+                maps.append(self.heads[self.depths.index(k)](x))
         return maps
 
-    @staticmethod
-    def _scores(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``(B, depths, 2)`` class scores (S_N, S_D) by global average pooling (eqs. 3-4, mean for the sum)."""
-        return torch.stack([m.float().mean(dim=(2, 3)) for m in maps], dim=1)
+    def _pooled(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The maps the class scores pool: each head's own, or (MLGAP) their sum at the shallowest map's size."""
+        if self.pooling == "each":
+            return list(maps)
+        size = tuple(maps[0].shape[-2:])
+        return [sum(F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps)]
+
+    def _scores(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B, pooled maps, 2)`` class scores (S_N, S_D) by global average pooling (eqs. 3-4, mean for the
+        sum): one per depth, or one of the combined map (MLGAP)."""
+        return torch.stack([m.float().mean(dim=(2, 3)) for m in self._pooled(maps)], dim=1)
 
     @staticmethod
     def _logit(scores: torch.Tensor) -> torch.Tensor:
@@ -186,45 +216,60 @@ class MLCAMLICI(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The paper's training loss: one softmax + multinomial logistic loss per depth on (S_N, S_D), each averaged
-        over the batch, summed over the three depths. ``y`` is 1 for diagnostic, 0 for nondiagnostic."""
+        over the batch, summed over the depths (one loss for MLCAM_k and for MLGAP's combined scores). ``y`` is 1 for
+        diagnostic, 0 for nondiagnostic."""
         scores = self._scores(self._maps(x))
         target = y.reshape(-1).long()
         return sum(F.cross_entropy(scores[:, depth], target) for depth in range(scores.shape[1]))
 
     def layer_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """The ``(B, 1)`` logits and the raw DFMs and NFMs (eqs. 1-2) per depth, ``(B, h_i, w_i)``, shallow to
-        deep, from one forward pass."""
+        """The ``(B, 1)`` logits and the raw DFMs and NFMs (eqs. 1-2) per head (the depths in ``self.depths``),
+        ``(B, h_i, w_i)``, shallow to deep, from one forward pass."""
         maps = self._maps(x)
         return self._logit(self._scores(maps)), [m[:, 1] for m in maps], [m[:, 0] for m in maps]
 
     def fdfm(
         self,
         x: torch.Tensor,
-        layers: Sequence[int] = (0, 1, 2),
+        layers: Sequence[int] | None = None,
         lateral_inhibition: bool = True,
-        collateral_integration: bool = True,
+        collateral_integration: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The final DFM (eq. 5) or one of Table 2's ablations (:data:`ABLATIONS`) at input resolution,
-        ``(B, H, W)`` in [0, 1], and the ``(B, 1)`` logits of the same pass. ``layers`` picks the depths (0 = z1)."""
-        layers = tuple(layers)
-        depths = len(self.stages)
-        if not layers or len(set(layers)) != len(layers) or not all(0 <= k < depths for k in layers):
-            raise ValueError(f"layers must be distinct depths in 0..{depths - 1}, got {layers}")
-        logits, dfm, nfm = self.layer_maps(x)
+        ``(B, H, W)`` in [0, 1], and the ``(B, 1)`` logits of the same pass. ``layers`` picks depths of the full
+        network (0 = z1; default: every depth this network has a head at), ``collateral_integration`` defaults to
+        "when more than one depth". MLGAP's map is its combined DFM: it takes no layers, LI or CI."""
         size = (x.shape[-2], x.shape[-1])
-        dfm_n = [normalise_map(dfm[k], size) for k in layers]
-        nfm_n = [normalise_map(nfm[k], size) for k in layers] if lateral_inhibition else None
-        return final_dfm(dfm_n, nfm_n, collateral_integration), logits
+        if self.pooling == "combined":
+            if layers is not None or collateral_integration:
+                raise ValueError("MLGAP's map is its combined DFM; it has no per-depth ablations")
+            maps = self._maps(x)
+            return normalise_map(self._pooled(maps)[0][:, 1], size), self._logit(self._scores(maps))
+        layers = self.depths if layers is None else tuple(layers)
+        if not layers or len(set(layers)) != len(layers) or not all(k in self.depths for k in layers):
+            raise ValueError(f"layers must be distinct depths among {self.depths} (this network's heads), got {layers}")
+        logits, dfm, nfm = self.layer_maps(x)
+        heads = [self.depths.index(k) for k in layers]
+        dfm_n = [normalise_map(dfm[h], size) for h in heads]
+        nfm_n = [normalise_map(nfm[h], size) for h in heads] if lateral_inhibition else None
+        integrate = len(layers) > 1 if collateral_integration is None else collateral_integration
+        return final_dfm(dfm_n, nfm_n, integrate), logits
 
 
 @register_model("mlcam_lici", target_layer=lambda model: model.stages[-1], cam_layers=lambda model: list(model.stages))
 def mlcam_lici(
-    in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, width: int = 32
+    in_chans: int = 1,
+    num_classes: int = 1,
+    pretrained_file: str | None = None,
+    width: int = 32,
+    depth: int = 0,
+    pooling: str = "each",
 ) -> nn.Module:
-    """MLCAM-LICI weakly supervised localiser, seed 000 (about 287 k parameters at width 32, grey input)."""
+    """MLCAM-LICI weakly supervised localiser, seed 000 (about 287 k parameters at width 32, grey input); ``depth``
+    1-3 makes MLCAM_k (one depth), ``pooling="combined"`` MLGAP (M1)."""
     if num_classes != 1:
         raise ValueError(f"MLCAM-LICI is a diagnostic / nondiagnostic model with one logit, not {num_classes} classes")
-    model = MLCAMLICI(in_chans, width)
+    model = MLCAMLICI(in_chans, width, depth, pooling)
     if pretrained_file:
         model.load_state_dict(load_state_dict(pretrained_file))
     return model

@@ -6,12 +6,23 @@ methods never guess at a model's internals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-__all__ = ["ModelSpec", "create_model", "get_spec", "list_models", "register_model"]
+__all__ = [
+    "ModelSpec",
+    "check_model_options",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "model_options",
+    "register_model",
+]
 
 
 @dataclass(frozen=True)
@@ -72,3 +83,41 @@ def create_model(
 ) -> nn.Module:
     """Build a registered architecture. Weights are random unless ``pretrained_file`` names a local checkpoint."""
     return get_spec(name).builder(in_chans=in_chans, num_classes=num_classes, pretrained_file=pretrained_file, **kwargs)
+
+
+_BUILDER_ARGUMENTS = ("in_chans", "num_classes", "pretrained_file")
+_TYPES: dict[str, tuple[type, ...]] = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The options an architecture's builder takes besides channels, classes and checkpoint: name -> default."""
+    signature = inspect.signature(get_spec(name).builder)
+    return {
+        key: parameter.default
+        for key, parameter in signature.parameters.items()
+        if key not in _BUILDER_ARGUMENTS and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    }
+
+
+def check_model_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the builder of ``name`` before any training starts: each must be one of its
+    options (:func:`model_options`) and of the type its annotation allows (an int passes for a float); ``drop_rate``
+    must lie in [0, 1). Returns them as a plain dict; ``ValueError`` says what to change."""
+    known = model_options(name)
+    annotations = {k: str(p.annotation) for k, p in inspect.signature(get_spec(name).builder).parameters.items()}
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in known:
+            offered = ", ".join(f"{k} (default {v!r})" for k, v in known.items()) or "none"
+            raise ValueError(f"architecture {name} has no option {key!r}; its options: {offered}")
+        words = set(re.findall(r"\b(bool|int|float|str|None)\b", annotations[key]))
+        allowed = tuple(t for word in words for t in _TYPES.get(word, ()))
+        fits = (value is None and "None" in words) or (
+            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        )
+        if words and not fits:
+            raise ValueError(f"option {key} of {name} must be {annotations[key]}, not {value!r}")
+        if key == "drop_rate" and not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"drop_rate (dropout) must lie in [0, 1), not {value!r}")
+        checked[key] = value
+    return checked

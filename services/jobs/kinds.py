@@ -80,26 +80,37 @@ def _workspace_file(relative: Any, what: str) -> Path:
 
 
 def _check_train(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    from core.models import check_model_options
     from core.models import list_models as architectures
     from core.stats.thresholds import POLICIES
     from core.train import RECIPES, TASKS, TrainConfig
     from db.models import MODALITIES
     from services.training import check_model_name, default_name
 
-    allowed = {f.name for f in fields(TrainConfig)} - {"model_kwargs"}
+    allowed = {f.name for f in fields(TrainConfig)}
     unknown = set(params) - allowed - {"name", "data", "mosaics", "patches"}
     if unknown:
         raise ValueError(f"unknown training parameter(s): {', '.join(sorted(unknown))}")
     config = TrainConfig(**{k: v for k, v in params.items() if k in allowed})
     if config.architecture not in architectures():
         raise ValueError(f"unknown architecture {config.architecture!r}; choose one of {', '.join(architectures())}")
+    options = config.model_kwargs if config.model_kwargs is not None else {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ValueError("model options must be a JSON object of option names and values")
+    config = replace(config, model_kwargs=check_model_options(config.architecture, options))
+    if config.weight_decay is not None:
+        decay = config.weight_decay
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"weight decay must be a number in [0, 1), not {decay!r}")
     if config.task not in TASKS:
         raise ValueError(f"unknown task {config.task!r}; choose one of {', '.join(sorted(TASKS))}")
     if config.modality not in MODALITIES:
         raise ValueError(f"unknown modality {config.modality!r}; choose one of {', '.join(MODALITIES)}")
     if config.recipe is not None and config.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {config.recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
-    if config.threshold_policy not in POLICIES or config.threshold_policy == "fixed":
+    if config.threshold_policy is not None and (
+        config.threshold_policy not in POLICIES or config.threshold_policy == "fixed"
+    ):
         raise ValueError(f"unknown threshold policy {config.threshold_policy!r}")
     for key, low, high in (("epochs", 1, 1000), ("image_size", 16, 1024), ("batch_size", 1, 1024)):
         _int(params, key, getattr(config, key), low, high)
@@ -120,7 +131,6 @@ def _check_train(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             complete[key] = str(params[key])
     if params.get("mosaics"):
         complete["patches"] = _int(params, "patches", 200, 1, 100_000)
-    complete.pop("model_kwargs", None)
     source = " from RCM mosaics" if params.get("mosaics") else " from a localisation set" if params.get("data") else ""
     title = f"Train {name} ({config.architecture}, {config.modality} {config.task}, {config.epochs} epochs{source})"
     return title, complete
@@ -262,7 +272,7 @@ def _run_import(context: JobContext, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_localization(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    from services.localization import MOSAIC_STUDIES, study_titles
+    from services.localization import MOSAIC_STUDIES, check_overrides, study_titles
 
     titles = study_titles()
     study = str(params.get("study") or "")
@@ -283,6 +293,11 @@ def _check_localization(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if study in MOSAIC_STUDIES:
         complete["window"] = _int(params, "window", None, 16, 1024)
         complete["patches"] = _int(params, "patches", None, 1, 100_000)
+    overrides = params.get("overrides") or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ValueError('overrides must map a model of the study to its fields, e.g. {"main": {"lr": 0.05}}')
+    if overrides:
+        complete["overrides"] = check_overrides(study, overrides)
     return f"Localisation study: {titles[study]}", complete
 
 
@@ -295,6 +310,7 @@ def _run_localization(context: JobContext, params: dict[str, Any]) -> dict[str, 
         "epochs": params.get("epochs"),
         "seed": params["seed"],
         "bootstrap": params["bootstrap"],
+        "overrides": params.get("overrides"),
         "log": context.log,
         "progress": context.training(),
     }

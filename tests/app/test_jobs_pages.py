@@ -213,11 +213,13 @@ def test_the_train_form_queues_a_job_that_trains_and_registers_the_model(cohort_
         "tiny_cnn",
         1,
     )
+    assert job.params["threshold_policy"] is None  # the task's rule: sens90 for tumor, closest for grade and Ki-67
     assert any(f"Job {job.id} queued" in s.value for s in at.success)
     assert [link.proto.page for link in at.get("page_link")][-1] == "jobs"  # follow it on the Jobs page
     done = service.wait(job.id, timeout=240)
     assert done.state == "succeeded", (done.error, done.log_tail)
     assert [m.name for m in repo.list_models()] == ["from-the-form"]
+    assert repo.list_models()[0].threshold_policy == "sens90"
     at = _page(pi, "../pages/jobs.py")
     assert any("Registered model **from\\-the\\-form**" in m.value for m in at.markdown)
     assert any(":green-badge[:material/check_circle: succeeded]" in m.value for m in at.markdown)

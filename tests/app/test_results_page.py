@@ -201,3 +201,54 @@ def test_the_roc_band_is_the_pointwise_percentile_of_resampled_step_curves():
         curves.append([tpr[fpr <= g + 1e-12].max() for g in band["fpr"]])
     np.testing.assert_allclose(band["low"], np.quantile(curves, 0.025, axis=0), atol=1e-6)
     np.testing.assert_allclose(band["high"], np.quantile(curves, 0.975, axis=0), atol=1e-6)
+
+
+def test_the_cross_arm_rows_put_the_fl_cnn_against_the_wl_arm(finished_study):
+    """Seed 003's Table 1 cross-arm rows: on the cases both arms share, the FL-CNN (at the FL arm's threshold)
+    against the WL arm's readers and the WL-CNN. The same bootstrap resamples as the arms' own rows (same cases,
+    truth and seed), so each rater's estimates and CIs are those of its own arm."""
+    study, _ = finished_study
+    out = results.study_results(study.id, bootstrap=200, permutations=300, seed=2)
+    cross = out.cross
+    assert cross["arms"] == {"FL": "FL", "WL": "WL"} and cross["models"] == {"FL": "tiny-FL", "WL": "tiny-WL"}
+    assert cross["n_cases"] == study.n_cases
+    fl, wl = out.arms["FL"], out.arms["WL"]
+    vs_readers, vs_model = cross["vs_readers"], cross["vs_model"]
+    assert vs_readers["threshold"]["value"] == vs_model["threshold"]["value"] == fl["threshold"]["value"]
+    wl_readers = set(wl["inputs"].reads["reader_id"])
+    assert set(vs_readers["raters"]) == {"model", "readers_mean", *wl_readers}
+    for rater in (*wl_readers, "readers_mean"):
+        assert vs_readers["raters"][rater] == wl["raters"][rater]  # the WL arm's readers, as in their own arm
+    assert set(vs_model["raters"]) == {"model", "WL-CNN"}
+    for metric in (*METRICS, "auc"):
+        assert vs_readers["raters"]["model"][metric] == fl["raters"]["model"][metric]  # the FL-CNN of its arm
+        assert vs_model["raters"]["WL-CNN"][metric] == wl["raters"]["model"][metric]  # the WL-CNN of its arm
+    accuracy = next(c for c in vs_model["comparisons"] if c["metric"] == "accuracy")
+    expected = fl["raters"]["model"]["accuracy"]["estimate"] - wl["raters"]["model"]["accuracy"]["estimate"]
+    assert accuracy["difference"] == pytest.approx(expected) and 0 < accuracy["p_value"] <= 1
+    assert {c["b"] for c in vs_model["comparisons"]} == {"WL-CNN"}
+    assert {c["method"] for c in vs_model["comparisons"] if c["metric"] == "auc"} == {"DeLong"}
+    assert {c["b"] for c in vs_readers["comparisons"]} == {"readers_mean", *wl_readers}
+
+
+def test_a_study_without_both_arms_has_no_cross_arm_rows(use_trained):
+    study, _, _ = reader_study(1, arms=(ArmSpec("FL only", "FL"),))
+    out = results.study_results(study.id, bootstrap=100, permutations=100)
+    assert out.cross is None
+
+
+def test_the_results_page_shows_the_cross_arm_rows(finished_study):
+    study, pi = finished_study
+    at = AppTest.from_file(RESULTS, default_timeout=120)
+    at.session_state["auth_user_id"] = pi
+    at.run()
+    at.selectbox(key="results_study").set_value(study.id).run()
+    assert not at.exception, at.exception
+    assert any("FL-CNN against the WL arm" in h.value for h in at.subheader)
+    titles = [m.value for m in at.markdown]
+    assert "**FL-CNN vs readers of the WL arm**" in titles and "**FL-CNN vs WL-CNN**" in titles
+    tables = [t.value for t in at.dataframe]
+    model_table = next(t for t in tables if "rater" in t.columns and "WL-CNN" in set(t["rater"]))
+    assert list(model_table["rater"]) == ["FL-CNN", "WL-CNN"]
+    compared = next(t for t in tables if "FL-CNN vs" in t.columns and "WL-CNN" in set(t["FL-CNN vs"]))
+    assert set(compared["metric"]) == {*METRICS, "auc"}

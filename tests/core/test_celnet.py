@@ -7,9 +7,15 @@ import pytest
 import torch
 from torch import nn
 
+from core.data.preprocess import train_augment
+from core.heatmaps import celm as celm_module
 from core.heatmaps import get_method, list_methods
+from core.heatmaps.celm import search_weights
 from core.models import create_model, get_spec, load_checkpoint, save_checkpoint
 from core.models.celnet import MAM, RECIPE, MAResBlock
+from core.train import TrainConfig, fit
+from core.train import recipe as recipe_module
+from core.train.recipe import recipe_for
 
 SIZE = 32
 BLOB = 8
@@ -261,3 +267,160 @@ def test_checkpoint_round_trip_rebuilds_the_ablation(tmp_path):
     x = torch.randn(3, 1, SIZE, SIZE)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+# --- CELM: fusion weights chosen on validation, saliency readings (seed 001, section 2.2) ---------------------------
+
+
+def _constructed_components(monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    """CELM's parts replaced by constructed 8 x 8 maps: CAM2 marks the left half, CAM3 the right half, the saliency
+    the top half (1) over a faint bottom half (0.2). The mask is the top-left quadrant, so alpha = 0 (CAM2 alone)
+    and beta = 1 (the product alone) localise it exactly; returns the (2, 8, 8) masks."""
+    cam2 = torch.zeros(8, 8)
+    cam2[:, :4] = 1.0
+    saliency = torch.full((8, 8), 0.2)
+    saliency[:4] = 1.0
+
+    def components(self, x, targets):
+        n = len(x)
+        return cam2.expand(n, 8, 8), (1.0 - cam2).expand(n, 8, 8), saliency.expand(n, 8, 8), torch.zeros(n, 1)
+
+    monkeypatch.setattr(celm_module.CELM, "components", components)
+    masks = np.zeros((2, 8, 8), dtype=np.int8)
+    masks[:, :4, :4] = 1
+    return masks
+
+
+def test_weight_search_picks_the_known_best_pair(monkeypatch):
+    masks = _constructed_components(monkeypatch)
+    model = create_model("celnet", in_chans=1, width=4)
+    layers = get_spec("celnet").layers(model)
+    search = search_weights(model, layers, torch.zeros(2, 1, 8, 8), masks, threshold=0.35, grid=(0.0, 0.5, 1.0))
+    assert (search.alpha, search.beta) == (0.0, 1.0) and search.scores[(0.0, 1.0)] == pytest.approx(1.0)
+    # beta 0 keeps the whole left half: Dice 2 * 16 / (2 * 16 + 16); alpha 0.5 fuses to a flat map (nothing at 0.35)
+    assert search.scores[(0.0, 0.0)] == pytest.approx(2 / 3) and search.scores[(0.5, 1.0)] == 0.0
+    assert search.scores[(1.0, 1.0)] == 0.0 and len(search.scores) == 9
+    assert search.record()["alpha"] == 0.0 and len(search.record()["grid"]) == 9
+
+
+def test_ties_go_to_the_pair_nearest_the_neutral_one(monkeypatch):
+    masks = _constructed_components(monkeypatch)
+    model = create_model("celnet", in_chans=1, width=4)
+    layers = get_spec("celnet").layers(model)
+    # at threshold 0.5 beta 0.75 (bottom-left at 0.4 after fusion) ties with beta 1: the nearer to 0.5 wins
+    search = search_weights(model, layers, torch.zeros(2, 1, 8, 8), masks, threshold=0.5, grid=(0.0, 0.5, 0.75, 1.0))
+    assert search.scores[(0.0, 0.75)] == search.scores[(0.0, 1.0)] == pytest.approx(1.0)
+    assert (search.alpha, search.beta) == (0.0, 0.75)
+
+
+def test_celm_uses_the_weights_stored_with_the_model_unless_given(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, SIZE, SIZE)
+    model = create_model("celnet", in_chans=1, width=4, celm_alpha=0.0, celm_beta=1.0).eval()
+    layers = get_spec("celnet").layers(model)
+
+    def celm(m: nn.Module, **options) -> tuple[np.ndarray, tuple[float, float]]:
+        with get_method("celm")(m, get_spec("celnet").layers(m), **options) as explainer:
+            return explainer(x).maps, (explainer.alpha, explainer.beta)
+
+    stored, weights = celm(model)
+    assert weights == (0.0, 1.0)
+    assert np.allclose(stored, celm(model, alpha=0.0, beta=1.0)[0])
+    assert not np.allclose(stored, celm(model, alpha=0.5, beta=0.5)[0], atol=1e-3)
+    assert celm(model, alpha=1.0)[1] == (1.0, 1.0)  # an explicit value wins, the other stays stored
+    assert celm(create_model("celnet", in_chans=1, width=4))[1] == (0.5, 0.5)  # none stored: neutral
+    config = {
+        "architecture": "celnet",
+        "in_chans": 1,
+        "model_kwargs": {"width": 4, "celm_alpha": 0.0, "celm_beta": 1.0},
+    }
+    save_checkpoint(model, config, tmp_path / "tuned")
+    loaded, _ = load_checkpoint(tmp_path / "tuned")
+    assert (loaded.celm_alpha, loaded.celm_beta) == (0.0, 1.0)
+    assert np.allclose(celm(loaded)[0], stored, atol=1e-6)
+    assert layers == [model.stages[1], model.stages[2]]
+    with pytest.raises(ValueError, match="celm_alpha"):
+        create_model("celnet", in_chans=1, width=4, celm_alpha=1.5)
+
+
+def test_signed_saliency_keeps_zero_gradient_mid_range_the_magnitude_erases_it(monkeypatch):
+    """A gradient of -2 (left column), 0 (middle) and +2 (right): signed min-max gives 0, 1/2, 1, the magnitude 1, 0,
+    1; with beta = 1 CELM is the CAM times that saliency, so the magnitude map is 0 where the gradient is."""
+    gradient = torch.zeros(1, 1, 6, 6)
+    gradient[..., :2], gradient[..., 4:] = -2.0, 2.0
+
+    def guided(self, x, targets):
+        return gradient.expand(len(x), -1, -1, -1).clone(), torch.zeros(len(x), 1)
+
+    monkeypatch.setattr(celm_module.GuidedBackprop, "gradient", guided)
+    torch.manual_seed(0)
+    model = create_model("celnet", in_chans=1, width=4).eval()
+    layers = get_spec("celnet").layers(model)
+    x = torch.randn(1, 1, 6, 6)
+    results = {}
+    for saliency in ("signed", "magnitude"):
+        with get_method("celm")(model, layers, beta=1.0, sigma=0.0, saliency=saliency) as explainer:
+            results[saliency] = explainer(x)
+    signed, magnitude = results["signed"].extras["saliency"][0], results["magnitude"].extras["saliency"][0]
+    assert np.allclose(signed[:, :2], 0.0) and np.allclose(signed[:, 2:4], 0.5) and np.allclose(signed[:, 4:], 1.0)
+    assert np.allclose(magnitude[:, :2], 1.0) and np.allclose(magnitude[:, 2:4], 0.0)
+    assert np.allclose(results["magnitude"].raw[0][:, 2:4], 0.0)
+    cam = results["signed"].extras["cam"][0]
+    assert np.allclose(results["signed"].raw[0], cam * signed, atol=1e-6)
+    with get_method("celm")(model, layers) as explainer:
+        assert explainer.saliency == "signed"  # the default, measured (core.heatmaps.celm docstring)
+    with pytest.raises(ValueError, match="saliency"):
+        get_method("celm")(model, layers, saliency="abs")
+
+
+# --- PCam augmentation (seed 001, section 3) ---------------------------------------------------------------------
+
+
+def _dihedral(image: torch.Tensor) -> list[torch.Tensor]:
+    """The eight rotations by multiples of 90 degrees of an image and of its horizontal mirror."""
+    return [torch.rot90(view, k, dims=(-2, -1)) for view in (image, image.flip(-1)) for k in range(4)]
+
+
+def test_pcam_augmentation_only_rotates_and_flips_each_sample_in_place():
+    batch = torch.arange(16 * 2 * 12 * 12, dtype=torch.float32).view(16, 2, 12, 12)[:, :1].contiguous()
+    before = batch.clone()
+    augment = train_augment("CLE", 12, policy="pcam")
+    out = augment(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(batch, before) and out.shape == batch.shape
+    seen = set()
+    for original, moved in zip(batch, out, strict=True):
+        matches = [i for i, view in enumerate(_dihedral(original)) if torch.equal(view, moved)]
+        assert len(matches) == 1  # sample i stays sample i (its label with it), its pixels only moved
+        seen.add(matches[0])
+    assert len(seen) >= 4  # per-sample draws: several of the eight views in one batch
+    assert torch.equal(out, augment(batch, torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="policy"):
+        train_augment("CLE", 12, policy="jitter")
+
+
+def test_the_celnet_recipe_trains_with_the_pcam_augmentation(monkeypatch):
+    assert recipe_for(TrainConfig(architecture="celnet")).augmentation == "pcam"
+    assert recipe_for(TrainConfig(architecture="resnet18")).augmentation == "modality"
+    policies, pairs = [], []
+
+    def spy(modality, size, padding=16, *, policy="modality"):
+        policies.append(policy)
+        inner = train_augment(modality, size, padding, policy=policy)
+
+        def run(batch, generator):
+            out = inner(batch, generator)
+            pairs.append((batch, out))
+            return out
+
+        return run
+
+    monkeypatch.setattr(recipe_module, "train_augment", spy)
+    rng = np.random.default_rng(0)
+    labels = np.tile([0, 1], 4)
+    x, _ = blob_images(labels, rng)
+    config = TrainConfig(architecture="celnet", task="diagnostic", modality="CLE", image_size=SIZE, epochs=1,
+                         batch_size=4, lr=0.01, model_kwargs={"width": 4})  # fmt: skip
+    fit(config, x, torch.tensor(labels), x, torch.tensor(labels))
+    assert policies == ["pcam"] and pairs
+    for batch, out in pairs:
+        assert all(any(torch.equal(v, o) for v in _dihedral(b)) for b, o in zip(batch, out, strict=True))

@@ -17,9 +17,12 @@ from core.models.compsegnet import (
     RECIPE,
     CompSegNet,
     PoolingNeuron,
+    mask_background,
     pooling_transfer,
     thresholded_fraction,
+    tissue_of,
 )
+from core.train import TrainConfig, fit
 
 SIZE = 32
 
@@ -111,6 +114,75 @@ def test_loss_is_the_mean_absolute_error_to_alpha_times_label(monkeypatch):
     valid[:, 0] = True  # first row only: fractions .5, 2/4, .8/4
     expected = (abs(paper_sigma(0.5) - 0.1) + abs(paper_sigma(0.5)) + abs(paper_sigma(0.2) - 0.1)) / 3
     assert float(model.loss(torch.zeros(3, 8, 4, 4), y, valid)) == pytest.approx(expected, rel=1e-5)
+
+
+def constant_map(value: float) -> CompSegNet:
+    """A tiny CompSegNet whose activation map is ``value`` at every pixel (head weights zero)."""
+    model = tiny()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(math.log(value / (1.0 - value)))
+    return model
+
+
+def test_masked_background_is_left_out_of_the_active_fraction_and_the_loss():
+    """A quarter of each frame is sample, the map is .04 on it: over tissue the active fraction is .04; counting
+    the background (where the masked map is 0) would make it .01 and change the loss."""
+    model = constant_map(0.04)
+    x = torch.randn(2, 8, 16, 16)
+    tissue = torch.zeros(2, 16, 16, dtype=torch.bool)
+    tissue[:, :8, :8] = True
+    masked = mask_background(x, tissue)
+    assert bool(masked[:, :, 8:].isnan().all()) and torch.equal(masked[:, :, :8, :8], x[:, :, :8, :8])
+    torch.testing.assert_close(tissue_of(masked), tissue)
+    y = torch.tensor([0.0, 0.0])  # cancer-free: the loss is o(I) itself
+    over_tissue, with_background = paper_sigma(0.04), paper_sigma(0.01)
+    assert over_tissue - with_background > 0.04
+    with torch.no_grad():
+        maps = model.segment(masked)
+        assert float(maps[:, :8, :8].min()) == pytest.approx(0.04) and float(maps[:, 8:].abs().max()) == 0.0
+        assert float(model.loss(masked, y)) == pytest.approx(over_tissue, rel=1e-4)
+        assert float(model.loss(masked, y, tissue)) == pytest.approx(over_tissue, rel=1e-4)
+        assert float(model.pool(maps).mean()) == pytest.approx(paper_sigma(0.01), rel=1e-4)  # background counted
+        torch.testing.assert_close(model.pooled(masked), torch.full((2,), paper_sigma(0.04)))
+        # the background's spectra do not matter once masked: other values there, same input, same loss
+        other = x.clone()
+        other[:, :, 8:] += 5.0
+        torch.testing.assert_close(model.loss(mask_background(other, tissue), y), model.loss(masked, y))
+    with pytest.raises(ValueError, match="tissue mask"):
+        mask_background(x, tissue[:, :8])
+
+
+def test_a_batch_without_mask_pools_over_the_whole_image_as_before():
+    model = tiny()
+    x, y = torch.randn(3, 8, 16, 16), torch.tensor([1.0, 0.0, 1.0])
+    assert tissue_of(x) is None
+    with torch.no_grad():
+        maps = model.segment(x)
+        whole = (pooling_transfer(maps.flatten(1).mean(dim=1)) - 0.1 * y).abs().mean()
+        torch.testing.assert_close(model.loss(x, y), whole)
+        torch.testing.assert_close(model.loss(x, y, torch.ones(3, 16, 16, dtype=torch.bool)), whole)
+        torch.testing.assert_close(torch.sigmoid(model(x))[:, 0], thresholded_fraction(maps).clamp(1e-4, 1 - 1e-4))
+
+
+def test_training_through_the_recipe_on_masked_spectra_uses_the_tissue_and_stays_finite():
+    """The training loop passes images only; masked spectra carry the background mask to the loss."""
+    rng = np.random.default_rng(1)
+    images, labels, _ = toy_spectra(8, rng)
+    tissue = torch.ones(8, SIZE, SIZE, dtype=torch.bool)
+    tissue[:, :, SIZE // 2 :] = False  # the right half of every frame holds no sample
+    masked = mask_background(images, tissue)
+    config = TrainConfig(
+        architecture="compsegnet", task="cancer", modality="IR", in_chans=8, image_size=SIZE, epochs=2,
+        batch_size=4, model_kwargs={"base": 4, "depth": 2},
+    )  # fmt: skip
+    result = fit(config, masked[:6], labels[:6], masked[6:], labels[6:])
+    assert all(math.isfinite(p) for p in torch.cat([q.flatten() for q in result.model.parameters()]).tolist())
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["val_loss"]) for h in result.history)
+    with torch.no_grad():
+        kept = result.model.loss(masked[6:], labels[6:], tissue[6:])
+        assert min(h["val_loss"] for h in result.history) == pytest.approx(float(kept), rel=1e-5)
+        assert float(result.model.segment(masked).masked_select(~tissue).abs().max()) == 0.0
 
 
 def test_tumor_fraction_thresholds_at_point_35_and_sigmoid_of_forward_is_it(monkeypatch):
@@ -210,3 +282,18 @@ def test_heatmap_methods_run_on_it(tmp_path):
         gradcam = explainer(x[:1].expand(2, -1, -1, -1), [1, 0])
     assert gradcam.maps.shape == (2, SIZE, SIZE)
     assert float(gradcam.raw.sum()) > 0  # the threshold has no gradient; the straight-through soft fraction has
+
+
+def test_the_heatmap_of_a_masked_spot_is_zero_on_background_and_its_logits_are_the_tissue_share():
+    model = tiny()
+    x = torch.randn(2, 8, SIZE, SIZE)
+    tissue = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+    tissue[:, 4:28, 4:20] = True
+    masked = mask_background(x, tissue)
+    with get_method("compsegnet")(model) as explainer:
+        result = explainer(masked)
+    assert np.isfinite(result.maps).all() and (result.raw[~tissue.numpy()] == 0).all()
+    assert (result.raw[tissue.numpy()] > 0).all()
+    with torch.no_grad():
+        share = thresholded_fraction(model.segment(masked), tissue).clamp(1e-4, 1 - 1e-4)
+    torch.testing.assert_close(torch.sigmoid(torch.from_numpy(result.logits))[:, 0], share)

@@ -17,7 +17,7 @@ from core.models import create_model, get_spec
 pgc = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget  # noqa: E402
 
-ALL = ["cam", "gradcam", "gradcam-multi", "guided-backprop", "guided-gradcam", "scorecam", "celm"]
+ALL = ["cam", "gradcam", "gradcam-multi", "gradient", "guided-backprop", "guided-gradcam", "scorecam", "celm"]
 SIZE = 32
 
 
@@ -284,3 +284,36 @@ def test_model_maps_plug_into_the_registry():
 def test_registry_lists_every_method_with_a_summary():
     assert set(ALL) <= set(list_methods())
     assert all(summary for summary in list_methods().values())
+
+
+@pytest.mark.parametrize(("outputs", "target"), [(1, 1), (1, 0), (3, 2)])
+def test_plain_gradient_is_autograds_input_gradient_max_over_channels(outputs, target):
+    """Seed 001's "Backprop" baseline (Simonyan et al. 2014, eq. 3): on a linear model the gradient is the weights
+    (negated for class 0 of a one-logit model), and the map its maximum magnitude over channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 5, outputs))
+    x = torch.randn(2, 3, 6, 5)
+    with get_method("gradient")(model) as explainer:
+        result = explainer(x, [target, target])
+    leaf = x.clone().requires_grad_(True)
+    logits = model(leaf)
+    sign = -1.0 if outputs == 1 and target == 0 else 1.0
+    score = sign * logits[:, 0 if outputs == 1 else target]
+    (autograd,) = torch.autograd.grad(score.sum(), leaf)
+    weights = model[1].weight.detach()[0 if outputs == 1 else target].view(3, 6, 5)
+    assert np.allclose(result.extras["gradient"], autograd.numpy(), atol=1e-6)
+    assert np.allclose(result.extras["gradient"][1], sign * weights.numpy(), atol=1e-6)
+    magnitude = autograd.abs().amax(dim=1).numpy()
+    assert np.allclose(result.raw, magnitude, atol=1e-6)
+    low, span = magnitude.min(axis=(1, 2), keepdims=True), np.ptp(magnitude, axis=(1, 2), keepdims=True)
+    assert np.allclose(result.maps, (magnitude - low) / span, atol=1e-5)
+
+
+def test_plain_gradient_differs_from_guided_backprop_on_a_relu_network(trained, batch):
+    x, _ = batch
+    with get_method("gradient")(trained) as plain:
+        ours_plain = plain(x).extras["gradient"]
+    with GuidedBackprop(trained) as guided:
+        ours_guided = guided(x).extras["gradient"]
+    assert np.allclose(ours_plain, input_gradient(trained, x).numpy(), atol=1e-6)
+    assert not np.allclose(ours_plain, ours_guided, atol=1e-4)

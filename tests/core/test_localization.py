@@ -12,12 +12,16 @@ from sklearn.metrics import roc_auc_score
 
 from core.metrics.localization import (
     _pair_matrix,
+    dice_per_image,
     dice_sweep,
     evaluate_localization,
+    fraction_above,
     load_map,
     load_mask,
     localization_scores,
     pixel_auc,
+    pixel_roc,
+    roc_points,
     segmentation_scores,
 )
 from services.cli import main
@@ -276,3 +280,74 @@ def test_cli_reports_null_auc_without_negatives(tmp_path: Path, capsys: pytest.C
     assert report["pixel_auc"]["estimate"] is None and "no negative" in report["pixel_auc"]["note"]
     assert report["at_threshold"]["dice"] == 1.0 and report["localization"]["recall"] == 1.0
     assert "pixel AUC undefined" in capsys.readouterr().out
+
+
+def test_dice_per_image_hand_computed_with_mean_and_sample_sd() -> None:
+    """Three 4 x 4 images, the last column unlabeled (its predictions must not count)."""
+    masks = [np.zeros((4, 4), np.int8) for _ in range(3)]
+    for k in masks:
+        k[:2, :2] = 1  # 4 positive pixels
+        k[:, 3] = -1
+    maps = [np.zeros((4, 4)) for _ in range(3)]
+    maps[0][:2, :2] = 0.9  # perfect: Dice 1
+    maps[1][:2, :1] = 0.5  # 2 of 4 found, none false: 2*2 / (2 + 4) = 2/3
+    maps[2][:2, :2] = 0.9
+    maps[2][2:, :3] = 0.35  # 4 found, 6 false: 8 / (10 + 4) = 4/7 (at threshold .35, map >= t)
+    for m in maps:
+        m[:, 3] = 1.0
+    report = dice_per_image(maps, masks, 0.35)
+    expected = [1.0, 2 / 3, 4 / 7]
+    assert report["per_image"] == pytest.approx(expected)
+    assert report["n"] == 3 and report["mean"] == pytest.approx(np.mean(expected))
+    assert report["sd"] == pytest.approx(np.std(expected, ddof=1))
+    # pooled Dice is not the mean of the per-image Dice
+    assert segmentation_scores(maps, masks, 0.35)["dice"] == pytest.approx(2 * 10 / (2 * 10 + 6 + 2))
+
+
+def test_dice_per_image_leaves_out_images_where_it_is_undefined() -> None:
+    empty = np.zeros((3, 3), np.int8)  # no positive pixel
+    hit = np.zeros((3, 3), np.int8)
+    hit[0, 0] = 1
+    report = dice_per_image([np.zeros((3, 3)), np.eye(3)], [empty, hit], 0.5)
+    assert report["per_image"] == [None, pytest.approx(0.5)]
+    assert report["n"] == 1 and report["mean"] == pytest.approx(0.5) and report["sd"] is None
+    assert dice_per_image([np.eye(3)], [empty], 0.5)["per_image"] == [0.0]  # false positives only: 0, defined
+
+
+def test_fraction_above_counts_labeled_pixels_only() -> None:
+    masks = [np.array([[0, 1], [-1, -1]], np.int8), np.array([[0, 0], [0, 0]], np.int8), np.full((2, 2), -1, np.int8)]
+    maps = [np.array([[0.35, 0.1], [1.0, 1.0]]), np.array([[0.9, 0.0], [0.5, 0.34]]), np.ones((2, 2))]
+    np.testing.assert_allclose(fraction_above(maps, masks, 0.35), [0.5, 0.5, 0.0])
+
+
+def test_roc_points_on_a_hand_computed_case() -> None:
+    """Scores .9 (+), .8 (-), .7 (+), .7 (-), .1 (-): corners at thresholds .9, .8, .7 (a tie: diagonal) and .1."""
+    truth = np.array([1, 0, 1, 0, 0])
+    scores = np.array([0.9, 0.8, 0.7, 0.7, 0.1])
+    roc = roc_points(truth, scores)
+    assert roc["fpr"] == pytest.approx([0, 0, 1 / 3, 2 / 3, 1])
+    assert roc["tpr"] == pytest.approx([0, 0.5, 0.5, 1, 1])
+    assert roc["thresholds"][1:] == pytest.approx([0.9, 0.8, 0.7, 0.1])
+    assert 0.9 < roc["thresholds"][0] < 0.9 + 1e-9  # just above the highest score: JSON-ready, no +inf
+    assert roc["auc"] == pytest.approx(roc_auc_score(truth, scores)) and roc["auc"] == pytest.approx(4.5 / 6)
+    assert (roc["n_positive"], roc["n_negative"]) == (2, 3)
+    undefined = roc_points(np.ones(3), np.arange(3.0))
+    assert undefined["auc"] is None and undefined["fpr"] == [] and "no negative" in undefined["note"]
+    with pytest.raises(ValueError, match="one score per case"):
+        roc_points(truth, scores[:4])
+
+
+def test_pixel_roc_is_the_curve_of_pixel_auc_and_thins_to_exact_points() -> None:
+    masks = _masks(3)
+    rng = np.random.default_rng(3)
+    maps = [np.clip(0.3 * k + rng.uniform(0, 0.7, k.shape), 0, 1) for k in masks]
+    full = pixel_roc(maps, masks)
+    assert full["auc"] == pytest.approx(pixel_auc(maps, masks, bootstrap=0)["estimate"])
+    labeled = np.concatenate([k[k >= 0] for k in masks])
+    assert (full["n_positive"], full["n_negative"]) == (int((labeled == 1).sum()), int((labeled == 0).sum()))
+    thin = pixel_roc(maps, masks, max_points=50)
+    assert len(thin["fpr"]) == 50 < full["points"] == thin["points"] == len(full["fpr"])
+    assert thin["auc"] == full["auc"]
+    assert (thin["fpr"][0], thin["tpr"][0], thin["fpr"][-1], thin["tpr"][-1]) == (0.0, 0.0, 1.0, 1.0)
+    exact = set(zip(full["fpr"], full["tpr"], strict=True))
+    assert all(point in exact for point in zip(thin["fpr"], thin["tpr"], strict=True))

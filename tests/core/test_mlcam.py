@@ -202,9 +202,57 @@ def test_invalid_variants_are_refused() -> None:
     with pytest.raises(ValueError, match="exactly one layer"):
         model.fdfm(x, layers=(0, 1), collateral_integration=False)
     with pytest.raises(ValueError, match="at least two layers"):
-        model.fdfm(x, layers=(2,))
+        model.fdfm(x, layers=(2,), collateral_integration=True)
     with pytest.raises(ValueError, match="distinct depths"):
         model.fdfm(x, layers=(0, 3))
+    single, _ = model.fdfm(x, layers=(2,))  # one depth: no collateral integration unless asked
+    expected, _ = model.fdfm(x, **ABLATIONS["M6 (LI, layer 3)"])
+    assert torch.equal(single, expected)
+    for options, message in (({"depth": 4}, "depth must be 0"), ({"pooling": "max"}, "pooling must be one of"),
+                             ({"pooling": "combined", "depth": 2}, "takes no single depth")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            create_model("mlcam_lici", in_chans=1, width=4, **options)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_single_depth_network_is_mlcam_k_and_takes_the_full_networks_ablations(depth) -> None:
+    torch.manual_seed(0)
+    model = create_model("mlcam_lici", in_chans=1, width=4, depth=depth).eval()
+    assert len(model.stages) == depth and len(model.heads) == 1 and model.depths == (depth - 1,)
+    x = torch.randn(3, 1, SIZE, SIZE)
+    logits, dfm, nfm = model.layer_maps(x)
+    assert len(dfm) == len(nfm) == 1 and dfm[0].shape[-1] == SIZE // 2**depth
+    torch.testing.assert_close(logits, (dfm[0] - nfm[0]).mean(dim=(1, 2))[:, None])
+    y = torch.tensor([1.0, 0.0, 1.0])
+    scores = torch.stack([nfm[0].mean(dim=(1, 2)), dfm[0].mean(dim=(1, 2))], dim=1)
+    torch.testing.assert_close(model.loss(x, y), F.cross_entropy(scores, y.long()))  # the one depth's loss alone
+    with_li = ABLATIONS[("M4 (LI, layer 1)", "M5 (LI, layer 2)", "M6 (LI, layer 3)")[depth - 1]]
+    without = ABLATIONS[("M7 (layer 1)", "M8 (layer 2)", "M9 (layer 3)")[depth - 1]]
+    li_map, _ = model.fdfm(x, **with_li)
+    torch.testing.assert_close(model.fdfm(x)[0], li_map)
+    plain, _ = model.fdfm(x, **without)
+    torch.testing.assert_close(plain, normalise_map(dfm[0], (SIZE, SIZE)))
+    with pytest.raises(ValueError, match="this network's heads"):
+        model.fdfm(x, layers=((depth % 3),))
+
+
+def test_mlgap_pools_the_combined_map_once_and_maps_it() -> None:
+    torch.manual_seed(0)
+    model = create_model("mlcam_lici", in_chans=1, width=4, pooling="combined").eval()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    _, dfm, nfm = model.layer_maps(x)
+    size = dfm[0].shape[-2:]
+    up = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in dfm]
+    up_n = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in nfm]
+    combined_d, combined_n = sum(up), sum(up_n)
+    torch.testing.assert_close(model(x), (combined_d - combined_n).mean(dim=(1, 2))[:, None])
+    y = torch.tensor([1.0, 0.0])
+    scores = torch.stack([combined_n.mean(dim=(1, 2)), combined_d.mean(dim=(1, 2))], dim=1)
+    torch.testing.assert_close(model.loss(x, y), F.cross_entropy(scores, y.long()))  # one loss, not three
+    maps, _ = model.fdfm(x)
+    torch.testing.assert_close(maps, normalise_map(combined_d, (SIZE, SIZE)))
+    with pytest.raises(ValueError, match="no per-depth ablations"):
+        model.fdfm(x, **ABLATIONS["M2 (LI+CI)"])
 
 
 def test_trained_fdfm_falls_on_the_square(trained: tuple[nn.Module, list[float]], held_out) -> None:

@@ -1,7 +1,9 @@
 """Tests for the synthetic cohort: determinism, array contracts, written files and a realistic (not trivial) task.
 
 Difficulty is checked with hand-crafted image statistics, no CNN: they must separate the labels clearly but not
-perfectly, the way the paper's FL-CNN (AUC 0.945, grade 0.81, Ki-67 0.625) did.
+perfectly, the way the paper's FL-CNN (AUC 0.945, grade 0.81, Ki-67 0.625) did. The honest cohort (``confounders=1``,
+issue 17) must weaken them and make the brightest spot often not the tumor, and ``confounders=0`` stays the cohort
+it was.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
@@ -34,6 +37,12 @@ def small() -> list[Specimen]:
 @pytest.fixture(scope="module")
 def cohort() -> list[Specimen]:
     return list(iter_specimens(STATS))
+
+
+@pytest.fixture(scope="module")
+def honest() -> list[Specimen]:
+    """The same cohort with the non-specific signal of issue 17 (vessels, clots, reactive uptake, glare)."""
+    return list(iter_specimens(replace(STATS, confounders=1.0)))
 
 
 def _fl_stats(s: Specimen) -> np.ndarray:
@@ -144,7 +153,14 @@ def test_make_specimen_is_deterministic_and_checks_labels() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"specimens_per_patient": (5, 4)}, {"n_patients": 0}, {"height": 8}, {"tumor_rate": 1.5}, {"noise": -1.0}],
+    [
+        {"specimens_per_patient": (5, 4)},
+        {"n_patients": 0},
+        {"height": 8},
+        {"tumor_rate": 1.5},
+        {"noise": -1.0},
+        {"confounders": -0.5},
+    ],
 )
 def test_config_rejects_impossible_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -231,3 +247,50 @@ def test_lesion_size_knob_sets_tumor_coverage() -> None:
         return float(np.mean([(s.mask > 0).sum() / (s.tissue > 0).sum() for s in iter_specimens(config) if s.tumor]))
 
     assert coverage(0.3) + 0.2 < coverage(0.8)
+
+
+def _brightest_in_tumor(s: Specimen) -> bool:
+    """Whether the brightest lightly smoothed tissue pixel lies in the tumor mask."""
+    smooth = gaussian_filter(s.fl.astype(np.float64), 1.0)
+    smooth[s.tissue == 0] = -np.inf
+    return bool(s.mask.flat[int(np.argmax(smooth))] > 0)
+
+
+def test_the_brightest_spot_is_often_not_the_tumor_in_the_honest_cohort(
+    cohort: list[Specimen], honest: list[Specimen]
+) -> None:
+    """Non-specific signal outshines the tumor in many tumor specimens; without it the brightest spot is almost
+    always tumor, the easy cohort issue 17 complained about."""
+    assert np.mean([_brightest_in_tumor(s) for s in honest if s.tumor]) < 0.8
+    assert np.mean([_brightest_in_tumor(s) for s in cohort if s.tumor]) > 0.9
+
+
+def test_the_honest_cohort_weakens_simple_statistics(cohort: list[Specimen], honest: list[Specimen]) -> None:
+    def auc_of(specimens: list[Specimen]) -> float:
+        return _auc([s.tumor for s in specimens], np.stack([_fl_stats(s) for s in specimens])[:, 0])
+
+    assert 0.55 <= auc_of(honest) < auc_of(cohort) - 0.1
+
+
+def test_normal_tissue_carries_bright_nonspecific_signal(honest: list[Specimen]) -> None:
+    """In many non-tumor specimens some normal tissue is as bright, above background, as the brightest tumor of the
+    median tumor specimen: brightness is not specific."""
+
+    def top(s: Specimen, where: np.ndarray) -> float:
+        fl = s.fl.astype(np.float64)
+        return float(np.percentile(fl[where], 99) - np.median(fl[s.tissue == 0]))
+
+    tumor_top = np.median([top(s, s.mask > 0) for s in honest if s.tumor])
+    normal_tops = np.array([top(s, s.tissue > 0) for s in honest if not s.tumor])
+    assert 0.15 < np.mean(normal_tops >= tumor_top) < 0.8
+
+
+def test_confounders_change_fluorescence_only_and_are_seeded(small: list[Specimen]) -> None:
+    config = replace(SMALL, confounders=1.0)
+    first, again = list(iter_specimens(config)), list(iter_specimens(config))
+    for a, b, c in zip(small, first, again, strict=True):
+        assert (a.specimen_id, a.tumor, a.grade) == (b.specimen_id, b.tumor, b.grade)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_array_equal(a.tissue, b.tissue)
+        np.testing.assert_array_equal(b.fl, c.fl)
+    assert sum(not np.array_equal(a.fl, b.fl) for a, b in zip(small, first, strict=True)) > len(small) // 2

@@ -16,6 +16,7 @@ from core.data.synth_spectral import (
     _layout,
     make_spectral_spot,
     make_spectral_spots,
+    tissue_mask,
     wavenumbers,
 )
 
@@ -137,3 +138,15 @@ def test_make_spectral_spots_has_exact_counts_in_shuffled_order() -> None:
     assert sum(s.label for s in make_spectral_spots(5, 24, 8, seed=5, positive_fraction=1.0)) == 5
     with pytest.raises(ValueError):
         make_spectral_spots(3, 24, 8, positive_fraction=-0.1)
+
+
+def test_the_background_mask_is_where_no_sample_is_and_carries_no_tumor_label() -> None:
+    for cancer in (True, False):
+        spot = make_spectral_spot(5, 32, 16, cancer=cancer)
+        assert spot.tissue.dtype == bool and spot.tissue.shape == spot.mask.shape
+        np.testing.assert_array_equal(spot.tissue, spot.mask != UNLABELED)
+        assert spot.tumor_fraction == pytest.approx((spot.mask == POSITIVE).sum() / spot.tissue.sum())
+    # the same for a mask read back from disk, where anything but 0 and 255 is unlabeled
+    np.testing.assert_array_equal(
+        tissue_mask(np.array([[NEGATIVE, POSITIVE, UNLABELED, 7]], np.uint8)), [[True, True, False, False]]
+    )

@@ -131,8 +131,11 @@ def test_maps_of_each_kind_are_what_the_model_and_method_give():
 
 def _tiny(study: str) -> dict:
     """Small seed models and tiny_cnn in place of ResNet-18: plumbing, not performance."""
-    small = {"model_kwargs": {"width": 8}} if study in ("mlcam", "celnet") else {"model_kwargs": {"base": 8}}
-    return {key: (small if key != "baseline" else {"architecture": "tiny_cnn"}) for key in STUDIES[study].models}
+    small = {"width": 8} if study in ("mlcam", "celnet") else {"base": 8}
+    return {
+        key: {"model_kwargs": {**plan.model_kwargs, **small}} if key != "baseline" else {"architecture": "tiny_cnn"}
+        for key, plan in STUDIES[study].models.items()
+    }
 
 
 @pytest.mark.parametrize("study", ["mlcam", "celnet", "compsegnet"])
@@ -183,7 +186,9 @@ def test_a_stored_row_is_the_score_of_its_maps(workspace, cle_set):
     maps, _ = model.fdfm(x[positive], **ABLATIONS["M2 (LI+CI)"])
     masks = [mask_labels(m) for m in cle_set.masks("test", "restrictive")[positive]]
     expected = score_maps(list(maps.detach().numpy()), masks, threshold=0.2, bootstrap=0)
-    row = report["tables"][1]["rows"][0]
+    table = next(t for t in report["tables"] if t["set"] == "Set3-R")
+    assert table["split"] == "test" and table["mask_set"] == "restrictive"
+    row = next(r for r in table["rows"] if r["row"] == "M2 (LI+CI)")
     assert row["pixel_auc"] == pytest.approx(expected["pixel_auc"]["estimate"], abs=1e-6)
     assert row["mean_iu"] == pytest.approx(expected["at_threshold"]["mean_iu"], abs=1e-6)
 
@@ -224,7 +229,11 @@ def test_models_page_shows_the_stored_table_and_example_maps(workspace, cle_set)
     assert not at.exception
     assert any(md_escape("seed 000, Table 2") in s.value for s in at.subheader)  # titles are shown as text
     tables = [d.value for d in at.dataframe if "Method" in d.value.columns]
-    assert len(tables) == 2 and tables[0]["Method"].tolist()[:2] == ["M2 (LI+CI)", "M3 (no LI)"]
+    (classified,) = [d.value for d in at.dataframe if "Parameters" in d.value.columns]  # seed 001's Table 1 columns
+    assert len(classified) == 6 and (classified["Parameters"] > 0).all()
+    assert len(tables) == 5 and tables[0]["Method"].tolist()[:3] == ["M1 (MLGAP)", "M2 (LI+CI)", "M3 (no LI)"]
+    shown = " ".join(m.value for m in at.markdown)
+    assert "**Set1** (train split)" in shown and "**Set3\\-R** (test split)" in shown  # Set4: this set has none
     pictures = [h for h in at.get("html") if "data:image/png;base64," in h.proto.body]
     assert len(pictures) >= 3 and not at.get("imgs")  # image, mask and the maps of the first example, in the page
     refused = _signed_in(MODELS_PAGE, "reader")
@@ -310,7 +319,7 @@ def test_cli_rcm_study_and_its_refusals(workspace, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "tiny CNN + Score-CAM, step 32" in printed and "window probability (no CAM)" in printed
     assert cli(["localization-study", "rcm", "--data", str(workspace)]) == 2
-    assert "--data and --channels do not apply" in capsys.readouterr().err
+    assert "--data, --channels and --models do not apply" in capsys.readouterr().err
     assert cli(["localization-study", "mlcam", "--window", "64"]) == 2
     assert "rcm study only" in capsys.readouterr().err
     at = _signed_in(MODELS_PAGE, "pi")
