@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 import streamlit as st
 
 from app.auth import require_role
@@ -149,6 +150,7 @@ def _registered(models: list[ModelInfo]) -> None:
                 key=f"models_eval_{evaluation['id']}_{number}_csv",
                 on_click="ignore",
             )
+            _figures(table.get("figures") or {}, key=f"models_eval_{evaluation['id']}_{number}")
             examples = table.get("examples") or []
             if examples:
                 held = "held-out " if table.get("split", "test") == "test" else ""
@@ -162,6 +164,22 @@ def _registered(models: list[ModelInfo]) -> None:
                             with columns[index % len(columns)]:
                                 picture(path.read_bytes(), title)
                         st.divider()
+
+
+def _figures(figures: dict[str, Any], key: str) -> None:
+    """A table's stored curves (seed 004: Figure S3's spot ROC and the pixel ROC), plotly figures the study wrote
+    under the workspace; a missing or unreadable file is said, not raised."""
+    root = workspace_dir()
+    for name, figure in figures.items():
+        path = root / str(figure.get("figure", ""))
+        try:
+            chart = pio.from_json(path.read_text())
+        except (OSError, ValueError):
+            st.caption(f"The figure {md_escape(figure.get('title', name))} is missing from the workspace.")
+            continue
+        st.plotly_chart(chart, key=f"{key}_{name}")
+        if figure.get("scored_on"):
+            st.caption(f"Scored on {md_escape(figure['scored_on'])}; the curve's points: {md_escape(figure['csv'])}.")
 
 
 def _pointing(model: ModelInfo) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -95,3 +96,21 @@ def test_the_study_adds_dice_per_spot_and_writes_the_rocs(workspace, tiny_study,
     assert row["dice_spot_mean"] == pytest.approx(dice["mean"]) and row["dice_spot_sd"] == pytest.approx(dice["sd"])
     assert row["spot_auc"] == roc_points(y.numpy(), fraction_above(list(maps), masks, 0.35))["auc"]
     assert row["image_auc"] == pytest.approx(row["spot_auc"])  # its sample score is the tissue's tumour share
+
+    # The Models page draws both curves under the table, and says so when a figure file is gone.
+    from streamlit.testing.v1 import AppTest
+
+    with session_scope() as session:
+        pi = repo.create_user(session, "pi-figures", "pw-long-enough-1", "pi").id
+    page = str(Path(__file__).resolve().parents[2] / "pages" / "models.py")
+    at = AppTest.from_file(page, default_timeout=60)
+    at.session_state["auth_user_id"] = pi
+    at.run()
+    assert not at.exception
+    charts = [c for c in at.get("plotly_chart") if "Figure S3" in c.proto.spec or "Tissue pixels" in c.proto.spec]
+    assert len(charts) == 2
+    assert any("Dice per spot" in d.value.columns for d in at.dataframe)
+    (workspace / figures["spot_roc"]["figure"]).unlink()
+    at.run()
+    assert not at.exception
+    assert any("is missing from the workspace" in c.value for c in at.caption)
