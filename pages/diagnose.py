@@ -37,6 +37,7 @@ _JOB_KINDS = ("mosaic", "scorecam", "clip")
 _JOBS_SHOWN = 10
 _FOLLOW = "diagnose_follow"  # jobs this session queued: their result opens when they succeed
 _OPEN = "diagnose_job_open"  # the prediction of a job opened under "Your jobs"
+_OPEN_CASCADE = "diagnose_job_cascade"  # its grade and Ki-67 calls after a tumor call, and the modality
 _OPEN_CLIP = "diagnose_clip_open"  # the clip triage opened (a clip job's result, or from the history)
 _TASK_NAMES = {"grade": "grade", "ki67": "Ki-67"}  # the cascade's tasks as the page names them
 _CLIP_TYPES = ["tif", "tiff", "mp4", "avi", "mov", "mkv", "webm", "zip"]
@@ -93,10 +94,7 @@ if followers:
         f"{_TASK_NAMES[task]} ({md_escape(m.name)})" if m else f"{_TASK_NAMES[task]} (no {modality} model registered)"
         for task, m in followers.items()
     ]
-    st.caption(
-        f"An image called tumor goes on to {' and '.join(stages)}"
-        + (" (not with Score-CAM, whose jobs keep the tumor call alone)." if method == "scorecam" else ".")
-    )
+    st.caption(f"An image called tumor goes on to {' and '.join(stages)}.")
 
 
 def _queue(kind: str, name: str, data: bytes, params: dict[str, Any], upload: str) -> tuple[int | None, str]:
@@ -342,6 +340,7 @@ def _open_result(job: JobInfo) -> None:
     elif job.result.get("prediction_id") is not None:
         st.session_state.pop(_OPEN_CLIP, None)
         st.session_state[_OPEN] = int(job.result["prediction_id"])
+        st.session_state[_OPEN_CASCADE] = (job.result.get("cascade") or [], job.result.get("modality", ""))
 
 
 def _open_finished() -> None:
@@ -377,6 +376,9 @@ if store.list_jobs(kinds=_JOB_KINDS, user_id=user.id, limit=1):
     if view is not None and view["user_id"] == user.id:
         with st.container(border=True):
             heatmap_viewer(view, key="diagnose_job_view")
+            calls, called_on = st.session_state.get(_OPEN_CASCADE) or ([], "")
+            if calls:
+                st.markdown(" · ".join(md_escape(line) for line in cascade_lines(calls, called_on)))
             st.button("Close", key="diagnose_job_close", on_click=st.session_state.pop, args=(_OPEN, None))
     _opened_clip("diagnose_job_clip")
 

@@ -11,6 +11,7 @@ grade and Ki-67 models of the same modality (:func:`cascade_models`: the newest 
 Diagnose page's default tumor model is the newest), each at its registered threshold. Their calls are stored as
 further predictions on the same upload (audited ``diagnosis_stored``, naming the tumor call they follow); an image
 called non-tumor is not assessed for grade and Ki-67, and a task without a registered model is said to have none.
+The page's direct path and its Score-CAM jobs (``services.jobs.kinds``, the calls in the job's result) both run it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -384,11 +384,14 @@ def _check_scorecam(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _run_scorecam(context: JobContext, params: dict[str, Any]) -> dict[str, Any]:
-    from services.diagnose import diagnose_files
+    from services.diagnose import cascade_models, diagnose_files
     from services.predictions import cached_predictor
 
     model = _model(params["model"])
     predictor = cached_predictor(model, context.device)
+    # a tumor call goes on to grade and Ki-67 here too (seed 003's cascade, as on the page's direct path)
+    followers = cascade_models(model)
+    cascade = {task: m and (cached_predictor(m, context.device), m) for task, m in followers.items()} or None
     (outcome,) = diagnose_files(
         predictor,
         model,
@@ -396,11 +399,18 @@ def _run_scorecam(context: JobContext, params: dict[str, Any]) -> dict[str, Any]
         user_id=context.submitted_by,
         heatmap=params["method"],
         options={"progress": context.span(0.0, 0.98)} if params["method"] == "scorecam" else None,
+        cascade=cascade,
     )
     if outcome.error:
         raise ValueError(outcome.error)
     (workspace_dir() / params["file"]).unlink(missing_ok=True)
-    return {"prediction_id": outcome.prediction_id, "upload_id": outcome.upload_id, "probability": outcome.probability}
+    return {
+        "prediction_id": outcome.prediction_id,
+        "upload_id": outcome.upload_id,
+        "probability": outcome.probability,
+        "modality": model.modality,
+        "cascade": [asdict(call) for call in outcome.cascade],
+    }
 
 
 # --- CLE clips ----------------------------------------------------------------------------------------------------

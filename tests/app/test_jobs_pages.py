@@ -344,6 +344,9 @@ def test_score_cam_runs_as_one_job_per_image_and_bad_files_are_refused_at_once(u
     view = repo.prediction_view(done.result["prediction_id"])
     assert view["heatmap_method"] == "scorecam" and view["user_id"] == clinician
     assert any(md_escape("retina.jpg") in m.value and "probability" in m.value for m in at.markdown)
+    # the job ran seed 003's cascade as the direct path does: this workspace has no WL grade or Ki-67 model
+    assert [call["status"] for call in done.result["cascade"]] == ["no model", "no model"]
+    assert any("no WL grade model is registered" in m.value for m in at.markdown)
 
 
 # --- services.jobs.incoming --------------------------------------------------------------------------------------

@@ -148,3 +148,35 @@ def test_a_cascade_of_another_modality_or_after_another_task_is_refused(use_casc
     (grade,) = _models("casc-FL-grade")
     with pytest.raises(ValueError, match="only a tumor call"):
         diagnose_files(load_predictor(grade), grade, [(name, path)], user_id=None, cascade={"ki67": None})
+
+
+def test_a_score_cam_job_runs_the_cascade_too_and_keeps_its_calls_in_the_result(use_cascade):
+    from db.models import Job
+    from services.jobs import store
+    from services.jobs.kinds import check_params
+    from services.jobs.runner import execute
+
+    user = _clinician()
+    name, path = _fl_image()
+    incoming = workspace_dir() / "incoming" / "cascade-job.png"
+    incoming.parent.mkdir(parents=True, exist_ok=True)
+    incoming.write_bytes(path.read_bytes())
+    _, params = check_params(
+        "scorecam", {"model": "casc-FL-tumor", "file": "incoming/cascade-job.png", "name": name, "method": "gradcam"}
+    )
+    with session_scope() as session:
+        job = Job(kind="scorecam", title="gradcam", params=params, state="queued", submitted_by=user)
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    assert execute(job_id) == "succeeded"
+    result = store.get_job(job_id).result
+    calls = [CascadeCall(**call) for call in result["cascade"]]
+    assert result["modality"] == "FL" and [c.task for c in calls] == ["grade", "ki67"]
+    with read_scope() as session:
+        tumor = session.get(Prediction, result["prediction_id"])
+        stored = session.scalars(select(Prediction).where(Prediction.upload_id == result["upload_id"])).all()
+    called_tumor = tumor.probability >= tumor.threshold
+    assert {c.status for c in calls} == {ASSESSED if called_tumor else NOT_ASSESSED}
+    assert len(stored) == (3 if called_tumor else 1)  # the calls land on the job's upload
+    assert cascade_lines(calls, "FL")  # what the page shows under the job's heatmap
