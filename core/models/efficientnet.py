@@ -24,10 +24,25 @@ def flcnn_head(model: nn.Module) -> nn.Module:
     return model
 
 
+OUTPUT_STRIDES = (8, 16, 32)
+
+
 def timm_flcnn(
-    variant: str, in_chans: int, num_classes: int, pretrained_file: str | None, drop_rate: float = 0.5
+    variant: str,
+    in_chans: int,
+    num_classes: int,
+    pretrained_file: str | None,
+    drop_rate: float = 0.5,
+    output_stride: int = 32,
 ) -> nn.Module:
-    """A timm architecture with the FL-CNN head; weights from ``pretrained_file`` (a local file) or random."""
+    """A timm architecture with the FL-CNN head; weights from ``pretrained_file`` (a local file) or random.
+
+    ``output_stride`` 16 or 8 keeps the last stages at that stride by dilating their convolutions instead of striding
+    (timm's ``output_stride``): the same weights and parameters, a 2x or 4x finer last feature map, so a finer
+    Grad-CAM (at 128 px, 8 x 8 cells instead of 4 x 4: the peak of a perfect map of the demo's tumor masks falls in
+    the tumor for 97 % of specimens instead of 69 %, ``python -m bench.pointing``), for 2-4x the last stages' cost."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, not {output_stride!r}")
     overlay = {"file": pretrained_file} if pretrained_file else None
     model = timm.create_model(
         variant,
@@ -36,6 +51,7 @@ def timm_flcnn(
         in_chans=in_chans,
         num_classes=num_classes,
         drop_rate=drop_rate,
+        **({"output_stride": output_stride} if output_stride != 32 else {}),
     )
     return flcnn_head(model)
 
@@ -53,15 +69,23 @@ def _two_scales(model: nn.Module) -> list[nn.Module]:
 
 @register_model("efficientnet_b0", target_layer=_last_stage, cam_layers=_two_scales)
 def efficientnet_b0(
-    in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
+    in_chans: int = 1,
+    num_classes: int = 1,
+    pretrained_file: str | None = None,
+    drop_rate: float = 0.5,
+    output_stride: int = 32,
 ) -> nn.Module:
     """EfficientNet-B0 with the FL-CNN head (5.3 M parameters, 0.39 GFLOPs at 224 px)."""
-    return timm_flcnn("efficientnet_b0", in_chans, num_classes, pretrained_file, drop_rate)
+    return timm_flcnn("efficientnet_b0", in_chans, num_classes, pretrained_file, drop_rate, output_stride)
 
 
 @register_model("efficientnet_b2", target_layer=_last_stage, cam_layers=_two_scales)
 def efficientnet_b2(
-    in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
+    in_chans: int = 1,
+    num_classes: int = 1,
+    pretrained_file: str | None = None,
+    drop_rate: float = 0.5,
+    output_stride: int = 32,
 ) -> nn.Module:
     """EfficientNet-B2 with the FL-CNN head (the RCM paper's patch classifier backbone)."""
-    return timm_flcnn("efficientnet_b2", in_chans, num_classes, pretrained_file, drop_rate)
+    return timm_flcnn("efficientnet_b2", in_chans, num_classes, pretrained_file, drop_rate, output_stride)

@@ -21,7 +21,11 @@ __all__ = ["resnet18"]
     cam_layers=lambda model: [model.layer3, model.layer4],
 )
 def resnet18(
-    in_chans: int = 1, num_classes: int = 1, pretrained_file: str | None = None, drop_rate: float = 0.5
+    in_chans: int = 1,
+    num_classes: int = 1,
+    pretrained_file: str | None = None,
+    drop_rate: float = 0.5,
+    output_stride: int = 32,
 ) -> nn.Module:
     """ResNet-18 with the FL-CNN head (11.2 M parameters), the seeds' standard-backbone baseline."""
-    return timm_flcnn("resnet18", in_chans, num_classes, pretrained_file, drop_rate)
+    return timm_flcnn("resnet18", in_chans, num_classes, pretrained_file, drop_rate, output_stride)

@@ -95,3 +95,30 @@ def test_a_fold_that_changes_the_outputs_is_not_used(monkeypatch):
 
     monkeypatch.setattr(fold, "fold_batchnorm", broken)
     assert fold.folded_copy(model, torch.randn(2, 1, 32, 32)) is model
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "resnet18"])
+def test_output_stride_16_gives_a_finer_map_with_the_same_weights(name, tmp_path):
+    from core.heatmaps import get_method
+    from core.models.fold import folded_copy
+
+    torch.manual_seed(0)
+    coarse = create_model(name, in_chans=1).eval()
+    fine = create_model(name, in_chans=1, output_stride=16).eval()
+    assert [p.shape for p in fine.parameters()] == [p.shape for p in coarse.parameters()]
+    fine.load_state_dict(coarse.state_dict())  # dilation instead of stride: the same weights fit
+    x = torch.randn(2, 1, 128, 128)
+    with get_method("gradcam")(fine, get_spec(name).layers(fine)) as explainer:
+        result = explainer(x)
+    with get_method("gradcam")(coarse, get_spec(name).layers(coarse)) as explainer:
+        before = explainer(x)
+    assert before.raw.shape[-2:] == (4, 4) and result.raw.shape[-2:] == (8, 8)
+    assert result.maps.shape == (2, 128, 128)
+    folded = folded_copy(fine, x[:1])
+    torch.testing.assert_close(folded(x), fine(x), rtol=1e-4, atol=1e-4)
+    config = {"architecture": name, "in_chans": 1, "model_kwargs": {"output_stride": 16}}
+    checkpoint = save_checkpoint(fine, config, tmp_path / name)
+    reloaded, _ = load_checkpoint(checkpoint.path, checkpoint.sha256)
+    torch.testing.assert_close(reloaded(x), fine(x))
+    with pytest.raises(ValueError, match="output_stride must be one of 8, 16, 32"):
+        create_model(name, in_chans=1, output_stride=12)

@@ -44,7 +44,7 @@ def test_weight_decay_is_the_recipes_own_unless_asked(architecture, own):
 
 
 def test_builder_options_are_checked_against_the_architecture():
-    assert model_options("efficientnet_b0") == {"drop_rate": 0.5}
+    assert model_options("efficientnet_b0") == {"drop_rate": 0.5, "output_stride": 32}
     assert check_model_options("resnet18", {"drop_rate": 0.75}) == {"drop_rate": 0.75}
     assert check_model_options("celnet", {"attention": "cbam", "width": 8}) == {"attention": "cbam", "width": 8}
     for architecture, options, message in (
