@@ -368,7 +368,7 @@ def add_specimen_image(
 
 @reads
 def specimen_images(session: Session, modality: str, splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
-    """Images of one modality with their specimen, patient, split and labels (one row per image)."""
+    """Images of one modality with their specimen, patient, split, mask (if any) and labels (one row per image)."""
     stmt = (
         select(
             SpecimenImage.id.label("image_id"),
@@ -376,6 +376,7 @@ def specimen_images(session: Session, modality: str, splits: tuple[str, ...] = S
             Patient.code.label("patient"),
             Specimen.split,
             SpecimenImage.path,
+            SpecimenImage.mask_path,
             Label.tumor,
             Label.grade,
             Label.ki67,

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image as PILImage
-from sqlalchemy import select
 
 from core.data.io import read_image
 from core.heatmaps import method_title
@@ -39,7 +38,7 @@ from core.metrics.pointing import (
 from core.predict import Predictor
 from core.settings import workspace_dir
 from core.triage import default_method
-from db.models import Label, Specimen, SpecimenImage
+from db import repo
 from db.repo import ModelInfo
 from db.session import read_scope
 from services.predictions import cached_predictor
@@ -57,20 +56,12 @@ def applies(task: str, modality: str) -> bool:
 
 def test_rows(modality: str) -> pd.DataFrame:
     """The test split's images of ``modality`` with a known tumor label: specimen, path, mask_path, tumor."""
+    columns = ["specimen", "path", "mask_path", "tumor"]
     with read_scope() as session:
-        rows = session.execute(
-            select(
-                Specimen.code.label("specimen"),
-                SpecimenImage.path,
-                SpecimenImage.mask_path,
-                Label.tumor,
-            )
-            .join(Specimen, SpecimenImage.specimen_id == Specimen.id)
-            .join(Label, Label.specimen_id == Specimen.id)
-            .where(SpecimenImage.modality == modality, Specimen.split == "test", Label.tumor.is_not(None))
-            .order_by(Specimen.code)
-        ).all()
-    return pd.DataFrame(rows, columns=["specimen", "path", "mask_path", "tumor"])
+        frame = repo.specimen_images(session, modality, ("test",))
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    return frame.loc[frame["tumor"].notna(), columns].reset_index(drop=True)
 
 
 def _mask(path: Path) -> np.ndarray:
