@@ -66,9 +66,18 @@ def test_a_click_on_the_timeline_shows_that_frame(page: Page, streamlit_server: 
     expect(page.get_by_role("combobox", name="Heatmap")).to_have_value("MLCAM-LICI")  # the model's own map
     history = page.get_by_test_id("stExpander").filter(has_text="Your earlier clips")
     history.locator("summary").click()
-    history.get_by_role("button", name="Open clip").click()  # the newest clip is chosen
     settled(page)
     caption = _frame_caption(page)
+    opener = history.get_by_role("button", name="Open clip")
+    for attempt in range(2):  # a click sent while a rerun is starting can be dropped: a person clicks again
+        opener.click()  # the newest clip is chosen
+        settled(page)
+        try:
+            expect(caption).to_have_count(1, timeout=10_000)
+            break
+        except AssertionError:
+            if attempt:
+                raise
     expect(caption).to_contain_text(f"Frame {tops[0]} ")  # opens on the most diagnostic frame
     # click a point of the timeline that is no top frame: the frames line's points are drawn in frame order
     target = next(i for i in range(N_FRAMES) if i not in tops and abs(i - tops[0]) > 3)
