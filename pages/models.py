@@ -50,6 +50,7 @@ _COLUMNS = {
     "spot_auc": "Spot AUC",
     "slide_auc": "Slide AUC",
     "froc": "FROC",
+    "patch_accuracy": "Patch accuracy at 0.5",
     "windows": "Windows / mosaic",
     "seconds": "s / mosaic",
     "model": "Model",

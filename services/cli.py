@@ -96,6 +96,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         options["drop_rate"] = args.dropout
     if args.weight_decay is not None and not 0.0 <= args.weight_decay < 1.0:
         raise UsageError(f"--weight-decay must lie in [0, 1), not {args.weight_decay}")
+    if not 0.0 <= args.noise < 1.0:
+        raise UsageError(f"--noise is a grey-level SD on the [0, 1] scale: give a number in [0, 1), not {args.noise}")
+    if not 0.0 <= args.blur < 64.0:
+        raise UsageError(f"--blur is an SD in px: give a number in [0, 64), not {args.blur}")
     config = TrainConfig(
         architecture=args.architecture,
         task=args.task,
@@ -111,6 +115,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         pretrained_file=args.pretrained_file,
         recipe=args.recipe,
+        noise=args.noise,
+        blur=args.blur,
     )
     if args.data and args.mosaics:
         raise UsageError("give --data (a localisation set) or --mosaics (RCM mosaics with masks), not both")
@@ -189,7 +195,13 @@ _STUDY_COLUMNS = ("image_auc", "pixel_auc", "best_dice", "mean_acc", "mean_iu", 
 _STUDY_HEADERS = ("imgAUC", "pxAUC", "Dice*", "mAcc", "mIU", "fwIU", "prec", "rec")
 # columns only some studies' rows have (seed 004's Dice per spot and spot ROC, seed 001's slide FROC): shown when
 # a row of the table has them
-_STUDY_EXTRAS = {"dice_spot_mean": "DiceSp", "dice_spot_sd": "SD", "spot_auc": "spAUC", "froc": "FROC"}
+_STUDY_EXTRAS = {
+    "dice_spot_mean": "DiceSp",
+    "dice_spot_sd": "SD",
+    "spot_auc": "spAUC",
+    "froc": "FROC",
+    "patch_accuracy": "pAcc",
+}
 
 
 def _cmd_localization_study(args: argparse.Namespace) -> int:
@@ -223,7 +235,8 @@ def _cmd_localization_study(args: argparse.Namespace) -> int:
         )
     else:
         if args.window or args.patches or args.scorecam_step:
-            raise UsageError("--window, --patches and --scorecam-step apply to the rcm study only")
+            mosaic = ", ".join(MOSAIC_STUDIES)
+            raise UsageError(f"--window, --patches and --scorecam-step apply to the mosaic studies only ({mosaic})")
         report = run_study(args.study, data_dir=args.data, channels=args.channels, models=args.models, **common)
 
     def shown(value: float | None) -> str:
@@ -761,6 +774,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--patches", type=int, default=200, help="patches drawn per mosaic (--mosaics)")
     train.add_argument("--recipe", choices=sorted(RECIPES), help="default: the architecture's paper's recipe")
+    train.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="augmentation: additive Gaussian noise, each patch's SD drawn uniformly in [0, SIGMA] grey levels of "
+        "the [0, 1] intensity scale (seed 002's 'noise'; default 0: off)",
+    )
+    train.add_argument(
+        "--blur",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="augmentation: Gaussian blur, each patch's SD drawn uniformly in [0, SIGMA] px (seed 002's "
+        "'blurring'; default 0: off)",
+    )
     train.set_defaults(run=_cmd_train)
 
     models = sub.add_parser("models", help="list the registered models")
@@ -922,8 +951,12 @@ def _parser() -> argparse.ArgumentParser:
         "--counts", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="images (rcm: mosaics) per split"
     )
     study.add_argument("--size", type=int, help="image (rcm: mosaic) side in px")
-    study.add_argument("--window", type=int, help="rcm: patch and sliding-window side in px (default 128)")
-    study.add_argument("--patches", type=int, help="rcm: training patches per mosaic (default 400)")
+    study.add_argument(
+        "--window", type=int, help="rcm, rcm-grid: patch and sliding-window side in px (default 128; rcm-grid 64)"
+    )
+    study.add_argument(
+        "--patches", type=int, help="rcm, rcm-grid: training (and patch-accuracy) patches per mosaic (default 400; 300)"
+    )
     study.add_argument(
         "--scorecam-step", type=int, help="rcm: step in px of the Score-CAM rows and their CAM twin (default: window)"
     )
@@ -936,8 +969,9 @@ def _parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="MODEL.FIELD=VALUE",
-        help="one model's recipe (repeatable): lr, epochs, batch_size, augment, recipe, weight_decay or a builder "
-        "option such as drop_rate, e.g. --set main.lr=0.05 --set baseline.weight_decay=5e-4",
+        help="one model's recipe (repeatable): lr, epochs, batch_size, augment, recipe, weight_decay, noise (SD, "
+        "[0, 1] grey levels), blur (SD, px) or a builder option such as drop_rate, e.g. --set main.lr=0.05 --set "
+        "baseline.weight_decay=5e-4 --set main.noise=0.05",
     )
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--bootstrap", type=int, default=500, help="image resamples for the pixel-AUC CIs")

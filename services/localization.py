@@ -31,6 +31,15 @@ on a standard backbone trained on the same images. The rows report whatever come
   CAM: what a CAM must beat to add localisation), and CAM of a ResNet-18 trained on the same patches. Mosaics are
   drawn from the seed (:func:`core.data.synth_rcm.make_rcm_mosaic`), not kept as a set; every scored mosaic is held
   out from training, and the image-level AUC is the patch AUC on one of them.
+- ``rcm-grid`` (seed 002, Table 2 whole and Fig. 11): the same B2's CAM and Score-CAM at steps 25, 50 and 100 px of
+  a 256 px window (scaled with the window) and sigma none, 1, 2.5, 5-10, 54 rows; each (method, step) is one pass
+  over the windows stitched with all nine sigmas (:mod:`core.heatmaps.mosaic_sigmas`).
+
+Every mosaic row also holds each test mosaic's own pixel AUC and Dice (``mosaic_auc``, ``mosaic_dice`` at the row's
+best pooled threshold; None where a mosaic holds one class, as the paper's Figs. 9-10) and its model's patch accuracy
+at 0.5 (:func:`mosaic_patch_accuracy`); the table's figure ``bootstrap_roc`` is Fig. 11, the mean pixel ROC of the
+best CAM and Score-CAM rows over bootstrap resamples of the test mosaics with its 95 % band
+(:func:`core.metrics.localization.bootstrap_pixel_roc`). Best Dice is over thresholds 0, 0.02, ..., 1 as the paper's.
 
 Segmentation scores are computed on the positive held-out images (the papers' segmentation sets are annotated
 diagnostic or cancer images); image-level AUCs use every held-out image.
@@ -48,19 +57,23 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from scipy.special import expit
 from torch import nn
 
 from core.data.localization_set import KINDS, MISLABELLED, LocalizationSet, generate_set, read_set
 from core.data.store import png_bytes, write_atomic
-from core.data.synth_rcm import POSITIVE, make_rcm_mosaic, mosaic_seeds
+from core.data.synth_rcm import POSITIVE, make_rcm_mosaic, mosaic_seeds, sample_patches
 from core.data.synth_spectral import tissue_mask
 from core.heatmaps import get_method, method_title, overlay
 from core.heatmaps.celm import WeightSearch, search_weights
 from core.heatmaps.mosaic import MosaicResult, stitch_mosaic, window_probability_map
+from core.heatmaps.mosaic_sigmas import stitch_sigmas
 from core.metrics.localization import (
+    bootstrap_pixel_roc,
     dice_per_image,
     fraction_above,
     mask_labels,
+    pixel_auc,
     pixel_roc,
     roc_points,
     score_maps,
@@ -70,7 +83,7 @@ from core.models.compsegnet import mask_background
 from core.models.mlcam import ABLATIONS
 from core.settings import workspace_dir
 from core.stats.report import jsonable
-from core.train import DATASET_TASKS, Progress, TrainConfig, fit
+from core.train import DATASET_TASKS, Progress, TrainConfig, fit, predict_logits
 from db import repo
 from db.repo import ModelInfo
 from db.session import init_db, session_scope
@@ -88,6 +101,8 @@ __all__ = [
     "TableSpec",
     "classification_rows",
     "compute_maps",
+    "mosaic_patch_accuracy",
+    "per_mosaic_scores",
     "run_mosaic_study",
     "run_study",
     "score_rows",
@@ -194,6 +209,8 @@ class ModelPlan:
     recipe: str | None = None  # None: the architecture's own
     weight_decay: float | None = None  # None: the recipe's own
     mask_background: bool = False  # spectral sets: NaN spectra where no sample is, in this model's input (seed 004)
+    noise: float = 0.0  # augmentation noise, max SD in [0, 1] grey levels (TrainConfig.noise; seed 002)
+    blur: float = 0.0  # augmentation blur, max SD in px (TrainConfig.blur; seed 002)
 
     def config(self, *, epochs: int | None, seed: int, **fields: Any) -> TrainConfig:
         """The training config of this plan (``epochs`` overrides the plan's; ``fields`` set the data's task etc.)."""
@@ -205,6 +222,8 @@ class ModelPlan:
             weight_decay=self.weight_decay,
             recipe=self.recipe,
             augment=self.augment,
+            noise=self.noise,
+            blur=self.blur,
             seed=seed,
             model_kwargs=dict(self.model_kwargs),
             **fields,
@@ -812,6 +831,35 @@ MOSAIC_STUDIES: dict[str, MosaicStudySpec] = {
         window=128,
         patches=400,
     ),
+    # Table 2 whole: steps 25, 50 and 100 px of a 256 px window (scaled with the window), sigma none, 1, 2.5, 5-10,
+    # for CAM and for Score-CAM: 54 rows of one EfficientNet-B2. Every sigma row of a (method, step) comes from one
+    # pass over the windows (core.heatmaps.mosaic_sigmas), so the cost is 3 passes per method, and Score-CAM's
+    # passes are nearly all of it: 1,408 masked B2 passes per window, measured 7.8 s per 64 px window on one shared
+    # CPU core (CAM: 0.7 s per mosaic at step 6). CPU defaults: 64 px windows (steps 6, 12 and 25 px; the B2's CAM is
+    # 2 x 2 per window, the stitching makes it finer), 128 px mosaics (121 + 36 + 9 = 166 windows per mosaic; every
+    # default mosaic holds both classes), 4 test mosaics for Fig. 11's resamples: 664 Score-CAM windows, about 90 min
+    # on one core (nine times that stitched per sigma); --window 256 --size 2048 is the paper's geometry (a GPU's
+    # work). B2 on 64 px patches learns slowly: 4 epochs on 4 mosaics reached validation AUC 0.66. The model trains
+    # as the rcm study's (Adam, dropout 0.75, flips and jitter; the paper's SGD recipe and its noise and blurring:
+    # --set main.recipe=rcm --set main.weight_decay=5e-4 --set main.noise=0.05 --set main.blur=1).
+    "rcm-grid": MosaicStudySpec(
+        title="EfficientNet-B2 CAM and Score-CAM over synthetic RCM mosaics: steps x Gaussian sigma (seed 002, "
+        "Table 2 grid, Fig. 11)",
+        main="main",
+        models={
+            "main": ModelPlan("efficientnet_b2", {"drop_rate": 0.75}, lr=1e-3, epochs=8, batch_size=32, augment=True),
+        },
+        rows=tuple(
+            MosaicMapSpec("main", method, step=step, sigma=sigma)
+            for method in ("cam", "scorecam")
+            for step in (25 / 256, 50 / 256, 100 / 256)
+            for sigma in (None, 1.0, 2.5, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
+        ),
+        counts=(6, 1, 4),
+        size=128,
+        window=64,
+        patches=300,
+    ),
 }
 
 
@@ -846,11 +894,11 @@ def run_mosaic_study(
     progress: Callable[[Progress], None] | None = print_progress,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run a mosaic study end to end (module docstring, ``rcm``) and store its table with the seed model; returns
-    the stored report. ``counts`` (train, val, test mosaics), ``size`` (mosaic side), ``window`` (patch and window
-    side), ``patches`` (per training mosaic) and ``epochs`` shrink it; ``slow_step`` is the Score-CAM rows' step in
-    px (default: one window, no overlap: Score-CAM runs one masked pass per channel, 1,408 for EfficientNet-B2, per
-    window). Mosaic seeds: :func:`core.data.synth_rcm.mosaic_seeds`."""
+    """Run a mosaic study end to end (module docstring, ``rcm``, ``rcm-grid``) and store its table with the seed
+    model; returns the stored report. ``counts`` (train, val, test mosaics), ``size`` (mosaic side), ``window``
+    (patch and window side), ``patches`` (per training mosaic) and ``epochs`` shrink it; ``slow_step`` is the
+    Score-CAM rows' step in px (default: one window, no overlap: Score-CAM runs one masked pass per channel, 1,408 for
+    EfficientNet-B2, per window). Mosaic seeds: :func:`core.data.synth_rcm.mosaic_seeds`."""
     from services.mosaic import train_patch_classifier  # services.mosaic imports the training service too
 
     if study not in MOSAIC_STUDIES:
@@ -885,8 +933,19 @@ def run_mosaic_study(
             progress=progress,
         )
     masks = [mask_labels(mask) for _, mask in test]
-    stitched: dict[tuple[str, str, str, int, float | None], list[MosaicResult]] = {}
-    rows, maps = [], {}
+    patch_accuracy = {
+        key: mosaic_patch_accuracy(model, test, window, patches or spec.patches, seed=seed)
+        for key, (_, model) in trained.items()
+    }
+    # every exact-mode row of one (model, method, step) is one pass over the windows, stitched with all its sigmas
+    shared: dict[tuple[str, str, str, int], list[float | None]] = {}
+    for row in spec.rows:
+        method = "cam" if row.method == "probability" else row.method
+        sigmas = shared.setdefault((row.model, method, row.mode, row.step_px(window, slow_step)), [])
+        if row.sigma not in sigmas:
+            sigmas.append(row.sigma)
+    stitched: dict[tuple[str, str, str, int], dict[float | None, list[MosaicResult]]] = {}
+    rows, maps, methods = [], {}, {}
     for row in spec.rows:
         info, model = trained[row.model]
         step = row.step_px(window, slow_step)
@@ -894,28 +953,20 @@ def run_mosaic_study(
         if label in maps:  # two models of one architecture (a test's tiny stand-ins)
             label = f"{label} [{row.model}]"
         method = "cam" if row.method == "probability" else row.method
-        key = (row.model, method, row.mode, step, row.sigma)
-        if key not in stitched:
-            log(f"stitching {label} over {len(test)} mosaics")
-            stitched[key] = [
-                stitch_mosaic(
-                    model,
-                    image,
-                    window=window,
-                    step=step,
-                    sigma=row.sigma,
-                    mode=row.mode,
-                    method=method,
-                    batch_size=4 if method == "scorecam" else 32,
-                )
-                for image, _ in test
-            ]
-        results = stitched[key]
+        key = (row.model, method, row.mode, step)
+        cache = stitched.setdefault(key, {})
+        if row.sigma not in cache:
+            sigmas = [row.sigma] if row.mode == "fast" else shared[key]
+            once = f" (one pass for its {len(sigmas)} sigma rows)" if len(sigmas) > 1 else ""
+            log(f"stitching {label} over {len(test)} mosaics{once}")
+            cache.update(_stitch_rows(model, test, key, sigmas, window))
+        results = cache[row.sigma]
         stack = [
             window_probability_map(result, size, size) if row.method == "probability" else result.map
             for result in results
         ]
         maps[label] = stack
+        methods[label] = (row.model, row.method)
         report = score_maps(stack, masks, threshold=spec.threshold, bootstrap=bootstrap, seed=seed)
         rows.append(
             _table_row(
@@ -929,11 +980,21 @@ def run_mosaic_study(
                 mode=row.mode,
                 windows=int(results[0].window_probabilities.size),
                 seconds=float(np.mean([r.seconds for r in results])),
+                stitch_shared_by=1 if row.mode == "fast" else len(shared[key]),
+                patch_accuracy=patch_accuracy[row.model]["accuracy"],
+                **per_mosaic_scores(stack, masks, report["dice"]["best_threshold"]),
             )
         )
     main_info = trained[spec.main][0]
+    best = _best_rows(rows, methods, spec.main)
+    figures = workspace_dir() / "models" / main_info.name / "figures" / spec.mask_set
+    table: dict[str, Any] = {"mask_set": spec.mask_set, "threshold": spec.threshold, "rows": rows}
+    if best:
+        curves = {label: bootstrap_pixel_roc(maps[label], masks, bootstrap=bootstrap, seed=seed) for label in best}
+        table["figures"] = {"bootstrap_roc": _write_band_roc(figures / "bootstrap-roc", curves, len(test), bootstrap)}
     folder = workspace_dir() / "models" / main_info.name / "examples" / spec.mask_set
-    examples = _mosaic_examples(test, maps, folder, seeds["test"])
+    shown = {label: maps[label] for label in best} if best and len(maps) > _EXAMPLE_ROWS else maps
+    table["examples"] = _mosaic_examples(test, shown, folder, seeds["test"])
     dataset = {
         "kind": "rcm",
         "modality": "RCM",
@@ -952,9 +1013,10 @@ def run_mosaic_study(
         "study": study,
         "title": spec.title,
         "models": {key: info.name for key, (info, _) in trained.items()},
-        "tables": [{"mask_set": spec.mask_set, "threshold": spec.threshold, "rows": rows, "examples": examples}],
+        "tables": [table],
+        "patch_accuracy": patch_accuracy,
         "scored_on": f"{n_test} held-out mosaics, every labeled pixel (pixel AUC CI: bootstrap over mosaics); image "
-        "AUC: patches of the first test mosaic",
+        "AUC: patches of the first test mosaic; patch accuracy: patches of every test mosaic at probability 0.5",
     }
     with session_scope() as session:
         report["evaluation_id"] = repo.add_evaluation(
@@ -962,6 +1024,137 @@ def run_mosaic_study(
         )
         claim(session, evaluations=[report["evaluation_id"]])
     return report
+
+
+_EXAMPLE_ROWS = 12  # a table with more rows shows example maps of its Fig. 11 rows only
+
+
+def _stitch_rows(
+    model: nn.Module,
+    test: list[tuple[np.ndarray, np.ndarray]],
+    key: tuple[str, str, str, int],
+    sigmas: list[float | None],
+    window: int,
+) -> dict[float | None, list[MosaicResult]]:
+    """The stitched maps of the test mosaics for the rows of one (model, method, mode, step) ``key`` at ``sigmas``,
+    by sigma: exact mode from one pass over each mosaic's windows (:func:`core.heatmaps.mosaic_sigmas.stitch_sigmas`),
+    fast mode (one sigma) by :func:`core.heatmaps.mosaic.stitch_mosaic`."""
+    _, method, mode, step = key
+    batch_size = 4 if method == "scorecam" else 32
+    if mode == "fast":
+        (sigma,) = sigmas
+        options = {"window": window, "step": step, "sigma": sigma, "mode": mode, "method": method}
+        return {sigma: [stitch_mosaic(model, image, **options, batch_size=batch_size) for image, _ in test]}
+    passes = [
+        stitch_sigmas(model, image, window=window, step=step, sigmas=sigmas, method=method, batch_size=batch_size)
+        for image, _ in test
+    ]
+    return {sigma: [by_sigma[sigma] for by_sigma in passes] for sigma in sigmas}
+
+
+def per_mosaic_scores(stack: list[np.ndarray], masks: list[np.ndarray], threshold: float | None) -> dict[str, Any]:
+    """Each mosaic's own pixel AUC (None where its mask holds one class only: seed 002, Figs. 9 and 10) and Dice at
+    the row's best pooled threshold (None where 0/0), in test order."""
+    return {
+        "mosaic_auc": [pixel_auc([m], [k], bootstrap=0)["estimate"] for m, k in zip(stack, masks, strict=True)],
+        "mosaic_dice": None if threshold is None else dice_per_image(stack, masks, threshold)["per_image"],
+        "mosaic_dice_threshold": threshold,
+    }
+
+
+def _best_rows(rows: list[dict[str, Any]], methods: dict[str, tuple[str, str]], main: str) -> list[str]:
+    """Seed 002's Fig. 11 rows: the main model's CAM row and its Score-CAM row with the highest pixel AUC (first on
+    ties), those that exist."""
+    best = []
+    for method in ("cam", "scorecam"):
+        scored = [r for r in rows if methods[r["row"]] == (main, method) and r["pixel_auc"] is not None]
+        if scored:
+            best.append(max(scored, key=lambda r: r["pixel_auc"])["row"])
+    return best
+
+
+def mosaic_patch_accuracy(
+    model: nn.Module, test: list[tuple[np.ndarray, np.ndarray]], window: int, count: int, *, seed: int = 0
+) -> dict[str, Any]:
+    """Seed 002's patch-level accuracy ("the model correctly classifies 88.44% of patches"): ``count`` patches of
+    each test mosaic, labelled as training patches are (their centre pixel, :func:`core.data.synth_rcm.sample_patches`)
+    but drawn uniformly over the labeled centres (the mosaics' own class balance), called aspecific at probability
+    0.5. Mosaic ``i`` draws with seed ``seed + 100_000 + i``, apart from the training draws."""
+    from services.mosaic import patch_tensors  # services.mosaic imports the training service too
+
+    drawn = [
+        sample_patches(image, mask, count, size=window, seed=seed + 100_000 + index, balanced=False)
+        for index, (image, mask) in enumerate(test)
+    ]
+    labels = np.concatenate([y for _, y in drawn])
+    probabilities = expit(predict_logits(model, patch_tensors(np.concatenate([x for x, _ in drawn]))))
+    return {
+        "accuracy": float(np.mean((probabilities >= 0.5) == (labels == 1))),
+        "threshold": 0.5,
+        "patches": int(labels.size),
+        "positive": int(labels.sum()),
+    }
+
+
+def _write_band_roc(base: Path, curves: dict[str, dict[str, Any]], mosaics: int, bootstrap: int) -> dict[str, Any]:
+    """Fig. 11 as ``base``.csv (``row``, ``fpr``, ``tpr_mean``, ``tpr_low``, ``tpr_high``) and ``base``.plotly.json:
+    per row the mean ROC over the bootstrap resamples (solid) and its band (dashed); returns the figure's entry for
+    the table (workspace-relative paths, title, the mean curves' AUC, what it was scored on)."""
+    frame = pd.DataFrame(
+        [
+            {"row": label, "fpr": f, "tpr_mean": m, "tpr_low": low, "tpr_high": high}
+            for label, curve in curves.items()
+            if curve["tpr_mean"] is not None
+            for f, m, low, high in zip(
+                curve["fpr"],
+                curve["tpr_mean"],
+                curve["tpr_low"] or [None] * len(curve["fpr"]),
+                curve["tpr_high"] or [None] * len(curve["fpr"]),
+                strict=True,
+            )
+        ],
+        columns=["row", "fpr", "tpr_mean", "tpr_low", "tpr_high"],
+    )
+    figure = go.Figure()
+    for number, (label, curve) in enumerate(curves.items()):
+        if curve["tpr_mean"] is None:
+            continue
+        colour = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")[number % 4]
+        figure.add_scatter(
+            x=curve["fpr"], y=curve["tpr_mean"], mode="lines", name=_roc_name(label, curve["auc_mean"]),
+            line={"color": colour}, legendgroup=label,
+        )  # fmt: skip
+        for bound in ("tpr_low", "tpr_high"):
+            if curve[bound] is not None:
+                figure.add_scatter(
+                    x=curve["fpr"], y=curve[bound], mode="lines", line={"color": colour, "dash": "dash"},
+                    legendgroup=label, showlegend=False, name=f"{label} {bound}",
+                )  # fmt: skip
+    figure.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "grey"})
+    band = f"{bootstrap} bootstrap resamples of the {mosaics} test mosaics" if bootstrap else f"the {mosaics} mosaics"
+    title = (
+        f"Mean pixel ROC over {band}, 95 % band dashed (Fig. 11)"
+        if bootstrap
+        else f"Pixel ROC of {band} (Fig. 11 without resampling)"
+    )
+    figure.update_layout(
+        title=title,
+        xaxis={"title": "false positive rate", "range": [0, 1], "constrain": "domain"},
+        yaxis={"title": "true positive rate", "range": [0, 1], "scaleanchor": "x"},
+        legend={"title": {"text": "best row per method (AUC of the mean curve)"}},
+    )
+    csv, plot = base.with_suffix(".csv"), base.with_suffix(".plotly.json")
+    write_atomic(csv, frame.to_csv(index=False).encode())
+    write_atomic(plot, figure.to_json().encode())
+    root = workspace_dir()
+    return {
+        "title": title,
+        "csv": csv.relative_to(root).as_posix(),
+        "figure": plot.relative_to(root).as_posix(),
+        "auc": {label: curve["auc_mean"] for label, curve in curves.items()},
+        "resamples": {label: curve["resamples"] for label, curve in curves.items()},
+        "scored_on": f"every labeled pixel of {band}, pooled per resample",
+    }
 
 
 def _mosaic_examples(
@@ -981,7 +1174,8 @@ def _mosaic_examples(
 
 # --- per-model recipe overrides ----------------------------------------------------------------------------------
 
-_OVERRIDABLE = ("lr", "epochs", "batch_size", "augment", "recipe", "weight_decay")
+_OVERRIDABLE = ("lr", "epochs", "batch_size", "augment", "recipe", "weight_decay", "noise", "blur")
+_AUGMENT_LIMITS = {"noise": 1.0, "blur": 64.0}  # noise: SD in [0, 1] grey levels; blur: SD in px
 
 
 def _in_unit(value: Any, *, open_low: bool) -> bool:
@@ -1005,7 +1199,7 @@ def check_overrides(study: str, overrides: dict[str, dict[str, Any]] | None) -> 
     """A study's per-model recipe overrides checked before anything trains, ``{model key: {field: value}}``.
 
     Fields are a plan's recipe settings (``lr``, ``epochs``, ``batch_size``, ``augment``, ``recipe``,
-    ``weight_decay``) or an option of the model's builder (``drop_rate``, ``width``...,
+    ``weight_decay``, ``noise``, ``blur``) or an option of the model's builder (``drop_rate``, ``width``...,
     :func:`core.models.model_options`), which joins the plan's own options. The architecture is not overridable: it
     is what a row of the table means. Returns the overrides with each model's builder options merged into
     ``model_kwargs``; ``ValueError`` says what to change."""
@@ -1038,6 +1232,12 @@ def check_overrides(study: str, overrides: dict[str, dict[str, Any]] | None) -> 
             elif name in ("lr", "weight_decay") and not _in_unit(value, open_low=name == "lr"):
                 interval = "(0, 1)" if name == "lr" else "[0, 1)"
                 raise ValueError(f"{key}.{name} must be a number in {interval}, not {value!r}")
+            elif name in _AUGMENT_LIMITS and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < _AUGMENT_LIMITS[name]
+            ):
+                unit = "grey levels of the [0, 1] scale" if name == "noise" else "px"
+                high = _AUGMENT_LIMITS[name]
+                raise ValueError(f"{key}.{name} is an SD in {unit}: a number in [0, {high:g}), not {value!r}")
             else:
                 fields_[name] = value
         if options:

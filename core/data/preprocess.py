@@ -14,6 +14,7 @@ are drawn on: the same pixels the model saw, before padding and resizing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -293,7 +294,7 @@ AUGMENT_POLICIES = ("modality", "pcam")
 
 
 def train_augment(
-    modality: str, size: int, padding: int = 16, *, policy: str = "modality"
+    modality: str, size: int, padding: int = 16, *, policy: str = "modality", noise: float = 0.0, blur: float = 0.0
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """The paper's training augmentation as a function ``(batch, generator) -> batch``.
 
@@ -321,19 +322,34 @@ def train_augment(
       jitter, 0.83 without).
 
     Colour jitter comes before the crop, so the crop's padding stays black, like the test-time padding.
+
+    ``noise`` and ``blur`` are seed 002's "noise, and blurring" ("Model training"; the paper gives no strengths), for
+    the modality policies, off (0) by default so a batch is augmented draw for draw as without them. Per sample, after
+    the jitter and before the flips: a Gaussian blur whose SD is drawn uniformly in [0, ``blur``] px (separable,
+    edges replicated, kernel radius ``ceil(3 blur)``), then additive Gaussian noise whose SD is drawn uniformly in
+    [0, ``noise``] grey levels of the [0, 1] scale, clipped to [0, 1]. Their draws come after the jitter's.
     """
     canonical = _modality(modality)
     if size < 1 or padding < 0:
         raise ValueError(f"size must be positive and padding non-negative, not {size} and {padding}")
     if policy not in AUGMENT_POLICIES:
         raise ValueError(f"unknown augmentation policy {policy!r}; expected one of {', '.join(AUGMENT_POLICIES)}")
+    for name, value in (("noise", noise), ("blur", blur)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < _MAX_STRENGTH[name]:
+            raise ValueError(f"{name} must be a number in [0, {_MAX_STRENGTH[name]:g}), not {value!r}")
     if policy == "pcam":
+        if noise or blur:
+            raise ValueError("the pcam policy only rotates and flips; noise and blur apply to the modality policies")
         return _Rot90Flip(canonical, size)
+    extra = {"noise": float(noise), "blur": float(blur)}
     if canonical == "WL":
-        return _BatchAugment(canonical, size, padding, brightness=0.0, contrast=0.0, hflip=True, rotate=True)
-    if canonical == "RCM":  # seed 002: random crop, horizontal and vertical flips, grey-level jitter
-        return _BatchAugment(canonical, size, padding, brightness=0.2, contrast=0.2, hflip=True, rotate=False)
-    return _BatchAugment(canonical, size, padding, brightness=1.0, contrast=1.0, hflip=False, rotate=False)
+        return _BatchAugment(canonical, size, padding, brightness=0.0, contrast=0.0, hflip=True, rotate=True, **extra)
+    if canonical == "RCM":  # seed 002: random crop, horizontal and vertical flips, grey-level jitter, noise, blurring
+        return _BatchAugment(canonical, size, padding, brightness=0.2, contrast=0.2, hflip=True, rotate=False, **extra)
+    return _BatchAugment(canonical, size, padding, brightness=1.0, contrast=1.0, hflip=False, rotate=False, **extra)
+
+
+_MAX_STRENGTH = {"noise": 1.0, "blur": 64.0}  # noise: SD in [0, 1] grey levels; blur: SD in px
 
 
 @dataclass(frozen=True)
@@ -347,6 +363,8 @@ class _BatchAugment:
     contrast: float
     hflip: bool
     rotate: bool
+    noise: float = 0.0
+    blur: float = 0.0
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augment one standardised (B, C, S, S) batch with per-sample parameters drawn from ``generator``."""
@@ -373,6 +391,12 @@ class _BatchAugment:
             factor = draw(max(0.0, 1.0 - self.contrast), 1.0 + self.contrast)
             grey_mean = _grey(x).mean(dim=(-3, -2, -1), keepdim=True)
             x = (factor * x + (1.0 - factor) * grey_mean).clamp(0.0, 1.0)
+        if self.blur > 0:
+            x = _blur(x, draw(0.0, self.blur).view(count), self.blur)
+        if self.noise > 0:
+            spread = draw(0.0, self.noise)
+            pixels = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+            x = (x + spread * pixels).clamp(0.0, 1.0)
         if self.hflip:
             x = torch.where(coin().view(count, 1, 1, 1), x.flip(-1), x)
         x = torch.where(coin().view(count, 1, 1, 1), x.flip(-2), x)
@@ -398,6 +422,22 @@ class _BatchAugment:
         cols = (left[:, None] + steps)[:, None, :]
         samples = torch.arange(count, device=x.device)[:, None, None]
         return padded[samples, :, rows, cols].permute(0, 3, 1, 2)
+
+
+def _blur(x: torch.Tensor, sigmas: torch.Tensor, largest: float) -> torch.Tensor:
+    """Each sample of (B, C, H, W) ``x`` blurred by a separable Gaussian of its own SD ``sigmas[b]`` px (0: kept as
+    it is), one kernel of radius ``ceil(3 largest)`` for the batch, edges replicated."""
+    count, channels, height, width = x.shape
+    radius = max(1, math.ceil(3.0 * largest))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    spread = sigmas.to(x.device).float().view(count, 1)
+    kernel = torch.exp(-0.5 * (offsets / spread.clamp_min(1e-6)) ** 2)
+    kernel = torch.where(spread > 0, kernel, (offsets == 0).float())
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    flat = F.pad(x.reshape(1, count * channels, height, width), (radius,) * 4, mode="replicate")
+    flat = F.conv2d(flat, kernel.view(-1, 1, 2 * radius + 1, 1), groups=count * channels)
+    flat = F.conv2d(flat, kernel.view(-1, 1, 1, 2 * radius + 1), groups=count * channels)
+    return flat.view(count, channels, height, width).clamp(0.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ spots by their share of tumour pixels for its ROC, Figure S3):
 - ``fraction_above``: each image's share of labeled pixels at or above a threshold (seed 004's sample score).
 - ``roc_points`` / ``pixel_roc``: ROC points (FPR, TPR, thresholds) and AUC of scores against 0/1 truth, for images
   or for the pooled labeled pixels.
+- ``bootstrap_pixel_roc``: seed 002's Fig. 11, the pooled pixel ROC of images resampled with replacement, its mean
+  and percentile band on a fixed FPR grid.
 
 Maps and masks must have the same shape: nothing is resized, because interpolating a mask invents labels at its
 borders; a mismatch is refused with the file named.
@@ -46,7 +48,9 @@ __all__ = [
     "DICE_THRESHOLDS",
     "MAP_SUFFIXES",
     "OVERLAP",
+    "FPR_GRID",
     "Pair",
+    "bootstrap_pixel_roc",
     "dice_sweep",
     "dice_per_image",
     "evaluate_localization",
@@ -64,6 +68,7 @@ __all__ = [
 ]
 
 DICE_THRESHOLDS = np.arange(51) / 50.0  # 0, 0.02, ..., 1 (k / 50 is the nearest double to each step)
+FPR_GRID = np.arange(201) / 200.0  # 0, 0.005, ..., 1: where bootstrap ROC curves are read off and averaged
 MAP_SUFFIXES = (".npy", ".png")
 OVERLAP = 0.75
 UNLABELED = -1
@@ -427,6 +432,87 @@ def pixel_roc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_point
         for key in ("fpr", "tpr", "thresholds"):
             roc[key] = [roc[key][i] for i in keep]
     return roc
+
+
+def bootstrap_pixel_roc(
+    maps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    grid: np.ndarray = FPR_GRID,
+    max_thresholds: int = 2048,
+) -> dict[str, Any]:
+    """Seed 002, Fig. 11: "1000 bootstrapping experiments, where we randomly selected with replacement 31 mosaics
+    from the test set and calculated the ROC for each realization. The average ROC (solid lines) and 95% confidence
+    interval (dashed lines)".
+
+    Each of ``bootstrap`` resamples draws the images with replacement (seeded, as :func:`pixel_auc` draws them) and
+    pools the labeled pixels of the drawn images (an image drawn twice counts twice); its ROC is read off at the
+    false positive rates of ``grid`` by linear interpolation between its points, taking the highest TPR where the
+    curve rises vertically. ``tpr_mean`` is the mean over the resamples, ``tpr_low`` / ``tpr_high`` the percentile
+    band at ``level``; resamples without positive or without negative pixels are left out (counted in
+    ``undefined_resamples``). ``bootstrap=0`` gives the ROC of the images as they are, without a band.
+
+    The ROC points are those at every distinct map value when there are at most ``max_thresholds`` of them, else
+    at that many quantiles of the pooled values (each still an exact point of the resample's ROC): per image the
+    pixels at or above each threshold are counted once, and a resample's counts are one matrix product."""
+    values, positive, image = _pool(maps, masks)
+    n = len(maps)
+    unique = np.unique(values)
+    if unique.size > max_thresholds:
+        unique = np.unique(np.quantile(values, np.linspace(0.0, 1.0, max_thresholds)))
+    thresholds = unique[::-1]  # descending: the ROC from (0, 0) towards (1, 1)
+
+    def at_or_above(selected: np.ndarray) -> np.ndarray:
+        counts = np.zeros((n, thresholds.size + 1))
+        for i in range(n):
+            ordered = np.sort(values[selected & (image == i)])
+            counts[i, 1:] = ordered.size - np.searchsorted(ordered, thresholds, side="left")
+        return counts  # column 0: a threshold above every value, nothing called positive
+
+    pos, neg = at_or_above(positive), at_or_above(~positive)
+    if bootstrap > 0:
+        weights = bootstrap_counts(np.random.default_rng(seed).integers(0, n, (bootstrap, n)), n)
+    else:
+        weights = np.ones((1, n))
+    grid = np.asarray(grid, dtype=np.float64)
+    curves = []
+    for start in range(0, len(weights), 256):
+        chunk = weights[start : start + 256]
+        tp, fp = chunk @ pos, chunk @ neg
+        for tp_row, fp_row in zip(tp, fp, strict=True):
+            if tp_row[-1] <= 0 or fp_row[-1] <= 0:
+                continue
+            fpr, tpr = fp_row / fp_row[-1], tp_row / tp_row[-1]
+            last = np.r_[fpr[1:] != fpr[:-1], True]  # the top of each vertical run
+            curves.append(np.interp(grid, fpr[last], tpr[last]))
+    result: dict[str, Any] = {
+        "fpr": grid.tolist(),
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "level": level,
+        "resamples": len(curves),
+        "undefined_resamples": len(weights) - len(curves),
+        "thresholds": int(thresholds.size),
+    }
+    if not curves:
+        return {**result, "tpr_mean": None, "tpr_low": None, "tpr_high": None, "auc_mean": None,
+                "note": "ROC undefined: no resample holds both positive and negative pixels"}  # fmt: skip
+    stack = np.stack(curves)
+    mean = stack.mean(axis=0)
+    band = (None, None)
+    if bootstrap > 0:
+        low, high = np.percentile(stack, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        band = (low.tolist(), high.tolist())
+    return {
+        **result,
+        "tpr_mean": mean.tolist(),
+        "tpr_low": band[0],
+        "tpr_high": band[1],
+        "auc_mean": float(np.trapezoid(mean, grid)),
+    }
 
 
 def evaluate_localization(

@@ -27,7 +27,9 @@ thousands of iterations to the few hundred a CPU run affords (each scaling is sa
 - ``rcm`` (seed 002, "Model training"): SGD with momentum 0.9 and weight decay (the paper's 5e-4 is set by the
   study's config), the rate multiplied by 0.9 every 10 of 500 epochs (50 decays), here every ``total/50``
   iterations; the RCM augmentation (flips, grey-level jitter, padded crop); the last epoch kept, as the paper trains
-  "without early stopping". The paper's dropout of 0.75 is the builder's ``drop_rate``, set by the study.
+  "without early stopping". The paper's dropout of 0.75 is the builder's ``drop_rate``, set by the study. Its
+  "noise, and blurring" are ``TrainConfig.noise`` and ``blur`` (off by default; any recipe with the modality
+  augmentation takes them, :func:`core.data.preprocess.train_augment`), recorded in the metrics as applied.
 
 Models without a ``loss`` method train on the class-weighted BCE of their logit, whatever the recipe.
 """
@@ -149,6 +151,8 @@ class TrainConfig:
     recipe: str | None = None  # a key of RECIPES; None: the architecture's own (default_recipe)
     in_chans: int | None = None  # None: the modality's channels; set for many-channel data (hyperspectral spots)
     augment: bool = True  # False: no augmentation whatever the recipe (like-for-like baselines)
+    noise: float = 0.0  # Gaussian noise, max per-sample SD in [0, 1] grey levels (seed 002; modality policies only)
+    blur: float = 0.0  # Gaussian blur, max per-sample SD in px (seed 002; modality policies only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -331,8 +335,18 @@ def recipe_for(config: TrainConfig) -> Recipe:
         raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}") from None
 
 
-def _loss(model: nn.Module, batch: torch.Tensor, target: torch.Tensor, alpha_p: float, alpha_n: float) -> torch.Tensor:
-    """The model's own training loss when it has one (the weakly supervised papers), else eq. (1) on its logit."""
+def _loss(
+    model: nn.Module,
+    batch: torch.Tensor,
+    target: torch.Tensor,
+    alpha_p: float,
+    alpha_n: float,
+    logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The model's own training loss when it has one (the weakly supervised papers), else eq. (1) on its logit
+    (``logits(model, batch)`` when given, else ``model(batch)``)."""
+    if logits is not None:
+        return weighted_bce(logits(model, batch)[:, 0].float(), target, alpha_p, alpha_n)
     if callable(getattr(model, "loss", None)):
         return model.loss(batch, target).float()
     return weighted_bce(model(batch)[:, 0].float(), target, alpha_p, alpha_n)
@@ -375,9 +389,14 @@ def fit(
     val_images: torch.Tensor,
     val_labels: torch.Tensor,
     progress: Callable[[Progress], None] | None = None,
+    train_logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train one binary model on prepared ``(N, C, S, S)`` images and 0/1 labels by its recipe (:func:`recipe_for`:
     the FL-CNN recipe unless the architecture's paper has its own).
+
+    ``train_logits(model, batch)``, when given, replaces ``model(batch)`` for the training batches' logits (eq. 1 is
+    taken on them); validation still runs the plain model. ``services.mosaic`` uses it to pool only a context crop's
+    central feature cells.
 
     Returns the trained model (eval mode, CPU), its validation metrics, and the operating threshold chosen on the
     validation split by ``config.threshold_policy`` (None: :func:`default_policy` of the task).
@@ -402,7 +421,9 @@ def fit(
     total = steps_per_epoch * config.epochs
     scheduler = recipe.schedule(optimizer, total, max(1, round(config.warmup_epochs * steps_per_epoch)))
     augment = (
-        train_augment(config.modality, config.image_size, policy=recipe.augmentation)
+        train_augment(
+            config.modality, config.image_size, policy=recipe.augmentation, noise=config.noise, blur=config.blur
+        )
         if recipe.augment and config.augment
         else None
     )
@@ -425,9 +446,9 @@ def fit(
             if device.type == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = _loss(model, batch, target, alpha_p, alpha_n)
+                    loss = _loss(model, batch, target, alpha_p, alpha_n, train_logits)
             else:
-                loss = _loss(model, batch, target, alpha_p, alpha_n)
+                loss = _loss(model, batch, target, alpha_p, alpha_n, train_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -465,6 +486,8 @@ def fit(
         "alpha_n": alpha_n,
         "recipe": recipe.name,
         "weight_decay": optimizer.param_groups[0]["weight_decay"],
+        "noise": config.noise if augment else 0.0,
+        "blur": config.blur if augment else 0.0,
         "kept_epoch": kept_epoch,
         "train_seconds": time.perf_counter() - started,
         **{f"val_{k}": v for k, v in binary_metrics(truth, val_probs, threshold.value).items()},

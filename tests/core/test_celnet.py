@@ -403,9 +403,9 @@ def test_the_celnet_recipe_trains_with_the_pcam_augmentation(monkeypatch):
     assert recipe_for(TrainConfig(architecture="resnet18")).augmentation == "modality"
     policies, pairs = [], []
 
-    def spy(modality, size, padding=16, *, policy="modality"):
+    def spy(modality, size, padding=16, *, policy="modality", **strengths):
         policies.append(policy)
-        inner = train_augment(modality, size, padding, policy=policy)
+        inner = train_augment(modality, size, padding, policy=policy, **strengths)
 
         def run(batch, generator):
             out = inner(batch, generator)

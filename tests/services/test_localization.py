@@ -321,7 +321,7 @@ def test_cli_rcm_study_and_its_refusals(workspace, monkeypatch, capsys):
     assert cli(["localization-study", "rcm", "--data", str(workspace)]) == 2
     assert "--data, --channels and --models do not apply" in capsys.readouterr().err
     assert cli(["localization-study", "mlcam", "--window", "64"]) == 2
-    assert "rcm study only" in capsys.readouterr().err
+    assert "mosaic studies only (rcm, rcm-grid)" in capsys.readouterr().err
     at = _signed_in(MODELS_PAGE, "pi")
     assert not at.exception
     assert any(md_escape("seed 002, Table 2") in s.value for s in at.subheader)
