@@ -60,6 +60,7 @@ def run(
 ) -> dict[str, Any]:
     """Build the cohort and train the FL-CNN in a temporary workspace; the figures, timings and settings."""
     from core.data.synth import CohortConfig, write_cohort
+    from core.models import check_model_options
     from db import repo
     from db.session import read_scope
     from services.demo import DemoConfig, build_demo_part
@@ -70,6 +71,8 @@ def run(
     if quick:
         config = replace(config, **QUICK)
     config = replace(config, **(overrides or {}))
+    if config.fl_model_options:  # refused before the cohort is built, not after minutes
+        check_model_options(config.fl_architecture or config.architecture, dict(config.fl_model_options))
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-pointing-") as folder, pointing_at(Path(folder)):
         began = time.perf_counter()
@@ -91,6 +94,8 @@ def run(
             model = repo.find_model(session, "FL-CNN-tumor")
         report = model.metrics.get("pointing") or evaluate_registered(model)
         test_auc = model.metrics.get("test_auc")
+        architecture, options = model.architecture, model.config.get("model_kwargs", {})
+        augment = model.config.get("augment")
     if report is None:
         raise RuntimeError("the FL-CNN's test split has no tumor masks: nothing to point at")
     gap = None
@@ -101,6 +106,7 @@ def run(
         "settings": {"quick": quick, "seed": seed, "confounders": confounders, "demo": asdict(config)},
         "seconds": seconds,
         "test_auc": test_auc,
+        "model": {"architecture": architecture, "options": options, "augment": augment},
         "pointing": report,
         "criteria": {
             name: {"value": value, "target": f"{TARGETS[name][0]} {TARGETS[name][1]}", "met": _met(name, value)}
@@ -144,9 +150,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fl-image-size", type=int, help="the FL-CNN's input size (the demo's)")
     parser.add_argument("--fl-epochs", type=int, help="the FL-CNN's epochs (the demo's)")
     parser.add_argument("--fl-batch-size", type=int, help="the FL-CNN's batch size (the demo's)")
+    parser.add_argument("--fl-architecture", help="the FL-CNN's architecture (the demo's: efficientnet_b0)")
+    parser.add_argument(
+        "--fl-model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a builder option of the FL-CNN (repeatable), e.g. output_stride=16",
+    )
+    parser.add_argument("--fl-no-augment", action="store_true", help="train the FL-CNN without augmentation")
     parser.add_argument("--threads", type=int, default=usable_cores(), help="torch CPU threads (the usable cores)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder, or .json file, for the results")
     args = parser.parse_args(argv)
+    options = []
+    for item in args.fl_model_option:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--fl-model-option takes KEY=VALUE, not {item!r}")
+        try:
+            options.append((key.strip(), json.loads(text)))
+        except ValueError:
+            options.append((key.strip(), text))
     torch.set_num_threads(max(1, args.threads))
     about = machine(torch.device("cpu"))
     print(f"machine: {about}", flush=True)
@@ -156,10 +180,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("fl_image_size", args.fl_image_size),
             ("fl_epochs", args.fl_epochs),
             ("fl_batch_size", args.fl_batch_size),
+            ("fl_architecture", args.fl_architecture),
         )
         if value is not None
     }
-    document = {"machine": about, **run(args.quick, args.seed, args.confounders, overrides)}
+    if options:
+        overrides["fl_model_options"] = tuple(options)
+    if args.fl_no_augment:
+        overrides["fl_augment"] = False
+    try:
+        document = {"machine": about, **run(args.quick, args.seed, args.confounders, overrides)}
+    except ValueError as error:
+        parser.error(str(error))
     document["machine"]["load_1min_after"] = machine(torch.device("cpu"))["load_1min"]
     out = args.out if args.out.suffix == ".json" else args.out / f"pointing{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,10 @@ def _check_train(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         decay = config.weight_decay
         if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 <= decay < 1.0:
             raise ValueError(f"weight decay must be a number in [0, 1), not {decay!r}")
+    for key, high in (("noise", 1.0), ("blur", 64.0)):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < high:
+            raise ValueError(f"{key} must be a number in [0, {high:g}), not {value!r}")
     if config.task not in TASKS:
         raise ValueError(f"unknown task {config.task!r}; choose one of {', '.join(sorted(TASKS))}")
     if config.modality not in MODALITIES:
@@ -501,7 +505,19 @@ def _check_demo(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     complete: dict[str, Any] = {"part": part}
     for key, value in params.items():
         default = defaults[key]
-        if isinstance(default, tuple):
+        if key == "fl_model_options":  # (name, value) pairs of the FL-CNN's builder, checked below
+            if not isinstance(value, list | tuple) or any(
+                not isinstance(pair, list | tuple) or len(pair) != 2 or not isinstance(pair[0], str) for pair in value
+            ):
+                raise ValueError("fl_model_options must be [name, value] pairs, e.g. [['output_stride', 16]]")
+            complete[key] = [[name, option] for name, option in value]
+        elif key == "fl_augment":
+            if not isinstance(value, bool):
+                raise ValueError(f"fl_augment must be true or false, not {value!r}")
+            complete[key] = value
+        elif key == "fl_architecture":
+            complete[key] = None if value is None else str(value)
+        elif isinstance(default, tuple):
             if not isinstance(value, list | tuple) or len(value) != len(default):
                 raise ValueError(f"{key} must be {len(default)} numbers")
             kind = type(default[0])
@@ -512,11 +528,19 @@ def _check_demo(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             complete[key] = str(value)
         else:
             complete[key] = _int({key: value}, key, None, 0 if key == "seed" else 1, 2**31 - 1)
-    if "architecture" in complete:
-        from core.models import list_models as architectures
+    from core.models import check_model_options, create_model
+    from core.models import list_models as architectures
 
-        if complete["architecture"] not in architectures():
-            raise ValueError(f"unknown architecture {complete['architecture']!r}")
+    for key in ("architecture", "fl_architecture"):
+        if complete.get(key) is not None and complete[key] not in architectures():
+            raise ValueError(f"unknown {key.replace('_', ' ')} {complete[key]!r}")
+    if complete.get("fl_model_options"):
+        fl = complete.get("fl_architecture") or complete.get("architecture") or defaults["architecture"]
+        options = check_model_options(fl, dict(complete["fl_model_options"]))
+        try:  # the builder checks the values (output_stride 8, 16 or 32...): refused now, not after the cohort
+            create_model(fl, in_chans=1, **options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"fl_model_options: {error}") from None
     return f"Demo workspace: {DEMO_PARTS.get(part, 'every part')}", complete
 
 
@@ -524,6 +548,8 @@ def _run_demo(context: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     from services.demo import DemoConfig, build_demo_part
 
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k != "part"}
+    if "fl_model_options" in settings:
+        settings["fl_model_options"] = tuple(tuple(pair) for pair in settings["fl_model_options"])
     span = {"start": 0.0, "end": 1.0, "label": ""}
 
     def report(start: float, end: float, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench.pointing import TARGETS, main
@@ -31,3 +32,27 @@ def test_quick_run_writes_the_criteria_with_their_baselines(tmp_path: Path) -> N
     if report["model_auc"] is not None:
         assert abs(criteria["auc_gap"]["value"] - (report["model_auc"] - report["best_intensity_auc"])) < 1e-3
     assert report["heatmap"]["n"] > 0
+
+
+def test_fl_options_reach_the_trained_model(tmp_path: Path) -> None:
+    out = tmp_path / "pointing.json"
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--quick", "--threads", "1", "--fl-model-option", "width=8", "--fl-no-augment", "--out", str(out)]
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    document = json.loads(out.read_text())
+    demo = document["settings"]["demo"]
+    assert demo["fl_model_options"] == [["width", 8]] and demo["fl_augment"] is False
+    assert document["model"] == {"architecture": "tiny_cnn", "options": {"width": 8}, "augment": False}
+
+
+def test_an_option_the_architecture_lacks_is_refused_before_anything_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--quick", "--fl-model-option", "output_stride=16", "--out", str(tmp_path / "p.json")])
+    assert stop.value.code == 2
+    assert "tiny_cnn has no option 'output_stride'" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
