@@ -22,6 +22,15 @@ Questions about :func:`core.heatmaps.mosaic.stitch_mosaic` (seed paper 002, D'Al
 - ``b2`` (``--b2``, minutes on a CPU): the same for EfficientNet-B2 trained for four epochs on 128 px patches of
   two mosaics, scored on a 768 x 768 mosaic with window 128 at steps 32 and 25: exact against fast with the whole
   trunk shared and with stages up to stride 16, 8 and 4 shared.
+- ``parity`` (``--parity``, about 15 minutes on 2 CPU cores): can the whole trunk be shared at a trained
+  network's accuracy? EfficientNet-B2 is trained twice on the same 128 px patches of the same mosaics
+  (:func:`services.mosaic.fit_patch_classifier`): ``plain`` (today's windows, zero-padded at their border) and
+  ``context`` (``--context`` px of mosaic around each window, only the window's feature cells pooled). Each is
+  scored on a held-out 768 x 768 mosaic at steps 32 and 16: ``loop`` (one window at a time, the reference map) and
+  fast with the whole trunk shared (``share=None``, phases 1 and, where the step is not a multiple of the stride,
+  enough passes for every window's own phase), timed side by side: pixel AUC of both, the gap, and loop / fast.
+  Then the peak memory of the whole-trunk path at 12,000 x 12,000 px (window 128, the finest step, phases 1, as
+  ``memory`` below).
 - ``memory``: the peak resident set size of a fresh process that builds B2, draws the mosaic and runs the fast mode
   (``--share``): 2048 x 2048, and with ``--big`` 12,000 x 12,000 (the 2048 mosaic tiled, then cropped: speed and
   memory do not depend on the texture). ``rss_before`` is the resident set just before stitching (interpreter,
@@ -39,7 +48,7 @@ import multiprocessing
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +64,7 @@ from core.data.synth_rcm import POSITIVE, UNLABELED, make_rcm_mosaic, sample_pat
 from core.heatmaps.mosaic import MosaicResult, WindowGrid, stitch_mosaic
 from core.models import create_model
 from core.train import TrainConfig, fit
+from services.mosaic import fit_patch_classifier
 
 __all__ = ["Settings", "main", "parse_args"]
 
@@ -64,6 +74,8 @@ _ACCURACY_STEPS = (25, 32, 50)
 _ACCURACY_SIGMAS = (None, 5.0)
 _ACCURACY_PHASES = (1, 2, 4)
 _B2_SHARES = (None, 16, 8, 4)
+_PARITY_SCHEMES = ("plain", "context")
+_PARITY_SEEDS = {"train": (1, 3), "val": (4,), "score": 2}
 _BIG = 12_000
 
 
@@ -81,6 +93,14 @@ class Settings:
     big: bool
     big_size: int
     b2: bool
+    parity: bool
+    parity_size: int
+    parity_train_size: int
+    parity_window: int
+    parity_context: int
+    parity_patches: int
+    parity_epochs: int
+    parity_steps: tuple[int, ...]
     batch_size: int
     tile: int
     accuracy_size: int
@@ -108,6 +128,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--full", action="store_true", help="run exact and loop on every window (slow on a CPU)")
     parser.add_argument("--big", action="store_true", help=f"also the peak memory at {_BIG} x {_BIG} px (minutes)")
     parser.add_argument("--b2", action="store_true", help="also train EfficientNet-B2 and score it (minutes)")
+    parser.add_argument(
+        "--parity", action="store_true", help="also train B2 plain and with context, loop vs whole trunk (15 min)"
+    )
+    parser.add_argument("--context", type=int, default=32, help="--parity: context px around each window (32)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass, exact and fast (32)")
     parser.add_argument("--tile", type=int, default=1024, help="fast-mode trunk tile in px (1024)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
@@ -119,20 +143,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--device cuda: no CUDA device is available")
     if min(args.size, args.step, args.sample, args.batch_size, args.tile, args.threads) < 1 or args.sigma <= 0:
         parser.error("sizes, step, sample, batch size, tile, threads and sigma must be positive")
+    if args.context < 1:
+        parser.error("--context must be positive (a multiple of B2's stride, 32)")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     common = {
         "device": device, "threads": args.threads, "out": args.out, "sigma": args.sigma, "full": args.full,
-        "share": args.share,
+        "share": args.share, "parity": args.parity, "parity_context": args.context,
     }  # fmt: skip
     if args.quick:
         return Settings(
             size=256, window=64, step=16, sample=4, big=False, big_size=512, b2=False, batch_size=4, tile=128,
-            accuracy_size=192, accuracy_window=32, accuracy_patches=128, quick=True, **common,
+            accuracy_size=192, accuracy_window=32, accuracy_patches=128, parity_size=192, parity_train_size=256,
+            parity_window=64, parity_patches=16, parity_epochs=1, parity_steps=(32,), quick=True, **common,
         )  # fmt: skip
     return Settings(
         size=args.size, window=256, step=args.step, sample=args.sample, big=args.big, big_size=_BIG, b2=args.b2,
         batch_size=args.batch_size, tile=args.tile, accuracy_size=1024, accuracy_window=128, accuracy_patches=1600,
-        quick=False, **common,
+        parity_size=768, parity_train_size=1024, parity_window=128, parity_patches=512, parity_epochs=4,
+        parity_steps=(32, 16), quick=False, **common,
     )  # fmt: skip
 
 
@@ -329,6 +357,73 @@ def _b2(settings: Settings, device: torch.device) -> dict[str, Any]:
     return {"architecture": ARCHITECTURE, "mosaic": [768, 768], "window": window, "train": about, "rows": rows}
 
 
+def _parity(settings: Settings, device: torch.device) -> dict[str, Any]:
+    """B2 trained plain and with context on the same patches; per scheme and step, the loop (the reference map) and
+    the whole-trunk fast mode timed side by side and scored on a held-out mosaic; then the whole-trunk peak memory
+    at ``big_size`` px."""
+    window, train_size = settings.parity_window, settings.parity_train_size
+    mosaics = {
+        split: [make_rcm_mosaic(train_size, train_size, seed=seed) for seed in _PARITY_SEEDS[split]]
+        for split in ("train", "val")
+    }
+    image, mask = make_rcm_mosaic(settings.parity_size, settings.parity_size, seed=_PARITY_SEEDS["score"])
+    labeled = mask != UNLABELED
+    truth = mask[labeled] == POSITIVE
+    config = TrainConfig(
+        architecture=ARCHITECTURE, task="aspecific", modality="RCM", image_size=window, epochs=settings.parity_epochs,
+        batch_size=32, device=device.type,
+    )  # fmt: skip
+    schemes: dict[str, Any] = {}
+    rows = []
+    for scheme in _PARITY_SCHEMES:
+        context = settings.parity_context if scheme == "context" else 0
+        print(f"  training {ARCHITECTURE} {scheme} (context {context} px) ...", flush=True)
+        trained, _ = fit_patch_classifier(
+            config, mosaics, patches_per_mosaic=settings.parity_patches, context=context, log=lambda _m: None
+        )
+        model = trained.model.to(device).eval()
+        schemes[scheme] = {
+            "context": context,
+            "train_patches": trained.metrics["train_n"],
+            "val_auc": trained.metrics["val_auc"],
+            "train_seconds": trained.metrics["train_seconds"],
+        }
+        stride = window // model.forward_features(torch.zeros(1, 1, window, window, device=device)).shape[-1]
+        options = {"window": window, "sigma": settings.sigma, "batch_size": settings.batch_size}
+        warm = image[: window + 2 * stride, : window + 2 * stride]
+        stitch_mosaic(model, warm, step=stride, mode="loop", **options)
+        stitch_mosaic(model, warm, step=stride, share=None, **options)
+        for step in settings.parity_steps:
+            print(f"  {scheme}: loop and whole trunk at step {step} ...", flush=True)
+            loop = stitch_mosaic(model, image, step=step, mode="loop", **options)
+            for phases in sorted({1, stride // math.gcd(step, stride)}):
+                fast = stitch_mosaic(model, image, step=step, share=None, phases=phases, **options)
+                row = _scored(fast, loop, truth, labeled, scheme=scheme, step=step, phases=phases)
+                row["auc_loop"] = row.pop("auc_exact")
+                row["seconds_loop"] = row.pop("seconds_exact")
+                row["auc_gap"] = row["auc_loop"] - row["auc_fast"]
+                row["loop_over_fast"] = loop.seconds / fast.seconds
+                rows.append(row)
+    step = min(settings.parity_steps)
+    print(f"  whole trunk on {settings.big_size:,} x {settings.big_size:,} in a fresh process ...", flush=True)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        big = pool.apply(_peak_memory, (settings.big_size, replace(settings, window=window, step=step, share=None)))
+    return {
+        "architecture": ARCHITECTURE,
+        "train_mosaics": {split: list(_PARITY_SEEDS[split]) for split in ("train", "val")},
+        "train_mosaic_size": train_size,
+        "mosaic": [settings.parity_size, settings.parity_size],
+        "mosaic_seed": _PARITY_SEEDS["score"],
+        "window": window,
+        "stride": stride,
+        "sigma": settings.sigma,
+        "epochs": settings.parity_epochs,
+        "schemes": schemes,
+        "rows": rows,
+        "memory": big,
+    }
+
+
 def _peak_memory(size: int, settings: Settings) -> dict[str, Any]:
     """In a fresh process: B2 and a ``size`` x ``size`` mosaic, then the fast mode; RSS before and peak during.
 
@@ -354,6 +449,7 @@ def _peak_memory(size: int, settings: Settings) -> dict[str, Any]:
         "share": settings.share,
         "step": settings.step,
         "tile": settings.tile,
+        "window": settings.window,
         "seconds": result.seconds,
         "rss_before_mb": before,
         "peak_rss_mb": status_mb("VmHWM"),
@@ -427,6 +523,25 @@ def _tables(document: dict[str, Any]) -> str:
             f"b2: {ARCHITECTURE} trained (val AUC {b2['train']['val_auc']:.3f}), {b2['mosaic'][0]} x "
             f"{b2['mosaic'][1]} px, window {b2['window']}, pixel AUC against the mask, both modes in full",
         )
+    if document.get("parity"):
+        parity = document["parity"]
+        trained = ", ".join(
+            f"{name} (context {about['context']} px): val AUC {about['val_auc']:.3f} on plain windows, "
+            f"{about['train_seconds']:.0f} s"
+            for name, about in parity["schemes"].items()
+        )
+        columns = ["scheme", "step", "phases", "windows", "auc_loop", "auc_fast", "auc_gap", "seconds_loop"]
+        frame = pd.DataFrame(parity["rows"])[[*columns, "seconds_fast", "loop_over_fast", "mean_abs"]]
+        memory = parity["memory"]
+        lines += [
+            f"parity: {ARCHITECTURE} trained {parity['epochs']} epochs on {parity['window']} px windows, {trained}",
+            f"scored on {parity['mosaic'][0]} x {parity['mosaic'][1]} px: loop against the whole trunk shared",
+            frame.to_string(index=False, float_format="{:.4f}".format),
+            f"whole trunk at {memory['size']:,} px (window {memory['window']}, step {memory['step']}): "
+            f"{memory['seconds']:.0f} s, peak RSS {memory['peak_rss_mb']:,.0f} MB "
+            f"({memory['rss_before_mb']:,.0f} before stitching)",
+            "",
+        ]
     lines += [
         "memory: fast mode in a fresh process (MB)",
         pd.DataFrame(document["memory"]).to_string(index=False, float_format="{:,.1f}".format),
@@ -446,6 +561,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.b2:
         print("b2 ...", flush=True)
         b2 = _b2(settings, device)
+    parity = None
+    if settings.parity:
+        print("parity ...", flush=True)
+        parity = _parity(settings, device)
     print("memory ...", flush=True)
     memory = _memory(settings)
     document = {
@@ -454,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speed": speed,
         "accuracy": accuracy,
         "b2": b2,
+        "parity": parity,
         "memory": memory,
         "seconds": time.perf_counter() - began,
     }

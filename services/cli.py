@@ -131,9 +131,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             name=name,
             patches_per_mosaic=args.patches,
             seed=args.seed,
+            context=args.context,
             progress=print_progress,
         )
         return 0
+    if args.context:
+        raise UsageError("--context trains a patch classifier on RCM mosaics: give it with --mosaics")
     if args.data:
         from core.data.localization_set import read_set
         from services.localization import train_on_set
@@ -773,6 +776,15 @@ def _parser() -> argparse.ArgumentParser:
         "(task aspecific) from patches labelled by their centre pixel; --image-size is the patch side",
     )
     train.add_argument("--patches", type=int, default=200, help="patches drawn per mosaic (--mosaics)")
+    train.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="--mosaics: train on each window with PX px of mosaic around it, pooling the window's own feature cells "
+        "(a multiple of the trunk's stride, e.g. 32 for EfficientNet-B2), so the features hold with the whole trunk "
+        "shared over a mosaic (python -m core mosaic, fast mode); 0 (default): the windows alone",
+    )
     train.add_argument("--recipe", choices=sorted(RECIPES), help="default: the architecture's paper's recipe")
     train.add_argument(
         "--noise",

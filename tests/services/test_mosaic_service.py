@@ -123,3 +123,21 @@ def test_a_mosaic_folder_is_read_with_its_masks_and_problems_are_named(tmp_path)
         read_mosaic_folder(tmp_path / "nothing")
     with pytest.raises(ValueError, match="splits must be"):
         train_patch_classifier(None, {"train": [], "validation": []}, name="x")
+
+
+def test_train_mosaics_with_context_records_it_and_a_bad_context_is_refused(workspace, tmp_path, capsys):
+    out = tmp_path / "mosaics"
+    assert main(["synth", "rcm", "--out", str(out), "--counts", "2", "1", "1", "--size", "96"]) == 0
+    args = ["train", "--mosaics", str(out), "--architecture", "tiny_cnn", "--image-size", "32", "--epochs", "1"]
+    args += ["--patches", "16", "--batch-size", "8"]
+    assert main([*args, "--context", "8", "--name", "cli-rcm-context"]) == 0
+    with session_scope() as session:
+        info = repo.find_model(session, "cli-rcm-context")
+    assert info.architecture == "tiny_cnn" and info.config["context"] == 8 and info.config["window"] == 32
+    capsys.readouterr()
+    assert main([*args, "--context", "5", "--name", "cli-rcm-bad"]) == 2
+    assert "multiple of tiny_cnn's stride (8 px)" in capsys.readouterr().err
+    assert main(["train", "--context", "8", "--architecture", "tiny_cnn"]) == 2
+    assert "give it with --mosaics" in capsys.readouterr().err
+    with session_scope() as session:
+        assert repo.find_model(session, "cli-rcm-bad") is None
