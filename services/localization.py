@@ -211,6 +211,7 @@ class ModelPlan:
     mask_background: bool = False  # spectral sets: NaN spectra where no sample is, in this model's input (seed 004)
     noise: float = 0.0  # augmentation noise, max SD in [0, 1] grey levels (TrainConfig.noise; seed 002)
     blur: float = 0.0  # augmentation blur, max SD in px (TrainConfig.blur; seed 002)
+    context: int = 0  # mosaic studies: px of mosaic around each training window (services.mosaic, whole-trunk parity)
 
     def config(self, *, epochs: int | None, seed: int, **fields: Any) -> TrainConfig:
         """The training config of this plan (``epochs`` overrides the plan's; ``fields`` set the data's task etc.)."""
@@ -775,15 +776,26 @@ class MosaicMapSpec:
     mode: str = "exact"
     step: float | None = 0.25
     sigma: float | None = 5.0
+    share: int | None = 16  # fast mode: the stride up to which the trunk is shared; None: the whole trunk
 
     def step_px(self, window: int, slow_step: int) -> int:
         return slow_step if self.step is None else max(1, round(self.step * window))
 
-    def label(self, architecture: str, step: int) -> str:
+    def label(self, architecture: str, step: int, context: int = 0) -> str:
         title = _ARCHITECTURE_TITLES.get(architecture, architecture)
+        if context:
+            title += f" (trained with {context} px context)"
         what = "window probability (no CAM)" if self.method == "probability" else method_title(self.method)
         sigma = "no Gaussian" if self.sigma is None else f"σ {self.sigma:g}"
-        fast = ", fast" if self.mode == "fast" else ""
+        fast = ""
+        if self.mode == "fast":
+            fast = (
+                ", fast"
+                if self.share == 16
+                else ", fast, whole trunk"
+                if self.share is None
+                else f", fast, share {self.share}"
+            )
         return f"{title} + {what}, step {step}, {sigma}{fast}"
 
 
@@ -815,6 +827,12 @@ MOSAIC_STUDIES: dict[str, MosaicStudySpec] = {
             # default recipe) with the paper's dropout and augmentation; the baseline trains the same way.
             "main": ModelPlan("efficientnet_b2", {"drop_rate": 0.75}, lr=1e-3, epochs=8, batch_size=32, augment=True),
             "baseline": ModelPlan("resnet18", lr=1e-3, epochs=8, batch_size=32, augment=True),
+            # The same B2 trained with 32 px of mosaic around each window, only the window's feature cells pooled
+            # (services.mosaic): its features hold with the whole trunk shared over the mosaic, which the plain
+            # network's do not (python -m bench.mosaic --parity: pixel AUC 0.984 vs 0.746, 68 x the loop's speed).
+            "context": ModelPlan(
+                "efficientnet_b2", {"drop_rate": 0.75}, lr=1e-3, epochs=8, batch_size=32, augment=True, context=32
+            ),
         },
         rows=(
             MosaicMapSpec("main", "cam", step=0.25, sigma=None),
@@ -825,6 +843,9 @@ MOSAIC_STUDIES: dict[str, MosaicStudySpec] = {
             MosaicMapSpec("main", "cam", mode="fast", step=0.25, sigma=5.0),
             MosaicMapSpec("main", "probability", step=0.25, sigma=5.0),
             MosaicMapSpec("baseline", "cam", step=0.25, sigma=5.0),
+            MosaicMapSpec("main", "cam", mode="fast", step=0.25, sigma=5.0, share=None),
+            MosaicMapSpec("context", "cam", step=0.25, sigma=5.0),
+            MosaicMapSpec("context", "cam", mode="fast", step=0.25, sigma=5.0, share=None),
         ),
         counts=(6, 1, 4),
         size=512,
@@ -919,16 +940,18 @@ def run_mosaic_study(
     )
     stamp = prefix or f"RCM-{study}-{datetime.now():%Y%m%d-%H%M%S}"
     trained: dict[str, tuple[ModelInfo, nn.Module]] = {}
+    contexts: dict[str, int] = {}
     for key, plan in spec.models.items():
-        config = replace(plan, **(overrides or {}).get(key, {})).config(
-            epochs=epochs, seed=seed, task="aspecific", modality="RCM", image_size=window
-        )
+        plan = replace(plan, **(overrides or {}).get(key, {}))
+        config = plan.config(epochs=epochs, seed=seed, task="aspecific", modality="RCM", image_size=window)
+        contexts[key] = plan.context
         trained[key] = train_patch_classifier(
             config,
             {"train": train, "val": val, "test": test[:1]},  # the patch AUC: patches of the first test mosaic
             name=f"{stamp}-{key}",
             patches_per_mosaic=patches or spec.patches,
             seed=seed,
+            context=plan.context,
             log=log,
             progress=progress,
         )
@@ -938,22 +961,22 @@ def run_mosaic_study(
         for key, (_, model) in trained.items()
     }
     # every exact-mode row of one (model, method, step) is one pass over the windows, stitched with all its sigmas
-    shared: dict[tuple[str, str, str, int], list[float | None]] = {}
+    shared: dict[tuple[str, str, str, int, int | None], list[float | None]] = {}
     for row in spec.rows:
         method = "cam" if row.method == "probability" else row.method
-        sigmas = shared.setdefault((row.model, method, row.mode, row.step_px(window, slow_step)), [])
+        sigmas = shared.setdefault((row.model, method, row.mode, row.step_px(window, slow_step), row.share), [])
         if row.sigma not in sigmas:
             sigmas.append(row.sigma)
-    stitched: dict[tuple[str, str, str, int], dict[float | None, list[MosaicResult]]] = {}
+    stitched: dict[tuple[str, str, str, int, int | None], dict[float | None, list[MosaicResult]]] = {}
     rows, maps, methods = [], {}, {}
     for row in spec.rows:
         info, model = trained[row.model]
         step = row.step_px(window, slow_step)
-        label = row.label(info.architecture, step)
+        label = row.label(info.architecture, step, contexts[row.model])
         if label in maps:  # two models of one architecture (a test's tiny stand-ins)
             label = f"{label} [{row.model}]"
         method = "cam" if row.method == "probability" else row.method
-        key = (row.model, method, row.mode, step)
+        key = (row.model, method, row.mode, step, row.share)
         cache = stitched.setdefault(key, {})
         if row.sigma not in cache:
             sigmas = [row.sigma] if row.mode == "fast" else shared[key]
@@ -978,6 +1001,8 @@ def run_mosaic_study(
                 step=step,
                 sigma=row.sigma,
                 mode=row.mode,
+                share=row.share if row.mode == "fast" else None,
+                context=contexts[row.model],
                 windows=int(results[0].window_probabilities.size),
                 seconds=float(np.mean([r.seconds for r in results])),
                 stitch_shared_by=1 if row.mode == "fast" else len(shared[key]),
@@ -1032,18 +1057,19 @@ _EXAMPLE_ROWS = 12  # a table with more rows shows example maps of its Fig. 11 r
 def _stitch_rows(
     model: nn.Module,
     test: list[tuple[np.ndarray, np.ndarray]],
-    key: tuple[str, str, str, int],
+    key: tuple[str, str, str, int, int | None],
     sigmas: list[float | None],
     window: int,
 ) -> dict[float | None, list[MosaicResult]]:
-    """The stitched maps of the test mosaics for the rows of one (model, method, mode, step) ``key`` at ``sigmas``,
-    by sigma: exact mode from one pass over each mosaic's windows (:func:`core.heatmaps.mosaic_sigmas.stitch_sigmas`),
-    fast mode (one sigma) by :func:`core.heatmaps.mosaic.stitch_mosaic`."""
-    _, method, mode, step = key
+    """The stitched maps of the test mosaics for the rows of one (model, method, mode, step, share) ``key`` at
+    ``sigmas``, by sigma: exact mode from one pass over each mosaic's windows
+    (:func:`core.heatmaps.mosaic_sigmas.stitch_sigmas`), fast mode (one sigma, ``share`` of the trunk) by
+    :func:`core.heatmaps.mosaic.stitch_mosaic`."""
+    _, method, mode, step, share = key
     batch_size = 4 if method == "scorecam" else 32
     if mode == "fast":
         (sigma,) = sigmas
-        options = {"window": window, "step": step, "sigma": sigma, "mode": mode, "method": method}
+        options = {"window": window, "step": step, "sigma": sigma, "mode": mode, "method": method, "share": share}
         return {sigma: [stitch_mosaic(model, image, **options, batch_size=batch_size) for image, _ in test]}
     passes = [
         stitch_sigmas(model, image, window=window, step=step, sigmas=sigmas, method=method, batch_size=batch_size)
@@ -1174,7 +1200,7 @@ def _mosaic_examples(
 
 # --- per-model recipe overrides ----------------------------------------------------------------------------------
 
-_OVERRIDABLE = ("lr", "epochs", "batch_size", "augment", "recipe", "weight_decay", "noise", "blur")
+_OVERRIDABLE = ("lr", "epochs", "batch_size", "augment", "recipe", "weight_decay", "noise", "blur", "context")
 _AUGMENT_LIMITS = {"noise": 1.0, "blur": 64.0}  # noise: SD in [0, 1] grey levels; blur: SD in px
 
 
@@ -1232,6 +1258,12 @@ def check_overrides(study: str, overrides: dict[str, dict[str, Any]] | None) -> 
             elif name in ("lr", "weight_decay") and not _in_unit(value, open_low=name == "lr"):
                 interval = "(0, 1)" if name == "lr" else "[0, 1)"
                 raise ValueError(f"{key}.{name} must be a number in {interval}, not {value!r}")
+            elif name == "context" and study not in MOSAIC_STUDIES:
+                raise ValueError(f"{key}.context applies to the mosaic studies only ({', '.join(MOSAIC_STUDIES)})")
+            elif name == "context" and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024
+            ):
+                raise ValueError(f"{key}.context is px of mosaic around each training window: 0 to 1024, not {value!r}")
             elif name in _AUGMENT_LIMITS and (
                 isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < _AUGMENT_LIMITS[name]
             ):

@@ -253,7 +253,11 @@ def test_the_demo_gets_its_mlcam_table_once(workspace):
         assert repo.find_model(session, f"{DEMO_LOCALIZATION_PREFIX}-baseline").architecture == "resnet18"
 
 
-_TINY_RCM = {"main": {"architecture": "tiny_cnn", "model_kwargs": {}}, "baseline": {"architecture": "tiny_cnn"}}
+_TINY_RCM = {
+    "main": {"architecture": "tiny_cnn", "model_kwargs": {}},
+    "baseline": {"architecture": "tiny_cnn"},
+    "context": {"architecture": "tiny_cnn", "model_kwargs": {}, "context": 8},  # tiny_cnn's stride is 8 px
+}
 
 
 def _rcm_study(**options):
@@ -271,8 +275,12 @@ def test_the_rcm_study_stitches_every_row_over_held_out_mosaics_and_stores_the_t
     rows = report["tables"][0]["rows"]
     assert len(rows) == len(spec.rows) and len({r["row"] for r in rows}) == len(rows)
     # steps are fractions of the 40 px window; the Score-CAM row and its CAM twin take the slow step
-    assert [r["step"] for r in rows] == [10, 10, 20, 20, 20, 10, 10, 10]
-    assert [r["mode"] for r in rows].count("fast") == 1 and "Score-CAM" in rows[4]["row"]
+    assert [r["step"] for r in rows] == [10, 10, 20, 20, 20, 10, 10, 10, 10, 10, 10]
+    assert [r["mode"] for r in rows].count("fast") == 3 and "Score-CAM" in rows[4]["row"]
+    # the whole trunk shared, for the plain network and for the one trained with context (services.mosaic)
+    assert [(r["share"], r["context"]) for r in rows if r["mode"] == "fast"] == [(16, 0), (None, 0), (None, 8)]
+    assert rows[8]["row"].endswith("fast, whole trunk") and "(trained with 8 px context)" in rows[10]["row"]
+    assert "context" not in rows[8]["row"] and rows[9]["mode"] == "exact" and rows[9]["context"] == 8
     assert rows[0]["sigma"] is None and "no Gaussian" in rows[0]["row"]
     assert all(r["windows"] == ((160 - 40) // r["step"] + 1) ** 2 for r in rows)
     for row in rows:
@@ -282,6 +290,9 @@ def test_the_rcm_study_stitches_every_row_over_held_out_mosaics_and_stores_the_t
         main = repo.find_model(session, report["models"]["main"])
         stored = repo.model_evaluations(session, main.id)
     assert main.task == "aspecific" and main.metrics["recipe"] == "flcnn"
+    with session_scope() as session:
+        context_model = repo.find_model(session, report["models"]["context"])
+    assert context_model.config["context"] == 8 and "context" not in main.config
     assert len(stored) == 1 and stored[0]["report"]["tables"][0]["rows"] == rows
     seeds = stored[0]["dataset"]["mosaic_seeds"]
     assert not set(seeds["test"]) & set(seeds["train"] + seeds["val"])  # scored mosaics never trained on

@@ -239,3 +239,13 @@ def test_cli_runs_the_grid_by_name_with_noise_set_and_prints_patch_accuracy(work
     assert len(report["tables"][0]["rows"]) == 54 and "bootstrap_roc" in report["tables"][0]["figures"]
     with session_scope() as session:
         assert repo.find_model(session, report["models"]["main"]).metrics["noise"] == 0.05
+
+
+def test_context_is_a_mosaic_studies_override_in_whole_px():
+    assert check_overrides("rcm", {"main": {"context": 32}}) == {"main": {"context": 32}}
+    assert check_overrides("rcm-grid", {"main": {"context": 0}}) == {"main": {"context": 0}}
+    for value in (-32, 2000, 3.5, True, "32"):
+        with pytest.raises(ValueError, match="px of mosaic around each training window"):
+            check_overrides("rcm", {"main": {"context": value}})
+    with pytest.raises(ValueError, match="mosaic studies only"):
+        check_overrides("mlcam", {"main": {"context": 32}})
