@@ -2,7 +2,8 @@
 and the localisation evaluations stored with it (the seed papers' ablation tables, with example maps). Two forms start
 long work as jobs on the cluster: training a model (every architecture and recipe ``python -m core train`` offers, from
 the imported cohort, a localisation set or RCM mosaics on the server) and a seed paper's localisation study; the
-Jobs page follows them."""
+Jobs page follows them. A third compares two models of one task on the same specimens (seed 003's Table 2 / Fig. 4,
+FL against WL) as a job, and shows the stored comparisons."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ from services import exports, pointing
 from services.jobs import service, store
 from services.jobs.store import ACTIVE
 from services.localization import study_titles
+from services.model_compare import (
+    COMPARABLE_TASKS,
+    comparison_figure,
+    comparison_table,
+    is_comparison,
+    stored_comparisons,
+)
 
 user = require_role("pi")
 st.title("Models")
@@ -59,7 +67,7 @@ _COLUMNS = {
 
 def _registered(models: list[ModelInfo]) -> None:
     """The models table, and the chosen model's figures, curve and stored evaluations."""
-    evaluations = {m.id: repo.model_evaluations(m.id) for m in models}
+    evaluations = {m.id: [e for e in repo.model_evaluations(m.id) if not is_comparison(e)] for m in models}
     summary = pd.DataFrame([{**m.summary(), "recipe": m.metrics.get("recipe", "flcnn")} for m in models])
     filterable_table(summary.drop(columns=["checkpoint_sha256"]), key="models_table", file_name="models.csv")
 
@@ -371,6 +379,94 @@ def _study_form() -> None:
         )
 
 
+_SPLITS = {"test": "test", "val": "validation", "train": "training"}
+
+
+def _compare_form(models: list[ModelInfo]) -> None:
+    """Seed 003's Table 2 / Fig. 4 as a job: two registered models of one task, the split and the resamples."""
+    st.subheader("Compare two models (seed 003, Table 2 / Fig. 4)")
+    st.markdown(
+        "Both models score the split's specimens that have the task's label and an image in each model's modality "
+        "(FL for an FL model, WL for a WL model); each decides at its registered threshold. The table gives AUC, "
+        "accuracy, sensitivity, specificity and F1 with 95 % bootstrap CIs (specimens resampled) and paired "
+        "permutation tests of the differences (DeLong for the AUC, McNemar for sensitivity and specificity beside)."
+    )
+    by_id = {m.id: m for m in models}
+    tasks = [t for t in COMPARABLE_TASKS if sum(m.task == t for m in models) >= 2]
+    if not tasks:
+        st.info("Register two models of one task (e.g. an FL and a WL grade model) to compare them.")
+        return
+
+    def label(mid: int) -> str:
+        return f"{by_id[mid].name} ({by_id[mid].modality}, {by_id[mid].architecture})"
+
+    task = st.selectbox("Task", tasks, format_func=lambda t: TASKS[t][0], key="models_compare_task")
+    candidates = [m.id for m in models if m.task == task]
+    one, two = st.columns(2)
+    first = one.selectbox("Model A (e.g. the FL-CNN)", candidates, format_func=label, key="models_compare_a")
+    second = two.selectbox(
+        "Model B (e.g. the WL-CNN)", [c for c in candidates if c != first], format_func=label, key="models_compare_b"
+    )
+    one, two, three, four = st.columns(4)
+    split = one.selectbox("Split", list(_SPLITS), format_func=_SPLITS.get, key="models_compare_split")
+    bootstrap = two.number_input("Bootstrap resamples", 100, 20_000, 1000, key="models_compare_bootstrap")
+    permutations = three.number_input("Permutations", 100, 100_000, 10_000, key="models_compare_permutations")
+    seed = four.number_input("Seed", 0, 2**31 - 1, 0, key="models_compare_seed")
+    if st.button("Queue comparison", type="primary", key="models_compare_submit"):
+        params = {
+            "model_a": by_id[first].name,
+            "model_b": by_id[second].name if second is not None else "",
+            "split": split,
+            "bootstrap": int(bootstrap),
+            "permutations": int(permutations),
+            "seed": int(seed),
+        }
+        _submit("compare-models", params, "models_compare")
+    _queued("models_compare")
+
+
+def _comparisons() -> None:
+    """The stored comparisons: the chosen one's Table 2, Fig. 4 and the table as CSV."""
+    stored = stored_comparisons()
+    if not stored:
+        st.caption("No comparison is stored yet: queue one above.")
+        return
+    by_id = {e["id"]: e for e in stored}
+
+    def label(eid: int) -> str:
+        models = by_id[eid]["report"]["models"]
+        return (
+            f"{models['a']['name']} vs {models['b']['name']} · {by_id[eid]['report']['task']} · "
+            f"{by_id[eid]['report']['split']} split · {by_id[eid]['created_at']:%Y-%m-%d %H:%M}"
+        )
+
+    chosen = st.selectbox("Stored comparisons", list(by_id), format_func=label, key="models_compare_pick")
+    evaluation = by_id[chosen]
+    report = evaluation["report"]
+    a, b = report["models"]["a"], report["models"]["b"]
+    st.markdown(
+        f"**{md_escape(a['name'])}** ({md_escape(a['modality'])}, threshold {a['threshold']:.3f}) vs "
+        f"**{md_escape(b['name'])}** ({md_escape(b['modality'])}, threshold {b['threshold']:.3f}) · "
+        f"{md_escape(report['task'])} on {report['n_cases']} {md_escape(report['split'])} specimens "
+        f"({report['n_positive']} positive)"
+    )
+    st.caption(
+        f"Stored {evaluation['created_at']:%Y-%m-%d %H:%M} · {report.get('resamples', '?')} bootstrap resamples, "
+        f"{report.get('permutations', '?')} permutations, seed {report.get('seed', '?')}"
+    )
+    table = comparison_table(report)
+    st.dataframe(table, hide_index=True, key=f"models_compare_{chosen}_table")
+    st.plotly_chart(comparison_figure(report), key=f"models_compare_{chosen}_figure")
+    st.download_button(
+        "Download CSV",
+        lambda: exports.table_csv(table, what=f"comparison {chosen}", user_id=user.id),
+        file_name=f"comparison-{chosen}.csv",
+        mime="text/csv",
+        key=f"models_compare_{chosen}_csv",
+        on_click="ignore",
+    )
+
+
 models = repo.list_models()
 if models:
     _registered(models)
@@ -378,3 +474,6 @@ else:
     st.info("No models yet: train one with the form below, or run a localisation study (further below).")
 _train_form()
 _study_form()
+if models:
+    _compare_form(models)
+    _comparisons()

@@ -12,7 +12,8 @@ the AUC, the two models' scores are swapped the same way, and DeLong's test of c
 it; for sensitivity and specificity, the exact McNemar test.
 
 Scores are ordinary stored predictions on specimen images (:func:`services.study_ai.predict_images` computes the
-missing ones), so the Data page lists them and a second comparison reuses them.
+missing ones), so the Data page lists them and a second comparison reuses them. A comparison run as a job (the Models
+page's form) is stored as an evaluation of model A (:func:`store_comparison`), listed by :func:`stored_comparisons`.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ from core.stats.compare import (
 from core.stats.report import jsonable
 from core.stats.thresholds import POLICIES, Threshold
 from core.text import csv_bytes, plot_escape
-from core.train import DECISIONS, task_label
+from core.train import DATASET_TASKS, DECISIONS, task_label
 from db import repo
 from db.models import Prediction
 from db.repo import ModelInfo
-from db.session import read_scope
+from db.session import read_scope, session_scope
 
 __all__ = [
+    "COMPARABLE_TASKS",
+    "COMPARISON",
     "SHOWN",
     "CompareError",
     "compare_models",
@@ -54,11 +57,16 @@ __all__ = [
     "comparison_figure",
     "comparison_png",
     "comparison_table",
+    "is_comparison",
     "paired_scores",
+    "store_comparison",
+    "stored_comparisons",
     "table_csv",
 ]
 
 SHOWN = ("auc", "accuracy", "sensitivity", "specificity", "f1")  # Table 2's columns, in its order
+COMPARABLE_TASKS = tuple(t for t in DECISIONS if t != "aspecific" and t not in DATASET_TASKS)  # specimen labels
+COMPARISON = "model-comparison"  # the dataset kind of a comparison stored as an evaluation of model A
 _OTHER = "other"  # model B's key where compare_model_with_readers expects a reader
 _CHUNK = 1000  # permutations ranked at a time for the AUC test
 
@@ -260,8 +268,46 @@ def compare_models(
     return jsonable(
         {"task": a.task, "split": split, "models": models}
         | report
-        | {"specimens": paired.to_dict("records"), "seed": seed}
+        | {"specimens": paired.to_dict("records"), "seed": seed, "resamples": resamples, "permutations": permutations}
     )
+
+
+def store_comparison(report: dict[str, Any]) -> int:
+    """Store a :func:`compare_models` report as an evaluation of model A (dataset kind :data:`COMPARISON`, model B
+    named in it), so it outlives the job and the app; inside a job it is claimed as the job's product. Its id."""
+    from services.jobs.context import claim
+
+    a, b = (_find(report["models"][key]["name"]) for key in ("a", "b"))
+    dataset = {
+        "kind": COMPARISON,
+        "model_b": b.name,
+        "model_b_id": b.id,
+        "split": report["split"],
+        "n_cases": report["n_cases"],
+    }
+    title = f"{a.name} vs {b.name}: {report['task']} on the {report['split']} split"
+    with session_scope() as session:
+        evaluation = repo.add_evaluation(session, a.id, title=title, dataset=dataset, report=report)
+        claim(session, evaluations=[evaluation])
+    return evaluation
+
+
+def is_comparison(evaluation: dict[str, Any]) -> bool:
+    """Whether a stored evaluation (:func:`db.repo.model_evaluations`) is a comparison of two models."""
+    return evaluation["dataset"].get("kind") == COMPARISON
+
+
+def stored_comparisons() -> list[dict[str, Any]]:
+    """Every stored comparison, newest first: the evaluations (id, title, created_at, dataset, report) of the
+    registered models that :func:`is_comparison`."""
+    with read_scope() as session:
+        found = [
+            evaluation
+            for model in repo.list_models(session)
+            for evaluation in repo.model_evaluations(session, model.id)
+            if is_comparison(evaluation)
+        ]
+    return sorted(found, key=lambda e: (e["created_at"], e["id"]), reverse=True)
 
 
 def _cell(summary: dict[str, Any]) -> str:

@@ -8,7 +8,8 @@ what the job produced (also recorded product by product through ``context.claim`
 Kinds: ``train`` (every architecture and recipe ``python -m core train`` offers; from the cohort, a localisation
 set, or RCM mosaics), ``import`` (a cohort folder or zip with ``manifest.csv``), ``localization-study``,
 ``mosaic`` (a whole-mosaic stitched heatmap), ``scorecam`` (Score-CAM on a large image), ``clip`` (a CLE clip's
-triage), ``study-ai`` (an aided arm's AI output) and ``demo`` (the demo workspace, part by part).
+triage), ``study-ai`` (an aided arm's AI output), ``compare-models`` (two models of one task on the same specimens:
+seed 003's Table 2 / Fig. 4) and ``demo`` (the demo workspace, part by part).
 """
 
 from __future__ import annotations
@@ -489,6 +490,66 @@ def _run_study_ai(context: JobContext, params: dict[str, Any]) -> dict[str, Any]
     return {"computed": done}
 
 
+# --- two models compared (seed 003, Table 2 / Fig. 4) ----------------------------------------------------------
+
+_COMPARE_PARAMS = {"model_a", "model_b", "split", "bootstrap", "permutations", "seed"}
+_SPLITS = ("train", "val", "test")
+
+
+def _check_compare(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    from services.model_compare import COMPARABLE_TASKS
+
+    unknown = set(params) - _COMPARE_PARAMS
+    if unknown:
+        raise ValueError(f"unknown comparison parameter(s): {', '.join(sorted(unknown))}")
+    if any(params.get(key) in (None, "") for key in ("model_a", "model_b")):
+        raise ValueError("choose two registered models of one task (model_a and model_b)")
+    a, b = _model(params["model_a"]), _model(params["model_b"])
+    if a.id == b.id:
+        raise ValueError(f"choose another model to compare {a.name} with, not {a.name} itself")
+    if a.task != b.task:
+        raise ValueError(
+            f"{a.name} is a {a.task} model and {b.name} a {b.task} model; choose two models of the same task"
+        )
+    if a.task not in COMPARABLE_TASKS:
+        raise ValueError(
+            f"{a.task} models learn from pixel labels or a localisation set, not the cohort's specimen labels; "
+            f"choose two {', '.join(COMPARABLE_TASKS)} models"
+        )
+    split = str(params.get("split") or "test")
+    if split not in _SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(_SPLITS)}")
+    complete = {
+        "model_a": a.name,
+        "model_b": b.name,
+        "split": split,
+        "bootstrap": _int(params, "bootstrap", 1000, 100, 20_000),
+        "permutations": _int(params, "permutations", 10_000, 100, 100_000),
+        "seed": _int(params, "seed", 0, 0, 2**31 - 1),
+    }
+    return f"Compare {a.name} with {b.name} ({a.task}, {split} split)", complete
+
+
+def _run_compare(context: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+    from services.model_compare import compare_models, store_comparison
+
+    context.progress(0.0, f"comparing {params['model_a']} with {params['model_b']}")
+    report = compare_models(
+        params["model_a"],
+        params["model_b"],
+        split=params["split"],
+        resamples=params["bootstrap"],
+        permutations=params["permutations"],
+        seed=params["seed"],
+        progress=context.log,
+    )
+    evaluation = store_comparison(report)
+    context.log(
+        f"{report['n_cases']} specimens ({report['n_positive']} positive) compared; stored as evaluation {evaluation}"
+    )
+    return {"evaluation_id": evaluation}
+
+
 # --- the demo ----------------------------------------------------------------------------------------------------
 
 
@@ -572,6 +633,7 @@ KINDS: dict[str, Kind] = {
         Kind("scorecam", "Score-CAM heatmap", _check_scorecam, _run_scorecam),
         Kind("clip", "Clip triage", _check_clip, _run_clip),
         Kind("study-ai", "Study AI output", _check_study_ai, _run_study_ai),
+        Kind("compare-models", "Compare two models", _check_compare, _run_compare),
         Kind("demo", "Demo workspace", _check_demo, _run_demo, cpus=2),
     )
 }
