@@ -22,10 +22,12 @@ Questions about :func:`core.heatmaps.mosaic.stitch_mosaic` (seed paper 002, D'Al
 - ``b2`` (``--b2``, minutes on a CPU): the same for EfficientNet-B2 trained for four epochs on 128 px patches of
   two mosaics, scored on a 768 x 768 mosaic with window 128 at steps 32 and 25: exact against fast with the whole
   trunk shared and with stages up to stride 16, 8 and 4 shared.
-- ``parity`` (``--parity``, about 15 minutes on 2 CPU cores): can the whole trunk be shared at a trained
-  network's accuracy? EfficientNet-B2 is trained twice on the same 128 px patches of the same mosaics
-  (:func:`services.mosaic.fit_patch_classifier`): ``plain`` (today's windows, zero-padded at their border) and
-  ``context`` (``--context`` px of mosaic around each window, only the window's feature cells pooled). Each is
+- ``parity`` (``--parity``, about 10 minutes a scheme on 2 CPU cores): can the whole trunk be shared at a trained
+  network's accuracy? EfficientNet-B2 is trained on the same 128 px patches of the same mosaics
+  (:func:`services.mosaic.fit_patch_classifier`) by each of ``--schemes`` (all three by default): ``plain``
+  (today's windows, zero-padded at their border), ``context`` (``--context`` px of mosaic around each window, only
+  the window's feature cells pooled) and ``mixed`` (context, but a ``--padded-fraction`` of the training samples,
+  0.5, seen as lone zero-padded windows: random padding). Each is
   scored on a held-out 768 x 768 mosaic at steps 32 and 16: ``loop`` (one window at a time, the reference map) and
   fast with the whole trunk shared (``share=None``, phases 1 and, where the step is not a multiple of the stride,
   enough passes for every window's own phase), timed side by side: pixel AUC of both, the gap, and loop / fast.
@@ -74,7 +76,7 @@ _ACCURACY_STEPS = (25, 32, 50)
 _ACCURACY_SIGMAS = (None, 5.0)
 _ACCURACY_PHASES = (1, 2, 4)
 _B2_SHARES = (None, 16, 8, 4)
-_PARITY_SCHEMES = ("plain", "context")
+_PARITY_SCHEMES = ("plain", "context", "mixed")
 _PARITY_SEEDS = {"train": (1, 3), "val": (4,), "score": 2}
 _BIG = 12_000
 
@@ -98,6 +100,8 @@ class Settings:
     parity_train_size: int
     parity_window: int
     parity_context: int
+    parity_padded_fraction: float
+    parity_schemes: tuple[str, ...]
     parity_patches: int
     parity_epochs: int
     parity_steps: tuple[int, ...]
@@ -116,6 +120,14 @@ def _share(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def _schemes(text: str) -> tuple[str, ...]:
+    schemes = tuple(dict.fromkeys(name.strip() for name in text.split(",")))
+    unknown = [name for name in schemes if name not in _PARITY_SCHEMES]
+    if unknown or not schemes:
+        raise argparse.ArgumentTypeError(f"schemes are {', '.join(_PARITY_SCHEMES)}, not {text!r}")
+    return tuple(name for name in _PARITY_SCHEMES if name in schemes)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
     """Command-line flags to :class:`Settings`."""
     cores = machine(torch.device("cpu"))["cpu_cores"]
@@ -129,9 +141,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--big", action="store_true", help=f"also the peak memory at {_BIG} x {_BIG} px (minutes)")
     parser.add_argument("--b2", action="store_true", help="also train EfficientNet-B2 and score it (minutes)")
     parser.add_argument(
-        "--parity", action="store_true", help="also train B2 plain and with context, loop vs whole trunk (15 min)"
+        "--parity", action="store_true", help="also train B2 per scheme, loop vs whole trunk (10 min a scheme)"
     )
     parser.add_argument("--context", type=int, default=32, help="--parity: context px around each window (32)")
+    parser.add_argument(
+        "--padded-fraction", type=float, default=0.5, help="--parity, mixed: lone padded windows' share (0.5)"
+    )
+    parser.add_argument(
+        "--schemes", type=_schemes, default=_PARITY_SCHEMES, help="--parity: which of plain,context,mixed (all)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass, exact and fast (32)")
     parser.add_argument("--tile", type=int, default=1024, help="fast-mode trunk tile in px (1024)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
@@ -145,10 +163,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error("sizes, step, sample, batch size, tile, threads and sigma must be positive")
     if args.context < 1:
         parser.error("--context must be positive (a multiple of B2's stride, 32)")
+    if not 0 < args.padded_fraction <= 1:
+        parser.error("--padded-fraction must be above 0 and at most 1")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     common = {
         "device": device, "threads": args.threads, "out": args.out, "sigma": args.sigma, "full": args.full,
         "share": args.share, "parity": args.parity, "parity_context": args.context,
+        "parity_padded_fraction": args.padded_fraction, "parity_schemes": args.schemes,
     }  # fmt: skip
     if args.quick:
         return Settings(
@@ -358,7 +379,7 @@ def _b2(settings: Settings, device: torch.device) -> dict[str, Any]:
 
 
 def _parity(settings: Settings, device: torch.device) -> dict[str, Any]:
-    """B2 trained plain and with context on the same patches; per scheme and step, the loop (the reference map) and
+    """B2 trained by each scheme on the same patches; per scheme and step, the loop (the reference map) and
     the whole-trunk fast mode timed side by side and scored on a held-out mosaic; then the whole-trunk peak memory
     at ``big_size`` px."""
     window, train_size = settings.parity_window, settings.parity_train_size
@@ -375,15 +396,18 @@ def _parity(settings: Settings, device: torch.device) -> dict[str, Any]:
     )  # fmt: skip
     schemes: dict[str, Any] = {}
     rows = []
-    for scheme in _PARITY_SCHEMES:
-        context = settings.parity_context if scheme == "context" else 0
-        print(f"  training {ARCHITECTURE} {scheme} (context {context} px) ...", flush=True)
+    for scheme in settings.parity_schemes:
+        context = settings.parity_context if scheme != "plain" else 0
+        padded = settings.parity_padded_fraction if scheme == "mixed" else 0.0
+        print(f"  training {ARCHITECTURE} {scheme} (context {context} px, padded {padded}) ...", flush=True)
         trained, _ = fit_patch_classifier(
-            config, mosaics, patches_per_mosaic=settings.parity_patches, context=context, log=lambda _m: None
-        )
+            config, mosaics, patches_per_mosaic=settings.parity_patches, context=context, padded_fraction=padded,
+            log=lambda _m: None,
+        )  # fmt: skip
         model = trained.model.to(device).eval()
         schemes[scheme] = {
             "context": context,
+            "padded_fraction": padded,
             "train_patches": trained.metrics["train_n"],
             "val_auc": trained.metrics["val_auc"],
             "train_seconds": trained.metrics["train_seconds"],
@@ -526,7 +550,8 @@ def _tables(document: dict[str, Any]) -> str:
     if document.get("parity"):
         parity = document["parity"]
         trained = ", ".join(
-            f"{name} (context {about['context']} px): val AUC {about['val_auc']:.3f} on plain windows, "
+            f"{name} (context {about['context']} px, padded {about['padded_fraction']:.2f}): "
+            f"val AUC {about['val_auc']:.3f} on plain windows, "
             f"{about['train_seconds']:.0f} s"
             for name, about in parity["schemes"].items()
         )

@@ -14,6 +14,14 @@ training sample is the window plus ``context`` px of the mosaic around it; the t
 global average pooling and the linear head see only the feature cells of the central window (:class:`CentreCells`).
 That is exactly what the whole-trunk stitcher computes for a window's probability, so the network learns features
 that mean the same with the mosaic around them. The saved network is the plain registry architecture.
+
+Random padding (``padded_fraction=``, issue 17: "context crops from the mosaic, random padding"): a context network
+is weaker as a single-window classifier (the Diagnose page, exact and loop stitching), which never saw a window
+without its mosaic. With probability ``padded_fraction`` per training sample, :class:`PaddedOrContext` gives the
+plain model's logits on the crop's central window alone, which the network zero-pads at its border exactly as at
+test time, instead of the crop's central cells; the other samples keep their context. Filling the context ring with
+the standardised 0 instead would only imitate the first convolution's padding: deeper layers pad their activations
+with zeros, which the activations of a zero ring are not (biases, batch norm), so the exact forward is used.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ __all__ = [
     "MOSAIC_SPLITS",
     "CentreCells",
     "MosaicOutcome",
+    "PaddedOrContext",
     "context_stride",
     "diagnose_mosaic",
     "fit_patch_classifier",
@@ -148,6 +157,57 @@ class CentreCells:
         return model.forward_head(inner)
 
 
+_PADDED_STREAM = 17  # issue 17: PaddedOrContext's draws are a stream of their own, not fit's order and augmentation
+
+
+class PaddedOrContext:
+    """Training logits for a batch of context crops (``fit``'s ``train_logits``), each sample either with its context or
+    as a lone window: with probability ``fraction`` the plain model on the crop's central window alone (its outer
+    ``context`` px cut off; the network zero-pads the window at its border, as the Diagnose page and loop stitching do),
+    otherwise :class:`CentreCells` over the whole crop. The two subsets run as two forward passes (crop and window sizes
+    differ), so in training mode each subset's batch norm normalises by its own batch statistics and updates the running
+    ones once per subset. The choice is drawn per sample and batch from a ``torch.Generator`` of its own, seeded from
+    ``seed`` (the training config's): the same seed draws the same choices. ``fraction`` 0 is :class:`CentreCells`, 1
+    plain training on the windows."""
+
+    def __init__(self, cells: int, context: int, fraction: float, seed: int) -> None:
+        self.cells, self.context, self.fraction = cells, context, fraction
+        self.generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, _PADDED_STREAM]).generate_state(1)[0])
+        )
+
+    def __repr__(self) -> str:
+        return f"PaddedOrContext(cells={self.cells}, context={self.context}, fraction={self.fraction})"
+
+    def choose(self, count: int) -> torch.Tensor:
+        """The next ``count`` choices: True where the sample is a lone, zero-padded window."""
+        return torch.rand(count, generator=self.generator) < self.fraction
+
+    def __call__(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        lone = self.choose(len(batch))
+        order = torch.cat([torch.nonzero(~lone)[:, 0], torch.nonzero(lone)[:, 0]]).to(batch.device)
+        parts = []
+        if not lone.all():
+            parts.append(CentreCells(self.cells)(model, batch[(~lone).to(batch.device)]))
+        if lone.any():
+            edge = self.context
+            windows = batch[lone.to(batch.device)][..., edge : batch.shape[-2] - edge, edge : batch.shape[-1] - edge]
+            parts.append(model(windows))
+        return torch.cat(parts)[torch.argsort(order)]
+
+
+def _check_padded_fraction(padded_fraction: float, context: int) -> None:
+    """``ValueError`` unless ``padded_fraction`` is a probability, and 0 without context."""
+    number = isinstance(padded_fraction, int | float) and not isinstance(padded_fraction, bool)
+    if not number or not 0 <= padded_fraction <= 1:
+        raise ValueError(f"padded_fraction is a probability between 0 and 1, not {padded_fraction!r}")
+    if padded_fraction and not context:
+        raise ValueError(
+            f"padded_fraction {padded_fraction} needs context > 0: without context every training window is "
+            "already zero-padded at its border"
+        )
+
+
 def context_stride(config: TrainConfig, context: int) -> int:
     """The trunk stride of ``config``'s architecture, after checking that context training can use it: a network
     with a global-average-pooling head (``forward_features``, ``forward_head``, no loss of its own), and a window
@@ -203,6 +263,7 @@ def fit_patch_classifier(
     patches_per_mosaic: int = 200,
     seed: int = 0,
     context: int = 0,
+    padded_fraction: float = 0.0,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = None,
 ) -> tuple[TrainResult, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -219,7 +280,13 @@ def fit_patch_classifier(
     crop shifts the window by up to 16 px against the pooled cells and sometimes puts a zero border in the context).
     Training mosaics must hold the crop; validation and test patches stay plain windows, so the threshold and the
     test metrics are those of the classifier applied to a single patch (the Diagnose page, exact stitching).
+
+    ``padded_fraction`` (with context only) is the probability that a training sample is seen as a lone window
+    instead, zero-padded at its border as at test time (:class:`PaddedOrContext`, drawn from ``config.seed``), so the
+    network learns both situations; 0 (the default) is context training as above. The augmentation still runs on the
+    whole crop, so a lone window's random shift brings in mosaic pixels where plain training brings in zeros.
     """
+    _check_padded_fraction(padded_fraction, context)
     mosaics = _splits(mosaics)
     size = config.image_size
     cells = context // context_stride(config, context) if context else 0
@@ -243,13 +310,17 @@ def fit_patch_classifier(
         for split, items in parts.items()
     }
     if cells:
+        padded = f", {padded_fraction:.0%} of them as lone windows" if padded_fraction else ""
         log(
             f"training {config.architecture} on {len(tensors['train'][1])} {size} px {config.modality} patches "
-            f"in {crop} px context crops"
+            f"in {crop} px context crops{padded}"
+        )
+        logits = (
+            PaddedOrContext(cells, context, padded_fraction, config.seed) if padded_fraction else CentreCells(cells)
         )
         trained = fit(
             replace(config, image_size=crop), *tensors["train"], *tensors["val"], progress=progress,
-            train_logits=CentreCells(cells),
+            train_logits=logits,
         )  # fmt: skip
         trained = replace(trained, config=config)
     else:
@@ -266,6 +337,7 @@ def train_patch_classifier(
     patches_per_mosaic: int = 200,
     seed: int = 0,
     context: int = 0,
+    padded_fraction: float = 0.0,
     log: Callable[[str], None] = print,
     progress: Callable[[Progress], None] | None = None,
 ) -> tuple[ModelInfo, nn.Module]:
@@ -276,16 +348,22 @@ def train_patch_classifier(
     optionally ``test`` to their mosaics; a plain sequence is split as the last for validation, the one before it for
     test, the rest for training. Mosaic ``i`` (counting train, then test, then val) draws its patches with seed
     ``seed + i``. ``context`` px of mosaic around each training window make the features border-independent, for
-    whole-trunk stitching (:func:`fit_patch_classifier`; 0, the default, trains on the windows alone); it is recorded
-    in the checkpoint's config. The registered network is the plain architecture either way.
+    whole-trunk stitching (:func:`fit_patch_classifier`; 0, the default, trains on the windows alone); with it,
+    ``padded_fraction`` of the training samples are seen as lone zero-padded windows instead, for single-window use.
+    Both are recorded in the checkpoint's config when set. The registered network is the plain architecture either way.
     """
+    _check_padded_fraction(padded_fraction, context)
     mosaics = _splits(mosaics)
     check_model_name(name)
     result, test = fit_patch_classifier(
-        config, mosaics, patches_per_mosaic=patches_per_mosaic, seed=seed, context=context, log=log,
-        progress=progress,
+        config, mosaics, patches_per_mosaic=patches_per_mosaic, seed=seed, context=context,
+        padded_fraction=padded_fraction, log=log, progress=progress,
     )  # fmt: skip
-    extra = {"window": config.image_size, **({"context": context} if context else {})}
+    extra = {
+        "window": config.image_size,
+        **({"context": context} if context else {}),
+        **({"padded_fraction": padded_fraction} if padded_fraction else {}),
+    }
     info = register_trained(config, result, name, test, log=log, extra_config=extra)
     return info, result.model
 

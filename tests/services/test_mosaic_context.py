@@ -11,7 +11,14 @@ from core.heatmaps.mosaic import stitch_mosaic
 from core.models.tiny import TinyCNN
 from core.train import TrainConfig
 from services import mosaic as service
-from services.mosaic import CentreCells, context_stride, fit_patch_classifier, patch_tensors, train_patch_classifier
+from services.mosaic import (
+    CentreCells,
+    PaddedOrContext,
+    context_stride,
+    fit_patch_classifier,
+    patch_tensors,
+    train_patch_classifier,
+)
 
 WINDOW, CONTEXT, STRIDE = 32, 8, 8  # tiny_cnn: three stride-2 blocks
 CONFIG = TrainConfig(
@@ -158,3 +165,102 @@ def test_fit_takes_the_training_logits_from_the_hook_and_validates_the_plain_mod
     result = fit(replace(CONFIG, image_size=48), crops, labels, windows, labels[:6], train_logits=hook)
     assert calls == [(8, 1, 48, 48), (4, 1, 48, 48)]  # every training batch, augmented crops, through the hook
     assert len(result.val_probabilities) == 6  # validation: the plain model on 32 px windows
+
+
+def test_padded_or_context_draws_its_choices_from_the_seed():
+    def draws(seed: int) -> torch.Tensor:
+        logits = PaddedOrContext(1, CONTEXT, 0.5, seed)
+        return torch.cat([logits.choose(8) for _ in range(4)])
+
+    first = draws(3)
+    assert torch.equal(first, draws(3)) and not torch.equal(first, draws(4))
+    assert 0 < int(first.sum()) < 32  # both kinds of sample
+    assert (
+        not PaddedOrContext(1, CONTEXT, 0.0, 3).choose(64).any()
+        and PaddedOrContext(1, CONTEXT, 1.0, 3).choose(64).all()
+    )
+    # a stream of its own: not the draws of a generator seeded like fit's
+    assert not torch.equal(first, torch.rand(32, generator=torch.Generator().manual_seed(3)) < 0.5)
+
+
+def test_padded_samples_are_the_plain_model_on_the_window_and_the_rest_keep_their_context():
+    model = _model()
+    crops = patch_tensors(np.stack([make_rcm_mosaic(48, 48, seed=s)[0] for s in range(6)]))
+    windows = crops[..., CONTEXT:-CONTEXT, CONTEXT:-CONTEXT]
+    with torch.no_grad():
+        plain, context = model(windows), CentreCells(1)(model, crops)
+        assert torch.allclose(PaddedOrContext(1, CONTEXT, 1.0, 0)(model, crops), plain, atol=1e-6)
+        assert torch.allclose(PaddedOrContext(1, CONTEXT, 0.0, 0)(model, crops), context, atol=1e-6)
+        lone = PaddedOrContext(1, CONTEXT, 0.5, 8).choose(6)
+        assert lone.tolist() == [False, True, False, True, False, True]  # interleaved: the order is restored
+        mixed = PaddedOrContext(1, CONTEXT, 0.5, 8)(model, crops)
+        assert torch.allclose(mixed, torch.where(lone[:, None], plain, context), atol=1e-6)
+        assert not torch.allclose(plain, context, atol=1e-4)  # the two really differ
+
+
+def test_padded_fraction_zero_is_context_training_and_one_trains_on_the_windows(monkeypatch):
+    seen = []
+    real_fit = service.fit
+
+    def spy(config, train_x, train_y, val_x, val_y, progress=None, train_logits=None):
+        seen.append(train_logits)
+        return real_fit(config, train_x, train_y, val_x, val_y, progress=progress, train_logits=train_logits)
+
+    monkeypatch.setattr(service, "fit", spy)
+
+    def weights(**options) -> dict[str, torch.Tensor]:
+        result, _ = fit_patch_classifier(CONFIG, _mosaics(), patches_per_mosaic=16, seed=1, log=_quiet, **options)
+        return result.model.state_dict()
+
+    context, zero = weights(context=CONTEXT), weights(context=CONTEXT, padded_fraction=0.0)
+    assert seen[:2] == [CentreCells(1), CentreCells(1)]
+    assert all(torch.equal(context[k], zero[k]) for k in context)
+    half, again = weights(context=CONTEXT, padded_fraction=0.5), weights(context=CONTEXT, padded_fraction=0.5)
+    assert isinstance(seen[2], PaddedOrContext) and (seen[2].cells, seen[2].context, seen[2].fraction) == (1, 8, 0.5)
+    assert all(torch.equal(half[k], again[k]) for k in half)  # deterministic by seed
+    assert not all(torch.equal(half[k], context[k]) for k in half)
+    # fraction 1: every training batch is the plain model on the (augmented) crop's central window
+    shapes = []
+    monkeypatch.setattr(TinyCNN, "forward", _recording(TinyCNN.forward, shapes))
+    weights(context=CONTEXT, padded_fraction=1.0)
+    assert shapes[:2] == [(8, 1, WINDOW, WINDOW), (8, 1, WINDOW, WINDOW)]
+    assert all(shape[-2:] == (WINDOW, WINDOW) for shape in shapes)  # never a whole crop
+
+
+def _recording(forward, shapes: list):
+    def recorded(self, x):
+        shapes.append(tuple(x.shape))
+        return forward(self, x)
+
+    return recorded
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"context": CONTEXT, "padded_fraction": 1.5}, "probability between 0 and 1, not 1.5"),
+        ({"context": CONTEXT, "padded_fraction": -0.1}, "probability between 0 and 1, not -0.1"),
+        ({"context": CONTEXT, "padded_fraction": float("nan")}, "probability between 0 and 1, not nan"),
+        ({"context": CONTEXT, "padded_fraction": True}, "probability between 0 and 1, not True"),
+        ({"context": CONTEXT, "padded_fraction": "0.5"}, "probability between 0 and 1, not '0.5'"),
+        ({"padded_fraction": 0.5}, "padded_fraction 0.5 needs context > 0"),
+    ],
+)
+def test_bad_padded_fraction_is_refused_before_training(monkeypatch, options, words):
+    monkeypatch.setattr(service, "fit", None)  # never reached
+    with pytest.raises(ValueError, match=words):
+        fit_patch_classifier(CONFIG, _mosaics(), patches_per_mosaic=16, log=_quiet, **options)
+    with pytest.raises(ValueError, match=words):
+        train_patch_classifier(CONFIG, _mosaics(), name="bad-rcm", patches_per_mosaic=16, log=_quiet, **options)
+
+
+def test_the_padded_fraction_is_recorded_in_the_registered_config(workspace):
+    info, model = train_patch_classifier(
+        CONFIG, _mosaics(), name="mixed-rcm", patches_per_mosaic=16, context=CONTEXT, padded_fraction=0.25, log=_quiet
+    )
+    assert isinstance(model, TinyCNN)
+    assert (info.config["window"], info.config["context"], info.config["padded_fraction"]) == (WINDOW, CONTEXT, 0.25)
+    context, _ = train_patch_classifier(
+        CONFIG, _mosaics(), name="ctx-only-rcm", patches_per_mosaic=16, context=CONTEXT, log=_quiet
+    )
+    assert "padded_fraction" not in context.config
