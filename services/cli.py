@@ -132,11 +132,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             patches_per_mosaic=args.patches,
             seed=args.seed,
             context=args.context,
+            padded_fraction=args.padded_fraction,
             progress=print_progress,
         )
         return 0
-    if args.context:
-        raise UsageError("--context trains a patch classifier on RCM mosaics: give it with --mosaics")
+    if args.context or args.padded_fraction:
+        raise UsageError("--context and --padded-fraction train a patch classifier on RCM mosaics: give --mosaics")
     if args.data:
         from core.data.localization_set import read_set
         from services.localization import train_on_set
@@ -784,6 +785,14 @@ def _parser() -> argparse.ArgumentParser:
         help="--mosaics: train on each window with PX px of mosaic around it, pooling the window's own feature cells "
         "(a multiple of the trunk's stride, e.g. 32 for EfficientNet-B2), so the features hold with the whole trunk "
         "shared over a mosaic (python -m core mosaic, fast mode); 0 (default): the windows alone",
+    )
+    train.add_argument(
+        "--padded-fraction",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="with --context: the probability that a training window is seen alone, zero-padded at its border as on "
+        "the Diagnose page, instead of with its context (0 to 1; default 0)",
     )
     train.add_argument("--recipe", choices=sorted(RECIPES), help="default: the architecture's paper's recipe")
     train.add_argument(

@@ -138,6 +138,12 @@ def test_train_mosaics_with_context_records_it_and_a_bad_context_is_refused(work
     assert main([*args, "--context", "5", "--name", "cli-rcm-bad"]) == 2
     assert "multiple of tiny_cnn's stride (8 px)" in capsys.readouterr().err
     assert main(["train", "--context", "8", "--architecture", "tiny_cnn"]) == 2
-    assert "give it with --mosaics" in capsys.readouterr().err
+    assert "give --mosaics" in capsys.readouterr().err
+    assert main([*args, "--context", "8", "--padded-fraction", "0.5", "--name", "cli-rcm-mixed"]) == 0
+    assert main([*args, "--padded-fraction", "0.5", "--name", "cli-rcm-nocontext"]) == 2
+    assert "needs context > 0" in capsys.readouterr().err
+    with session_scope() as session:
+        assert repo.find_model(session, "cli-rcm-mixed").config["padded_fraction"] == 0.5
+        assert repo.find_model(session, "cli-rcm-nocontext") is None
     with session_scope() as session:
         assert repo.find_model(session, "cli-rcm-bad") is None
