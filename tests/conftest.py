@@ -28,6 +28,17 @@ def copy_workspace(source: Path, target: Path) -> None:
         src.backup(dst)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models gain
+    nothing from intra-op threads, and on a busy shared CPU a second thread makes every layer wait at a barrier
+    (a training step here took 24 s instead of 0.4 s next to another job); the setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _keep_main_module() -> Iterator[None]:
     """Streamlit's AppTest installs the page script as ``__main__`` and leaves it there; a later ``spawn`` worker

@@ -22,7 +22,7 @@ from core.models.compsegnet import (
     thresholded_fraction,
     tissue_of,
 )
-from core.train import TrainConfig, fit
+from core.train import TrainConfig, fit, recipe_for
 
 SIZE = 32
 
@@ -223,6 +223,43 @@ def test_hidden_units_are_softplus_and_the_map_is_a_sigmoid():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in tiny(batch_norm=True).modules()) == 2 * 5
     assert float(torch.sigmoid(model.head.bias.detach())) == pytest.approx(0.1)  # starts where sigma is not saturated
     assert RECIPE == {"optimizer": "rmsprop", "lr": 1e-3, "batch_size": 7}
+
+
+def test_the_recipe_starts_rmsprop_gently_so_the_first_steps_do_not_saturate_the_map():
+    """PyTorch's RMSprop has no bias correction: with its default decay 0.99 the first step is 10 x lr on every
+    weight. At the study's width (128 channels, base 16, depth 3) three such steps at the paper's constant 1e-3 switch
+    the map off, where the sigmoid saturates. The recipe's RMSprop (TensorFlow's decay 0.9, the rate warmed up
+    linearly over 4 x ``warmup`` steps, 4 epochs by default) keeps it near its start."""
+    config = TrainConfig(architecture="compsegnet", in_chans=128, lr=1e-3)
+    recipe = recipe_for(config)
+    x, y = torch.randn(4, 128, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.0, 1.0, 0.0, 1.0])
+
+    def three_steps(make_optimizer, warmup: int | None) -> tuple[list[float], float]:
+        torch.manual_seed(0)
+        model = create_model("compsegnet", in_chans=128)
+        optimizer = make_optimizer(model)
+        schedule = (  # None: the constant rate the recipe had before
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            if warmup is None
+            else recipe.schedule(optimizer, 300, warmup)
+        )
+        rates = []
+        for _ in range(3):
+            rates.append(optimizer.param_groups[0]["lr"])
+            loss = model.loss(x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        with torch.no_grad():
+            return rates, float(model.segment(x).mean())
+
+    rates, before = three_steps(lambda model: torch.optim.RMSprop(model.parameters(), lr=1e-3), warmup=None)
+    assert rates == [1e-3] * 3 and before < 0.01  # collapsed: the map all off (it starts at 0.079)
+    rates, after = three_steps(lambda model: recipe.optimizer(model, config), warmup=15)
+    assert rates == pytest.approx([1e-3 / 60, 2e-3 / 60, 3e-3 / 60])
+    assert 0.05 < after < 0.1
+    assert recipe.optimizer(nn.Linear(1, 1), config).defaults["alpha"] == 0.9
 
 
 def test_weak_supervision_on_a_toy_hyperspectral_task_segments_the_shifted_square():

@@ -3,8 +3,6 @@ toy task, checkpoints and the heatmap methods."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -45,14 +43,7 @@ def expected_minmax(maps: torch.Tensor) -> torch.Tensor:
     return torch.stack([(m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else 0 * m for m in maps])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tiny convolutions gain nothing from intra-op threads, and on a busy shared CPU threads waiting for each
-    other make a training step 50 times slower; the setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ regions as well as the exact per-window reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -23,15 +21,7 @@ from core.heatmaps.mosaic import MosaicResult, WindowGrid, gaussian_profile, sti
 from core.models import create_model
 from core.train import TrainConfig, fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: these models are too small to gain from two, and on a busy machine a second thread makes
-    every layer wait at a barrier (training here took 24 s instead of 0.4 s next to another job)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Stub(nn.Module):

@@ -5,7 +5,6 @@ blur from ``python -m core train``. tiny_cnn stand-ins, 64-96 px mosaics, one ep
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +32,7 @@ MODELS_PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "models.py")
 SIGMAS = ("no Gaussian", "σ 1", "σ 2.5", "σ 5", "σ 6", "σ 7", "σ 8", "σ 9", "σ 10")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these small convolutions and Score-CAM batches run several times faster than on two
-    threads of a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_grid_is_table_2_whole_at_the_papers_steps_for_a_256_px_window():
