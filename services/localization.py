@@ -509,22 +509,24 @@ def _write_roc(base: Path, curves: dict[str, dict[str, Any]], title: str, thresh
         ]
     )
     figure.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "grey"})
+    written = _write_roc_files(base, frame, figure, title, f"row (AUC); {threshold_name} varied")
+    return {**written, "auc": {label: curve["auc"] for label, curve in curves.items()}}
+
+
+def _write_roc_files(base: Path, frame: pd.DataFrame, figure: go.Figure, title: str, legend: str) -> dict[str, str]:
+    """An ROC figure's axes and titles set, then written as ``base``.csv (``frame``) and ``base``.plotly.json;
+    its title and the workspace-relative paths, for the table's ``figures``."""
     figure.update_layout(
         title=title,
         xaxis={"title": "false positive rate", "range": [0, 1], "constrain": "domain"},
         yaxis={"title": "true positive rate", "range": [0, 1], "scaleanchor": "x"},
-        legend={"title": {"text": f"row (AUC); {threshold_name} varied"}},
+        legend={"title": {"text": legend}},
     )
     csv, plot = base.with_suffix(".csv"), base.with_suffix(".plotly.json")
     write_atomic(csv, frame.to_csv(index=False).encode())
     write_atomic(plot, figure.to_json().encode())
     root = workspace_dir()
-    return {
-        "title": title,
-        "csv": csv.relative_to(root).as_posix(),
-        "figure": plot.relative_to(root).as_posix(),
-        "auc": {label: curve["auc"] for label, curve in curves.items()},
-    }
+    return {"title": title, "csv": csv.relative_to(root).as_posix(), "figure": plot.relative_to(root).as_posix()}
 
 
 def _roc_name(label: str, value: float | None) -> str:
@@ -1170,20 +1172,9 @@ def _write_band_roc(base: Path, curves: dict[str, dict[str, Any]], mosaics: int,
         if bootstrap
         else f"Pixel ROC of {band} (Fig. 11 without resampling)"
     )
-    figure.update_layout(
-        title=title,
-        xaxis={"title": "false positive rate", "range": [0, 1], "constrain": "domain"},
-        yaxis={"title": "true positive rate", "range": [0, 1], "scaleanchor": "x"},
-        legend={"title": {"text": "best row per method (AUC of the mean curve)"}},
-    )
-    csv, plot = base.with_suffix(".csv"), base.with_suffix(".plotly.json")
-    write_atomic(csv, frame.to_csv(index=False).encode())
-    write_atomic(plot, figure.to_json().encode())
-    root = workspace_dir()
+    written = _write_roc_files(base, frame, figure, title, "best row per method (AUC of the mean curve)")
     return {
-        "title": title,
-        "csv": csv.relative_to(root).as_posix(),
-        "figure": plot.relative_to(root).as_posix(),
+        **written,
         "auc": {label: curve["auc_mean"] for label, curve in curves.items()},
         "resamples": {label: curve["resamples"] for label, curve in curves.items()},
         "scored_on": f"every labeled pixel of {band}, pooled per resample",
