@@ -33,8 +33,8 @@ from services.model_compare import (
     COMPARABLE_TASKS,
     comparison_figure,
     comparison_table,
+    comparisons_among,
     is_comparison,
-    stored_comparisons,
 )
 
 user = require_role("pi")
@@ -65,9 +65,10 @@ _COLUMNS = {
 }
 
 
-def _registered(models: list[ModelInfo]) -> None:
-    """The models table, and the chosen model's figures, curve and stored evaluations."""
-    evaluations = {m.id: [e for e in repo.model_evaluations(m.id) if not is_comparison(e)] for m in models}
+def _registered(models: list[ModelInfo], stored: dict[int, list[dict[str, Any]]]) -> None:
+    """The models table, and the chosen model's figures, curve and stored evaluations (``stored``, by model id;
+    comparisons of two models are shown by :func:`_comparisons`)."""
+    evaluations = {mid: [e for e in rows if not is_comparison(e)] for mid, rows in stored.items()}
     summary = pd.DataFrame([{**m.summary(), "recipe": m.metrics.get("recipe", "flcnn")} for m in models])
     filterable_table(summary.drop(columns=["checkpoint_sha256"]), key="models_table", file_name="models.csv")
 
@@ -425,9 +426,10 @@ def _compare_form(models: list[ModelInfo]) -> None:
     _queued("models_compare")
 
 
-def _comparisons() -> None:
-    """The stored comparisons: the chosen one's Table 2, Fig. 4 and the table as CSV."""
-    stored = stored_comparisons()
+def _comparisons(evaluations: dict[int, list[dict[str, Any]]]) -> None:
+    """The stored comparisons among ``evaluations`` (by model id): the chosen one's Table 2, Fig. 4 and the table
+    as CSV."""
+    stored = comparisons_among(e for rows in evaluations.values() for e in rows)
     if not stored:
         st.caption("No comparison is stored yet: queue one above.")
         return
@@ -468,12 +470,13 @@ def _comparisons() -> None:
 
 
 models = repo.list_models()
+evaluations = {m.id: repo.model_evaluations(m.id) for m in models}  # read once, for the tables and the comparisons
 if models:
-    _registered(models)
+    _registered(models, evaluations)
 else:
     st.info("No models yet: train one with the form below, or run a localisation study (further below).")
 _train_form()
 _study_form()
 if models:
     _compare_form(models)
-    _comparisons()
+    _comparisons(evaluations)

@@ -19,7 +19,7 @@ page's form) is stored as an evaluation of model A (:func:`store_comparison`), l
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "comparison_figure",
     "comparison_png",
     "comparison_table",
+    "comparisons_among",
     "is_comparison",
     "paired_scores",
     "store_comparison",
@@ -297,17 +298,21 @@ def is_comparison(evaluation: dict[str, Any]) -> bool:
     return evaluation["dataset"].get("kind") == COMPARISON
 
 
+def comparisons_among(evaluations: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The comparisons among stored evaluations (:func:`db.repo.model_evaluations` rows), newest first."""
+    found = [evaluation for evaluation in evaluations if is_comparison(evaluation)]
+    return sorted(found, key=lambda e: (e["created_at"], e["id"]), reverse=True)
+
+
 def stored_comparisons() -> list[dict[str, Any]]:
     """Every stored comparison, newest first: the evaluations (id, title, created_at, dataset, report) of the
     registered models that :func:`is_comparison`."""
     with read_scope() as session:
-        found = [
+        return comparisons_among(
             evaluation
             for model in repo.list_models(session)
             for evaluation in repo.model_evaluations(session, model.id)
-            if is_comparison(evaluation)
-        ]
-    return sorted(found, key=lambda e: (e["created_at"], e["id"]), reverse=True)
+        )
 
 
 def _cell(summary: dict[str, Any]) -> str:

@@ -352,7 +352,6 @@ def train_patch_classifier(
     ``padded_fraction`` of the training samples are seen as lone zero-padded windows instead, for single-window use.
     Both are recorded in the checkpoint's config when set. The registered network is the plain architecture either way.
     """
-    _check_padded_fraction(padded_fraction, context)
     mosaics = _splits(mosaics)
     check_model_name(name)
     result, test = fit_patch_classifier(

@@ -159,13 +159,19 @@ def test_the_results_cache_key_moves_only_with_this_studys_reads_and_images(use_
     assert version() != after_read
 
 
-def test_the_results_page_shows_figure_tables_and_mrmc(finished_study):
+def _open_study(finished_study) -> AppTest:
+    """The Results page as the PI, with the finished study chosen."""
     study, pi = finished_study
     at = AppTest.from_file(RESULTS, default_timeout=120)
     at.session_state["auth_user_id"] = pi
     at.run()
     at.selectbox(key="results_study").set_value(study.id).run()
     assert not at.exception, at.exception
+    return at
+
+
+def test_the_results_page_shows_figure_tables_and_mrmc(finished_study):
+    at = _open_study(finished_study)
     assert [t.label for t in at.tabs] == ["Arm FL", "Arm WL"]
     sent = "\n".join(str(e.proto) for e in at.get("plotly_chart"))
     assert "CNN, AUC" in sent and "CNN at threshold" in sent and "95 % band" in sent
@@ -238,12 +244,7 @@ def test_a_study_without_both_arms_has_no_cross_arm_rows(use_trained):
 
 
 def test_the_results_page_shows_the_cross_arm_rows(finished_study):
-    study, pi = finished_study
-    at = AppTest.from_file(RESULTS, default_timeout=120)
-    at.session_state["auth_user_id"] = pi
-    at.run()
-    at.selectbox(key="results_study").set_value(study.id).run()
-    assert not at.exception, at.exception
+    at = _open_study(finished_study)
     assert any("FL-CNN against the WL arm" in h.value for h in at.subheader)
     titles = [m.value for m in at.markdown]
     assert "**FL-CNN vs readers of the WL arm**" in titles and "**FL-CNN vs WL-CNN**" in titles
