@@ -26,6 +26,7 @@ def resnet18(
     pretrained_file: str | None = None,
     drop_rate: float = 0.5,
     output_stride: int = 32,
+    pool: str = "avg",
 ) -> nn.Module:
     """ResNet-18 with the FL-CNN head (11.2 M parameters), the seeds' standard-backbone baseline."""
-    return timm_flcnn("resnet18", in_chans, num_classes, pretrained_file, drop_rate, output_stride)
+    return timm_flcnn("resnet18", in_chans, num_classes, pretrained_file, drop_rate, output_stride, pool)
