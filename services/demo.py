@@ -90,6 +90,8 @@ class DemoConfig:
     height: int = 256
     width: int = 320
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # 3 of 16 patients for validation, where thresholds are chosen
+    # CohortConfig.confounders: 0 the early cohort, where the tumor is simply the brightest region; 1 the honest one
+    confounders: float = 0.0
     epochs: int = 12  # the WL-CNN's
     image_size: int = 128  # the WL-CNN's
     seed: int = 0
@@ -212,6 +214,7 @@ def _build_part(
                 specimens_per_patient=config.specimens_per_patient,
                 height=config.height,
                 width=config.width,
+                confounders=config.confounders,
                 seed=config.seed,
             ),
             cohort,

@@ -578,6 +578,10 @@ def _check_demo(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             complete[key] = value
         elif key == "fl_architecture":
             complete[key] = None if value is None else str(value)
+        elif key == "confounders":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 4:
+                raise ValueError(f"confounders must be a number from 0 (none) to 4, not {value!r}")
+            complete[key] = float(value)
         elif isinstance(default, tuple):
             if not isinstance(value, list | tuple) or len(value) != len(default):
                 raise ValueError(f"{key} must be {len(default)} numbers")

@@ -16,17 +16,19 @@ def test_fl_settings_are_checked_and_kept() -> None:
         {
             "part": "fl",
             "fl_architecture": "resnet18",
-            "fl_model_options": [["output_stride", 16]],
+            "fl_model_options": [["output_stride", 16], ["pool", "max"]],
             "fl_augment": False,
             "fl_epochs": 3,
+            "confounders": 1,
         }
     )
     assert params == {
         "part": "fl",
         "fl_architecture": "resnet18",
-        "fl_model_options": [["output_stride", 16]],
+        "fl_model_options": [["output_stride", 16], ["pool", "max"]],
         "fl_augment": False,
         "fl_epochs": 3,
+        "confounders": 1.0,
     }
 
 
@@ -39,6 +41,10 @@ def test_fl_settings_are_checked_and_kept() -> None:
         ({"fl_model_options": [["output_stride"]]}, "[name, value] pairs"),
         ({"fl_augment": "no"}, "true or false"),
         ({"fl_architecture": "vgg99"}, "unknown fl architecture 'vgg99'"),
+        ({"fl_model_options": [["pool", "mean"]]}, "pool must be one of avg, max"),
+        ({"confounders": -1}, "confounders must be a number from 0"),
+        ({"confounders": "all"}, "confounders must be a number from 0"),
+        ({"confounders": True}, "confounders must be a number from 0"),
     ],
 )
 def test_bad_fl_settings_are_refused_with_what_to_change(params: dict, message: str) -> None:
