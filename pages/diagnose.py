@@ -1,5 +1,6 @@
 """Diagnose: upload specimen images, get probability, decision and heatmap; reopen earlier results. A tumor call is
-followed by the grade and Ki-67 models of the same modality (seed 003's cascade, ``services.diagnose``).
+followed by the grade and Ki-67 models of the same modality (seed 003's cascade, ``services.diagnose``), each call
+shown with its own model's heatmap in the same viewer as the tumor call's.
 
 Most heatmaps are computed here at once. Long ones run as jobs on the cluster: a whole mosaic's stitched heatmap, and
 Score-CAM (one job per image). "Your jobs" follows the signed-in user's own such jobs (a fragment that reads them again
@@ -9,6 +10,7 @@ cancels another user's jobs here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -95,6 +97,19 @@ if followers:
         for task, m in followers.items()
     ]
     st.caption(f"An image called tumor goes on to {' and '.join(stages)}.")
+
+
+def _cascade_maps(calls: Sequence[Mapping[str, Any]], key: str) -> None:
+    """Each assessed cascade call's heatmap over the image, in the viewer the tumor call's map opens in, labelled with
+    its task and method; calls stored without one (no heatmap asked for, or an older result) show none."""
+    for call in calls:
+        view = repo.prediction_view(int(call["prediction_id"])) if call.get("heatmap") else None
+        if view is None or view["user_id"] != user.id or not view["heatmap_path"]:
+            continue
+        task = _TASK_NAMES[call["task"]]
+        label = f"{task[:1].upper()}{task[1:]} model ({method_title(view['heatmap_method'])})"
+        st.markdown(f"**{md_escape(label)}**")
+        heatmap_viewer(view, key=f"{key}_{call['prediction_id']}")
 
 
 def _queue(kind: str, name: str, data: bytes, params: dict[str, Any], upload: str) -> tuple[int | None, str]:
@@ -293,6 +308,12 @@ else:
                 for o in cascaded:
                     lines = cascade_lines(o["cascade"], st.session_state.get("diagnose_last_modality", modality))
                     st.markdown(f"**{md_escape(o['name'])}**: " + " · ".join(md_escape(line) for line in lines))
+                    if any(c.get("heatmap") for c in o["cascade"]):
+                        with st.expander(
+                            f"Where the grade and Ki-67 models' evidence lies in {md_escape(o['name'])}",
+                            expanded=len(cascaded) == 1,
+                        ):
+                            _cascade_maps(o["cascade"], key=f"diagnose_cascade_{o['prediction_id']}")
             shown = pd.DataFrame({"id": [o["prediction_id"] for o in done], "image": [o["name"] for o in done]})
             open_prediction(shown, "Show heatmap of", key="diagnose_show", user_id=user.id)
 
@@ -379,6 +400,7 @@ if store.list_jobs(kinds=_JOB_KINDS, user_id=user.id, limit=1):
             calls, called_on = st.session_state.get(_OPEN_CASCADE) or ([], "")
             if calls:
                 st.markdown(" · ".join(md_escape(line) for line in cascade_lines(calls, called_on)))
+                _cascade_maps(calls, key="diagnose_job_cascade")
             st.button("Close", key="diagnose_job_close", on_click=st.session_state.pop, args=(_OPEN, None))
     _opened_clip("diagnose_job_clip")
 

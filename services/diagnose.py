@@ -11,18 +11,22 @@ grade and Ki-67 models of the same modality (:func:`cascade_models`: the newest 
 Diagnose page's default tumor model is the newest), each at its registered threshold. Their calls are stored as
 further predictions on the same upload (audited ``diagnosis_stored``, naming the tumor call they follow); an image
 called non-tumor is not assessed for grade and Ki-67, and a task without a registered model is said to have none.
-The page's direct path and its Score-CAM jobs (``services.jobs.kinds``, the calls in the job's result) both run it.
+Each assessed call gets its model's own default heatmap (:func:`core.triage.default_method`, usually Grad-CAM),
+stored with it as the tumor call's map is, so a clinician sees where the grade or Ki-67 model's evidence lies; when
+the tumor call is made without a heatmap, its cascade has none either. The page's direct path and its Score-CAM jobs
+(``services.jobs.kinds``, the calls in the job's result) both run it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from core.data.io import Image, ImageError, read_image
 from core.predict import Predictor
+from core.triage import default_method
 from db import repo
 from db.repo import ModelInfo
 from db.session import read_scope
@@ -55,9 +59,9 @@ _SHOWN = {"grade": ("Grade", ("DLGG", "GBM")), "ki67": ("Ki-67", ("< 10 %", ">= 
 
 @dataclass(frozen=True)
 class CascadeCall:
-    """One cascade task's outcome on one image: ``status`` is "assessed" (with the model's call and its stored
-    prediction), "not assessed" (the image was called non-tumor) or "no model" (none registered for the task and
-    modality; ``model`` is then None)."""
+    """One cascade task's outcome on one image: ``status`` is "assessed" (with the model's call, its stored
+    prediction and, when the tumor call had one, its heatmap and the heatmap's method), "not assessed" (the image was
+    called non-tumor) or "no model" (none registered for the task and modality; ``model`` is then None)."""
 
     task: str
     status: str
@@ -66,6 +70,11 @@ class CascadeCall:
     probability: float | None = None
     threshold: float | None = None
     decision: bool | None = None
+    heatmap: str | None = None  # workspace-relative .npy path, as Outcome.heatmap
+    method: str | None = None  # the heatmap's method (the model's default, core.triage.default_method)
+
+
+_CALL_FIELDS = frozenset(f.name for f in fields(CascadeCall))
 
 
 @dataclass(frozen=True)
@@ -97,8 +106,9 @@ def cascade_models(model: ModelInfo) -> dict[str, ModelInfo | None]:
 
 def cascade_lines(calls: Sequence[CascadeCall | Mapping[str, Any]], modality: str) -> list[str]:
     """What a clinician reads of an image's cascade, one plain-text line per task (e.g. "Grade: GBM (p=0.71,
-    threshold 0.42) · model FL-grade"), or one line when the image was called non-tumor."""
-    calls = [c if isinstance(c, CascadeCall) else CascadeCall(**c) for c in calls]
+    threshold 0.42) · model FL-grade"), or one line when the image was called non-tumor. Stored calls (dicts) may
+    lack newer keys or carry keys this version does not know."""
+    calls = [c if isinstance(c, CascadeCall) else _call(c) for c in calls]
     if calls and all(c.status == NOT_ASSESSED for c in calls):
         return ["Grade and Ki-67 were not assessed: the specimen was called non-tumor."]
     lines = []
@@ -117,6 +127,11 @@ def cascade_lines(calls: Sequence[CascadeCall | Mapping[str, Any]], modality: st
     return lines
 
 
+def _call(stored: Mapping[str, Any]) -> CascadeCall:
+    """A call kept as a dict (a job's result): keys of an older or newer version are tolerated."""
+    return CascadeCall(**{key: value for key, value in stored.items() if key in _CALL_FIELDS})
+
+
 def _cascade(
     image: Image,
     tumor: bool,
@@ -124,9 +139,11 @@ def _cascade(
     upload_id: int,
     prediction_id: int,
     user_id: int | None,
+    with_maps: bool,
 ) -> tuple[CascadeCall, ...]:
-    """The grade and Ki-67 calls on an image the tumor model called ``tumor`` (scores only, no heatmap), each stored
-    on the upload; nothing is computed for an image called non-tumor."""
+    """The grade and Ki-67 calls on an image the tumor model called ``tumor``, each stored on the upload with, when
+    ``with_maps`` (the tumor call had a heatmap), its model's default heatmap; nothing is computed for an image called
+    non-tumor."""
     calls = []
     for task in CASCADE_TASKS:
         stage = stages.get(task)
@@ -137,7 +154,8 @@ def _cascade(
         if not tumor:
             calls.append(CascadeCall(task, NOT_ASSESSED, model.name))
             continue
-        (result,) = predictor.diagnose([image], heatmap=None)
+        method = default_method(predictor.methods, model.architecture) if with_maps else None
+        (result,) = predictor.diagnose([image], heatmap=method)
         if isinstance(result, ImageError):
             raise result
         stored = store_prediction(
@@ -145,6 +163,9 @@ def _cascade(
             StoredUploadTarget(upload_id, user_id, follows=prediction_id),
             probability=result.probability,
             threshold=result.threshold,
+            method=result.method,
+            heatmap=result.heatmap,
+            extras=result.extras,
             device=result.device,
             seconds=result.seconds,
         )
@@ -157,6 +178,8 @@ def _cascade(
                 probability=result.probability,
                 threshold=result.threshold,
                 decision=result.decision,
+                heatmap=stored.map_path,
+                method=result.method if stored.map_path else None,
             )
         )
     return tuple(calls)
@@ -189,7 +212,8 @@ def diagnose_files(
 
     ``options`` go to the heatmap method (e.g. Score-CAM's own ``progress`` callback). ``cascade`` (a tumor model
     only) maps each of :data:`CASCADE_TASKS` to its (predictor, model), or to None when none is registered (see
-    :func:`cascade_models`): each image's tumor call is then followed by its grade and Ki-67 calls."""
+    :func:`cascade_models`): each image's tumor call is then followed by its grade and Ki-67 calls, with their
+    models' default heatmaps when ``heatmap`` is not None."""
     if predictor.modality != model.modality:
         raise ValueError(f"predictor modality {predictor.modality} does not match model {model.name}")
     if cascade is not None:
@@ -214,7 +238,15 @@ def diagnose_files(
             )
             calls = ()
             if cascade is not None:
-                calls = _cascade(image, result.decision, cascade, stored.upload_id, stored.prediction_id, user_id)
+                calls = _cascade(
+                    image,
+                    result.decision,
+                    cascade,
+                    stored.upload_id,
+                    stored.prediction_id,
+                    user_id,
+                    with_maps=heatmap is not None,
+                )
             outcomes.append(
                 Outcome(
                     name=image.name,

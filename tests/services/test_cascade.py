@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
 from core.data.io import read_image
 from core.settings import workspace_dir
+from core.triage import default_method
 from db import repo
 from db.models import AuditEvent, Prediction
 from db.session import init_db, read_scope, session_scope
@@ -95,13 +97,76 @@ def test_a_tumor_call_runs_grade_and_ki67_and_stores_them_on_the_upload(use_casc
     assert set(by_id) == {outcome.prediction_id, *(c.prediction_id for c in outcome.cascade)}
     for call in outcome.cascade:
         row = by_id[call.prediction_id]
-        assert row.model_id == stages[call.task][1].id and row.heatmap_path is None
+        assert row.model_id == stages[call.task][1].id and row.heatmap_path == call.heatmap
         assert row.probability == pytest.approx(call.probability)
     followers = {e.detail["prediction"]: e.detail for e in events if e.detail.get("follows")}
     assert set(followers) == {c.prediction_id for c in outcome.cascade}
     assert all(d["follows"] == outcome.prediction_id and d["upload"] == outcome.upload_id for d in followers.values())
     assert {d["model"] for d in followers.values()} == {"casc-FL-grade", "casc-FL-ki67"}
     assert all(e.user_id == user for e in events)
+
+
+def test_each_cascade_call_stores_its_own_models_default_heatmap(use_cascade):
+    """The grade and Ki-67 models' own maps (their default method), kept as the tumor call's map is: a file over the
+    image's pixels, named in the call and in its stored prediction, with the method."""
+    tumor = _tumor(0.0)
+    name, path = _fl_image()
+    stages = _stages("casc-FL-grade", "casc-FL-ki67")
+    (outcome,) = diagnose_files(
+        load_predictor(tumor), tumor, [(name, path)], user_id=None, heatmap="gradcam", cascade=stages
+    )
+    image = read_image(path, name)
+    assert image.height != image.width  # the map must follow the image's own shape, not the model's square input
+    with read_scope() as session:
+        rows = {p.id: p for p in session.scalars(select(Prediction).where(Prediction.upload_id == outcome.upload_id))}
+    maps = {}
+    for call in outcome.cascade:
+        predictor, model = stages[call.task]
+        method = default_method(predictor.methods, model.architecture)
+        assert call.status == ASSESSED and call.method == method and call.heatmap
+        assert call.heatmap not in (outcome.heatmap, *maps.values())  # a map of its own, not the tumor call's
+        row = rows[call.prediction_id]
+        assert (row.heatmap_path, row.heatmap_method) == (call.heatmap, method)
+        stored = np.load(workspace_dir() / call.heatmap)
+        assert stored.shape == (image.height, image.width)
+        assert stored.min() >= 0.0 and stored.max() <= 1.0
+        (expected,) = predictor.diagnose([image], heatmap=method)
+        np.testing.assert_allclose(stored, expected.heatmap, atol=1e-5)
+        maps[call.task] = call.heatmap
+    assert dataclasses.asdict(outcome)["cascade"][0]["heatmap"] == maps["grade"]  # kept in a job's result as is
+
+
+def test_without_a_heatmap_for_the_tumor_call_the_cascade_computes_none(use_cascade):
+    tumor = _tumor(0.0)
+    name, path = _fl_image()
+    stages = _stages("casc-FL-grade", "casc-FL-ki67")
+    asked = []
+    for predictor, _model in stages.values():
+        diagnose = predictor.diagnose
+
+        def spy(images, heatmap="gradcam", *args, _diagnose=diagnose, **kwargs):
+            asked.append(heatmap)
+            return _diagnose(images, heatmap, *args, **kwargs)
+
+        predictor.diagnose = spy
+    predictor = load_predictor(tumor)
+    (outcome,) = diagnose_files(predictor, tumor, [(name, path)], user_id=None, heatmap=None, cascade=stages)
+    assert outcome.heatmap is None and asked == [None, None]
+    assert [(c.status, c.heatmap, c.method) for c in outcome.cascade] == [(ASSESSED, None, None)] * 2
+    with read_scope() as session:
+        rows = session.scalars(select(Prediction).where(Prediction.upload_id == outcome.upload_id)).all()
+    assert len(rows) == 3 and all(row.heatmap_path is None and row.heatmap_method is None for row in rows)
+
+
+def test_stored_calls_of_older_or_newer_versions_still_read(use_cascade):
+    """A job's result kept before calls had heatmaps, and one with a key this version does not know."""
+    older = {"task": "grade", "status": ASSESSED, "model": "m", "prediction_id": 1, "probability": 0.7}
+    older |= {"threshold": 0.5, "decision": True}
+    newer = {"task": "ki67", "status": NO_MODEL, "model": None, "heatmap": None, "method": None, "shown_as": "x"}
+    assert cascade_lines([older, newer], "FL") == [
+        "Grade: GBM (p=0.70, threshold 0.50) · model m",
+        "Ki-67: not assessed, as no FL Ki-67 model is registered",
+    ]
 
 
 def test_a_non_tumor_call_is_not_assessed_for_grade_or_ki67(use_cascade):
@@ -179,4 +244,8 @@ def test_a_score_cam_job_runs_the_cascade_too_and_keeps_its_calls_in_the_result(
     called_tumor = tumor.probability >= tumor.threshold
     assert {c.status for c in calls} == {ASSESSED if called_tumor else NOT_ASSESSED}
     assert len(stored) == (3 if called_tumor else 1)  # the calls land on the job's upload
+    maps = {row.id: row.heatmap_path for row in stored}
+    for call in calls:  # a Grad-CAM job: each assessed call has its own model's map too
+        assert (call.heatmap is not None) == (call.method is not None) == called_tumor
+        assert call.heatmap is None or maps[call.prediction_id] == call.heatmap
     assert cascade_lines(calls, "FL")  # what the page shows under the job's heatmap
