@@ -83,10 +83,10 @@ def default_method(
     methods: dict[str, str] | list[str] | tuple[str, ...], architecture: str | None = None
 ) -> str | None:
     """The heatmap a model's frames get by default: its own map where it computes one (MLCAM-LICI's final diagnostic
-    feature map, CompSegNet's activation map), CELM for a CeLNet (seed 001's own method), else Grad-CAM, else the
-    first method that applies; None when none does."""
+    feature map, CompSegNet's activation map, Tissue MIL's cell scores), CELM for a CeLNet (seed 001's own method),
+    else Grad-CAM, else the first method that applies; None when none does."""
     names = list(methods)
-    own = [m for m in ("mlcam-lici", "compsegnet") if m in names]
+    own = [m for m in ("mlcam-lici", "compsegnet", "tissue-mil") if m in names]
     if architecture == "celnet" and "celm" in names:
         own.append("celm")
     return next(iter(own), "gradcam" if "gradcam" in names else names[0] if names else None)

@@ -20,7 +20,7 @@ from services.studies import STUDY_TASKS, ArmSpec, StudyError, StudyInfo
 
 user = require_role("pi")
 _NO_HEATMAP = "none"
-_OWN_MAP = "default"  # the model's own map: MLCAM-LICI's, CompSegNet's, CELM for a CeLNet, else Grad-CAM
+_OWN_MAP = "default"  # the model's own map: MLCAM-LICI's, CompSegNet's, Tissue MIL's, CELM for a CeLNet, else Grad-CAM
 _HEATMAPS = (_NO_HEATMAP, _OWN_MAP, "gradcam", "cam", "guided-gradcam", "scorecam")
 _TASKS = tuple(STUDY_TASKS)
 _TASK_HELP = (

@@ -4,14 +4,16 @@ Every method is an ``Explainer``, a context manager built from ``(model, layers)
 always released on exit, leaving no state on the model. Called on a batch ``(B, C, H, W)`` with one target per
 image it returns one map per image (``HeatmapResult``). Registered: ``cam``, ``gradcam``, ``gradcam-multi``,
 ``gradient``, ``guided-backprop``, ``guided-gradcam``, ``scorecam``, ``celm``; weakly supervised models add their
-own maps with ``register_model_map``. Whole mosaics are stitched from windows by :mod:`core.heatmaps.mosaic`, with
-several Gaussian sigmas from one pass by :mod:`core.heatmaps.mosaic_sigmas`.
+own maps with ``register_model_map`` (``mlcam-lici``, ``compsegnet``, ``tissue-mil``). Whole mosaics are stitched
+from windows by :mod:`core.heatmaps.mosaic`, with several Gaussian sigmas from one pass by
+:mod:`core.heatmaps.mosaic_sigmas`.
 """
 
 from core.heatmaps import (  # noqa: F401  (registers the methods)
     cam,
     celm,
     compsegnet_map,
+    flmil_map,
     gradcam,
     gradient,
     guided,

@@ -33,6 +33,9 @@ thousands of iterations to the few hundred a CPU run affords (each scaling is sa
   "noise, and blurring" are ``TrainConfig.noise`` and ``blur`` (off by default; any recipe with the modality
   augmentation takes them, :func:`core.data.preprocess.train_augment`), recorded in the metrics as applied.
 
+- ``flmil`` (issue 17, no paper): the FL-CNN's optimiser and schedule with the PCam augmentation instead of the FL
+  paper's brightness and contrast jitter (:mod:`core.models.flmil`).
+
 Models without a ``loss`` method train on the class-weighted BCE of their logit, whatever the recipe.
 """
 
@@ -315,6 +318,18 @@ RECIPES: dict[str, Recipe] = {
         _sgd,
         _decay_fifty_times,
     ),
+    # Tissue MIL (core.models.flmil, issue 17): the FL-CNN's optimiser and schedule; a specimen has no up or down, so
+    # random 90-degree rotations and horizontal flips, but no brightness or contrast jitter: scaled anywhere in
+    # [0, 2] (the FL paper's, meant for its pretrained network), a from-scratch network loses the relative
+    # brightness of tumor and normal tissue (measured: bench/README.md, "Does the FL-CNN earn its heatmaps?").
+    "flmil": Recipe(
+        "flmil",
+        "Tissue MIL (issue 17): the FL-CNN's Adam, warm-up then cosine, class-weighted BCE; random 90-degree "
+        "rotations and horizontal flips, no intensity jitter; last epoch",
+        _adam,
+        cosine_with_warmup,
+        augmentation="pcam",
+    ),
     # RMSprop with TensorFlow's decay 0.9 (the paper's framework; PyTorch's default is 0.99) and the rate warmed up
     # linearly over 4 x warmup_epochs (4 epochs), then constant. PyTorch's RMSprop has no bias correction: step t is
     # about lr / sqrt(1 - decay**t) on every weight at once, 10 x lr at t = 1 with 0.99; at the paper's 1e-3 that
@@ -330,7 +345,7 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 
-_ARCHITECTURE_RECIPES = {"mlcam_lici": "mlcam", "celnet": "celnet", "compsegnet": "compsegnet"}
+_ARCHITECTURE_RECIPES = {"mlcam_lici": "mlcam", "celnet": "celnet", "compsegnet": "compsegnet", "flmil": "flmil"}
 
 
 def default_recipe(architecture: str) -> str:
