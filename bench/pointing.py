@@ -45,6 +45,8 @@ QUICK = {
     "architecture": "tiny_cnn",
     "image_size": 32,
     "epochs": 1,
+    "fl_architecture": None,  # the FL-CNN as the WL-CNN above (the demo's own, Tissue MIL at 256 px, with --fl-*)
+    "fl_image_size": None,
 }
 
 
@@ -145,12 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny cohort and model: checks that it runs")
     parser.add_argument("--seed", type=int, default=0, help="cohort, split and training seed (0)")
     parser.add_argument(
-        "--confounders", type=float, default=1.0, help="CohortConfig.confounders: 1 the honest cohort, 0 the demo's (1)"
+        "--confounders",
+        type=float,
+        default=1.0,
+        help="CohortConfig.confounders: 1 the honest cohort (the demo's), 0 the early one (1)",
     )
     parser.add_argument("--fl-image-size", type=int, help="the FL-CNN's input size (the demo's)")
     parser.add_argument("--fl-epochs", type=int, help="the FL-CNN's epochs (the demo's)")
     parser.add_argument("--fl-batch-size", type=int, help="the FL-CNN's batch size (the demo's)")
-    parser.add_argument("--fl-architecture", help="the FL-CNN's architecture (the demo's: efficientnet_b0)")
+    parser.add_argument("--fl-architecture", help="the FL-CNN's architecture (the demo's: flmil)")
     parser.add_argument(
         "--fl-model-option",
         action="append",
@@ -159,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a builder option of the FL-CNN (repeatable), e.g. output_stride=16",
     )
     parser.add_argument("--fl-no-augment", action="store_true", help="train the FL-CNN without augmentation")
+    parser.add_argument(
+        "--fl-seed", type=int, help="the FL-CNN's training seed alone (default: --seed, which also draws the cohort)"
+    )
     parser.add_argument("--threads", type=int, default=usable_cores(), help="torch CPU threads (the usable cores)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder, or .json file, for the results")
     args = parser.parse_args(argv)
@@ -181,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("fl_epochs", args.fl_epochs),
             ("fl_batch_size", args.fl_batch_size),
             ("fl_architecture", args.fl_architecture),
+            ("fl_seed", args.fl_seed),
         )
         if value is not None
     }

@@ -21,8 +21,8 @@ What it models, following the paper's "Study design", "Surgical protocol" and "D
   room lights leave specular glare on wet tissue, and the excitation light falls off across the field. Each comes at
   the same rate whatever the label, so the brightest spot is often not the tumor and overall brightness is a weak
   cue; what stays specific is the tumor's patchy uptake over a region (issue 17). ``CohortConfig.confounders``
-  turns this on (1); the default, 0, is the earlier cohort draw for draw, because the demo's FL-CNN has not yet
-  learned the honest one (see ``CohortConfig``).
+  turns this on (1, the demo's cohort, ``services.demo.DemoConfig``); the default, 0, is the earlier cohort draw
+  for draw, so that tests and studies built on it keep their figures (see ``CohortConfig``).
 * WL (RGB uint8): the same specimen photographed on a green drape or gauze; tumor is only weakly greyer and more
   purple-red with more vessels, so WL is less informative than FL (WL-CNN AUC 0.87 vs FL-CNN 0.945).
 * Grade and Ki-67 leave weak traces: GBM is more heterogeneous with necrotic dark cores, Ki-67 >= 10 % is very
@@ -115,9 +115,10 @@ class CohortConfig:
     tumor specimens (70.4 % on the demo's test split, one specimen over issue 17's 70 %). At the present rate, 0.6,
     on the demo's test split (249 specimens, 152 tumor): brightest pixel in the tumor 67 % (102 / 152), best
     intensity statistic the spread (p90 - p10), AUC 0.833. The
-    demo's FL-CNN did not learn it: on the demo's test split EfficientNet-B0 (128 px, 12 epochs) reached AUC 0.73
-    against 0.84 for the best intensity statistic, and its Grad-CAM peak lay in the tumor for 12 % of tumor specimens
-    (``python -m bench.pointing``, bench/README.md), which is why it is not the default yet.
+    FL paper's network did not learn it: on the demo's test split EfficientNet-B0 (128 px, 12 epochs) reached AUC
+    0.73 against 0.84 for the best intensity statistic, and its Grad-CAM peak lay in the tumor for 12 % of tumor
+    specimens. The demo's FL model, Tissue MIL at 256 px (:mod:`core.models.flmil`), beats the statistics and points
+    at the tumor (``python -m bench.pointing``, figures in bench/README.md).
     """
 
     n_patients: int = 16

@@ -592,7 +592,7 @@ def _check_demo(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         elif isinstance(default, str):
             complete[key] = str(value)
         else:
-            complete[key] = _int({key: value}, key, None, 0 if key == "seed" else 1, 2**31 - 1)
+            complete[key] = _int({key: value}, key, None, 0 if key in ("seed", "fl_seed") else 1, 2**31 - 1)
     from core.models import check_model_options, create_model
     from core.models import list_models as architectures
 
@@ -600,7 +600,11 @@ def _check_demo(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if complete.get(key) is not None and complete[key] not in architectures():
             raise ValueError(f"unknown {key.replace('_', ' ')} {complete[key]!r}")
     if complete.get("fl_model_options"):
-        fl = complete.get("fl_architecture") or complete.get("architecture") or defaults["architecture"]
+        fl = (
+            complete.get("fl_architecture", defaults["fl_architecture"])
+            or complete.get("architecture")
+            or defaults["architecture"]
+        )
         options = check_model_options(fl, dict(complete["fl_model_options"]))
         try:  # the builder checks the values (output_stride 8, 16 or 32...): refused now, not after the cohort
             create_model(fl, in_chans=1, **options)

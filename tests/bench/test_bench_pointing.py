@@ -38,13 +38,15 @@ def test_fl_options_reach_the_trained_model(tmp_path: Path) -> None:
     out = tmp_path / "pointing.json"
     threads = torch.get_num_threads()
     try:
-        argv = ["--quick", "--threads", "1", "--fl-model-option", "width=8", "--fl-no-augment", "--out", str(out)]
+        argv = ["--quick", "--threads", "1", "--fl-model-option", "width=8", "--fl-no-augment", "--fl-seed", "3"]
+        argv += ["--out", str(out)]
         assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
     document = json.loads(out.read_text())
     demo = document["settings"]["demo"]
     assert demo["fl_model_options"] == [["width", 8]] and demo["fl_augment"] is False
+    assert demo["fl_seed"] == 3 and demo["seed"] == 0
     assert document["model"] == {"architecture": "tiny_cnn", "options": {"width": 8}, "augment": False}
 
 
@@ -56,3 +58,15 @@ def test_an_option_the_architecture_lacks_is_refused_before_anything_is_built(
     assert stop.value.code == 2
     assert "tiny_cnn has no option 'output_stride'" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_the_demo_architecture_is_scored_by_its_own_map(tmp_path: Path) -> None:
+    out = tmp_path / "pointing.json"
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--quick", "--threads", "1", "--fl-architecture", "flmil", "--fl-image-size", "32", "--out", str(out)]
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    document = json.loads(out.read_text())
+    assert document["model"]["architecture"] == "flmil" and document["pointing"]["method"] == "tissue-mil"

@@ -19,6 +19,8 @@ TINY_DEMO = {
     "epochs": 1,
     "image_size": 32,
     "architecture": "tiny_cnn",
+    "fl_architecture": "tiny_cnn",  # the demo's own FL model (Tissue MIL at 256 px) is trained by bench.pointing
+    "fl_image_size": 32,
     "rcm_mosaics": 3,
     "annotation_frames": 8,
     "rcm_side": 256,

@@ -44,7 +44,8 @@ def test_weight_decay_is_the_recipes_own_unless_asked(architecture, own):
 
 
 def test_builder_options_are_checked_against_the_architecture():
-    assert model_options("efficientnet_b0") == {"drop_rate": 0.5, "output_stride": 32}
+    assert model_options("efficientnet_b0") == {"drop_rate": 0.5, "output_stride": 32, "pool": "avg"}
+    assert model_options("flmil") == {"width": 32, "top_k": 0.1, "drop_rate": 0.1, "tissue": True, "stem_stride": 2}
     assert check_model_options("resnet18", {"drop_rate": 0.75}) == {"drop_rate": 0.75}
     assert check_model_options("celnet", {"attention": "cbam", "width": 8}) == {"attention": "cbam", "width": 8}
     for architecture, options, message in (
@@ -53,6 +54,7 @@ def test_builder_options_are_checked_against_the_architecture():
         ("resnet18", {"drop_rate": "high"}, "must be float"),
         ("tiny_cnn", {"width": 8.5}, "must be int"),
         ("tiny_cnn", {"width": True}, "must be int"),
+        ("flmil", {"top_k": "most"}, "must be float"),
     ):
         with pytest.raises(ValueError, match=message):
             check_model_options(architecture, options)
