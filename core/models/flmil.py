@@ -114,14 +114,11 @@ def _block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequen
 
 
 class _Masked(nn.Module):
-    """Multiplies the features by the tissue cells set in ``TissueMIL.forward`` (the heatmaps' target layer)."""
+    """Features times the tissue cells: the heatmaps' target layer (a module so hooks can reach its output; the mask
+    is an argument, not state, so one model can serve several threads)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.mask: torch.Tensor | None = None
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features if self.mask is None else features * self.mask.to(features.dtype)
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return features * mask.to(features.dtype)
 
 
 class TissueMIL(nn.Module):
@@ -168,11 +165,7 @@ class TissueMIL(nn.Module):
             if self.tissue
             else torch.ones_like(features[:, :1], dtype=torch.bool)
         )
-        self.masked.mask = valid
-        try:
-            scores = self.classifier(self.drop(self.masked(features)))
-        finally:
-            self.masked.mask = None
+        scores = self.classifier(self.drop(self.masked(features, valid)))
         return scores * valid, valid
 
     def tissue_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
