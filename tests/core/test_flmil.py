@@ -30,12 +30,28 @@ def test_tissue_cells_cover_the_specimen_and_nothing_else():
     assert flat.all()  # no contrast: every cell counts, the model still answers
 
 
+def test_the_square_padding_is_not_taken_for_the_background():
+    """A 48 x 64 frame padded to 64 x 64 (zero rows at the exact minimum, as pad_to_square makes them) with a small
+    dim specimen: the drape, barely above the padding, must not join the specimen's class (before the padding was
+    left out of the histogram, every drape cell here was called tissue)."""
+    generator = torch.Generator().manual_seed(4)
+    x = -1.8 + 0.02 * torch.randn(1, 1, 64, 64, generator=generator)  # the dark drape
+    x[:, :, 24:32, 24:32] = -1.3 + 0.02 * torch.randn(1, 1, 8, 8, generator=generator)  # a small, dim specimen
+    x[:, :, :8], x[:, :, 56:] = -2.0, -2.0  # the padding rows
+    cells = tissue_cells(x, (16, 16))[0, 0]
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[6:8, 6:8] = True
+    assert torch.equal(cells, expected)
+
+
 def test_top_k_mean_takes_the_highest_share_of_the_valid_cells():
     scores = torch.tensor([[5.0, 1.0, 4.0, 3.0, 9.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
     valid = torch.tensor([[False, True, True, True, True], [True, False, False, False, False]])
     # row 0: valid 1, 4, 3, 9 -> the top half (2 cells) 9 and 4; row 1: one valid cell, k at least 1
     torch.testing.assert_close(top_k_mean(scores, valid, 0.5), torch.tensor([6.5, 1.0]))
     torch.testing.assert_close(top_k_mean(scores, valid, 0.01), torch.tensor([9.0, 1.0]))
+    none = torch.zeros_like(valid)  # no valid cell: all of them count, never -inf
+    torch.testing.assert_close(top_k_mean(scores, none, 0.4), torch.tensor([7.0, 4.5]))
 
 
 def test_the_logit_is_the_top_k_mean_of_tissue_cells_and_grad_cam_peaks_at_the_best_cell(tmp_path):

@@ -66,14 +66,15 @@ def test_a_click_on_the_timeline_shows_that_frame(page: Page, streamlit_server: 
     settled(page)
     expect(page.get_by_role("combobox", name="Heatmap")).to_have_value("MLCAM-LICI")  # the model's own map
     history = page.get_by_test_id("stExpander").filter(has_text="Your earlier clips")
-    history.locator("summary").click()
-    settled(page)
     caption = _frame_caption(page)
     opener = history.get_by_role("button", name="Open clip")
-    # a click sent while a rerun is starting can be dropped, or find the button replaced by the rerun (detached from
-    # the page): a person clicks again
+    # a click sent while a rerun is starting can be dropped (the expander's too: then it stays closed and the button
+    # never shows), or find the button replaced by the rerun (detached from the page): a person looks and clicks again
     for attempt in range(4):
         try:
+            if not history.evaluate("e => (e.tagName === 'DETAILS' ? e : e.querySelector('details')).open"):
+                history.locator("summary").click()
+                settled(page)
             opener.click(timeout=8_000)  # the newest clip is chosen
             settled(page)
             expect(caption).to_have_count(1, timeout=10_000)
