@@ -323,3 +323,14 @@ def use_cascade(cascade_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     monkeypatch.setenv("IOAI_WORKSPACE", str(cascade_workspace))
     monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{cascade_workspace / 'study.db'}")
     return cascade_workspace
+
+
+@pytest.fixture
+def cascade_copy(cascade_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the cascade workspace (tiny FL and WL models of tumor, grade and Ki-67) for a test that
+    adds jobs or stored results, which later copies of the shared one would otherwise carry."""
+    root = tmp_path / "ws"
+    copy_workspace(cascade_workspace, root)
+    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
+    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
+    return root

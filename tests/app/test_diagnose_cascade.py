@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from PIL import Image as PILImage
 from streamlit.testing.v1 import AppTest
 
@@ -24,7 +23,6 @@ from db import repo
 from db.models import Job
 from db.session import init_db, read_scope, session_scope
 from services.diagnose import diagnose_files, load_predictor
-from tests.conftest import copy_workspace
 
 MAIN = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 
@@ -111,18 +109,8 @@ def test_each_grade_and_ki67_call_shows_its_own_heatmap(use_cascade):
     assert not np.array_equal(grade_map, tumor_map) and not np.array_equal(ki67_map, grade_map)  # maps of their own
 
 
-@pytest.fixture
-def private_cascade(cascade_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the shared cascade workspace, for a test that adds a job (others copy the shared one and count
-    its jobs)."""
-    root = tmp_path / "ws"
-    copy_workspace(cascade_workspace, root)
-    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
-    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
-    return root
-
-
-def test_an_opened_job_shows_its_cascade_heatmaps_and_an_older_result_without_them(private_cascade):
+def test_an_opened_job_shows_its_cascade_heatmaps_and_an_older_result_without_them(cascade_copy):
+    # the job goes into a private copy: the compare-models page test copies the shared workspace and counts jobs
     """A Score-CAM job's result opened under Your jobs: its grade and Ki-67 calls (kept as dicts in the job's
     result) with their heatmaps; a result kept before calls had heatmaps shows the lines alone."""
     user = _clinician("cascade-page-jobs")

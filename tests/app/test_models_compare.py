@@ -17,20 +17,15 @@ from db.session import session_scope
 from services.jobs import engine, store
 from services.jobs.runner import execute
 from services.model_compare import compare_models, comparison_table, stored_comparisons, table_csv
-from tests.conftest import copy_workspace
 
 MAIN = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 HEADING = "Compare two models (seed 003, Table 2 / Fig. 4)"
 
 
 @pytest.fixture
-def compare_ws(cascade_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def compare_ws(cascade_copy: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A private copy of the cascade workspace; jobs are queued but not sent to a cluster (the test runs them).
     The ids of the jobs the page tried to launch."""
-    root = tmp_path / "ws"
-    copy_workspace(cascade_workspace, root)
-    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
-    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
     launched: list[int] = []
     monkeypatch.setattr(engine, "launch", lambda job_id: launched.append(job_id) or True)
     return launched

@@ -14,20 +14,14 @@ from services.jobs import kinds, store
 from services.jobs.kinds import check_params
 from services.jobs.runner import execute
 from services.model_compare import compare_models, is_comparison, stored_comparisons
-from tests.conftest import copy_workspace
 
 SMALL = {"bootstrap": 100, "permutations": 200, "seed": 3}
 
 
 @pytest.fixture
-def compare_ws(cascade_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private copy of the cascade workspace (tiny FL and WL models of tumor, grade and Ki-67): jobs and stored
-    comparisons land here, not in the shared one."""
-    root = tmp_path / "ws"
-    copy_workspace(cascade_workspace, root)
-    monkeypatch.setenv("IOAI_WORKSPACE", str(root))
-    monkeypatch.setenv("IOAI_DATABASE_URL", f"sqlite:///{root / 'study.db'}")
-    return root
+def compare_ws(cascade_copy: Path) -> Path:
+    """Jobs and stored comparisons land in a private copy of the cascade workspace, not in the shared one."""
+    return cascade_copy
 
 
 def test_a_comparison_is_checked_and_completed_with_the_papers_defaults(compare_ws):
