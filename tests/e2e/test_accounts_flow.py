@@ -127,7 +127,7 @@ def test_a_reset_ends_the_open_session_and_forces_a_new_password(
         temporary = page.get_by_test_id("stCode").inner_text().strip()
         assert len(temporary) >= 10
         # the reader's open session ends at its next interaction
-        reader.get_by_role("link", name="Read").click()
+        reader.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Read", exact=True).click()
         expect(reader.get_by_test_id("stAlertContentWarning")).to_contain_text("changed since you signed in")
         expect(reader.get_by_role("button", name="Sign out")).to_have_count(0)
         # the temporary password leads to the forced change, then to the home page

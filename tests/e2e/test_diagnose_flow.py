@@ -86,7 +86,7 @@ def test_pi_diagnoses_uploads_and_finds_them_in_the_data_page(
     expect(page.get_by_text("Signed in as")).to_be_visible()
 
     # 2. Diagnose: WL, two files at once.
-    page.get_by_role("link", name="Diagnose").click()
+    page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Diagnose", exact=True).click()
     expect(page.get_by_role("heading", name="Diagnose")).to_be_visible()
     page.get_by_test_id("stRadio").get_by_text("WL", exact=True).click()
     uploader = page.get_by_test_id("stFileUploader")
@@ -122,7 +122,7 @@ def test_pi_diagnoses_uploads_and_finds_them_in_the_data_page(
     page.reload()
     sign_in(page, streamlit_server.username, streamlit_server.password)
     expect(page.get_by_role("heading", name="Diagnose")).to_be_visible()
-    page.get_by_role("link", name="Data").click()
+    page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Data", exact=True).click()
     expect(page.get_by_role("heading", name="Data")).to_be_visible()
     # Only the good file was kept: this PI's one upload is retina.jpg (other tests may add their own uploads).
     uploads = _filtered_tab(page, "Uploads", streamlit_server.username)

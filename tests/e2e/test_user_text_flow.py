@@ -82,7 +82,7 @@ def test_an_uploaded_file_name_is_text_on_diagnose_and_data(
     expect(page.get_by_text("Your earlier diagnoses")).to_be_visible()
     _shown_as_text(page, f"{name} · model")
 
-    page.get_by_role("link", name="Data").click()
+    page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Data", exact=True).click()
     expect(page.get_by_role("heading", name="Data")).to_be_visible()
     picker = page.get_by_test_id("stSelectbox").filter(has_text="Prediction")
     picker.click()
@@ -91,7 +91,7 @@ def test_an_uploaded_file_name_is_text_on_diagnose_and_data(
     expect(picker.get_by_role("combobox")).to_have_value(re.compile(re.escape(f" · {name}") + "$"))  # plain text
     _shown_as_text(page, f"{name} · model")
 
-    page.get_by_role("link", name="Studies").click()
+    page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Studies", exact=True).click()
     expect(page.get_by_role("heading", name="Reader studies")).to_be_visible()
     settled(page)
     page.get_by_role("tab", name="New study").click()
