@@ -130,7 +130,8 @@ class _Masked(nn.Module):
 
 
 class TissueMIL(nn.Module):
-    """Stride-4 local features, masked to the tissue, scored per cell by a 1x1 convolution, top-k pooled."""
+    """Local features (stride 8, or 4 with ``stem_stride=1``), masked to the tissue, scored per cell by a 1x1
+    convolution, top-k pooled."""
 
     def __init__(
         self,
@@ -160,7 +161,6 @@ class TissueMIL(nn.Module):
         self.masked = _Masked()
         self.drop = nn.Dropout2d(drop_rate)
         self.classifier = nn.Conv2d(3 * width, num_classes, 1)
-        self.num_classes = num_classes
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -192,7 +192,7 @@ class TissueMIL(nn.Module):
     def _pool(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         flat_valid = valid.flatten(1)
         return torch.stack(
-            [top_k_mean(scores[:, c].flatten(1), flat_valid, self.top_k) for c in range(self.num_classes)], dim=1
+            [top_k_mean(scores[:, c].flatten(1), flat_valid, self.top_k) for c in range(scores.shape[1])], dim=1
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
